@@ -1,0 +1,88 @@
+"""hf_xarch: efficient attention and positional-encoding ideas behind one transformers config.
+
+Importing this package registers the model type ``xarch`` with transformers' Auto classes and our default LoRA
+targets with PEFT. Models saved by hf_xarch load without it through ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from .model.configuration_xarch import XArchConfig
+from .model.modeling_xarch import (
+    XArchForCausalLM,
+    XArchForMaskedLM,
+    XArchForQuestionAnswering,
+    XArchForSequenceClassification,
+    XArchForTokenClassification,
+    XArchModel,
+    XArchPreTrainedModel,
+)
+from .model.registry import ATTENTION_FAMILIES, POSITION_SCHEMES
+
+__version__ = "0.1.0"
+
+AUTO_CLASSES = {
+    AutoModel: XArchModel,
+    AutoModelForCausalLM: XArchForCausalLM,
+    AutoModelForMaskedLM: XArchForMaskedLM,
+    AutoModelForSequenceClassification: XArchForSequenceClassification,
+    AutoModelForTokenClassification: XArchForTokenClassification,
+    AutoModelForQuestionAnswering: XArchForQuestionAnswering,
+}
+
+# the attention projections every family keeps (PEFT's LoRA default for Llama-like models is q_proj/v_proj; we
+# adapt all four, as the QLoRA paper found adapting every attention projection matters)
+PEFT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PEFT_FEEDFORWARD_MODULES = ["down_proj"]
+
+
+def register() -> None:
+    """Register ``xarch`` with transformers' Auto classes and PEFT's default target tables (idempotent)."""
+    AutoConfig.register("xarch", XArchConfig, exist_ok=True)
+    for auto_class, model_class in AUTO_CLASSES.items():
+        auto_class.register(XArchConfig, model_class, exist_ok=True)
+    _register_peft()
+
+
+def _register_peft() -> None:
+    try:
+        from peft.utils import constants
+    except ImportError:  # peft is a dependency, but importing hf_xarch must not need it
+        return
+    for name in dir(constants):
+        table = getattr(constants, name)
+        if not (name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(table, dict)):
+            continue
+        if "FEEDFORWARD" in name:
+            table.setdefault("xarch", list(PEFT_FEEDFORWARD_MODULES))
+        elif "IA3" in name:
+            table.setdefault("xarch", ["k_proj", "v_proj", "down_proj"])
+        elif "llama" in table:  # other adapter kinds: the same modules they pick for Llama
+            table.setdefault("xarch", table["llama"])
+    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["xarch"] = list(PEFT_TARGET_MODULES)
+
+
+register()
+
+__all__ = [
+    "XArchConfig",
+    "XArchPreTrainedModel",
+    "XArchModel",
+    "XArchForCausalLM",
+    "XArchForMaskedLM",
+    "XArchForSequenceClassification",
+    "XArchForTokenClassification",
+    "XArchForQuestionAnswering",
+    "ATTENTION_FAMILIES",
+    "POSITION_SCHEMES",
+    "register",
+]

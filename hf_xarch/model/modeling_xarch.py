@@ -1,0 +1,631 @@
+"""XArch models: the embeddings, the block, the stack and the task heads.
+
+Reads like transformers' Llama and BERT files: one block class whose attention is chosen per layer from the registry
+(``ATTENTION_MODULES``), positions from ``POSITION_MODULES``, masks from transformers' masking utilities, caches from
+transformers' cache classes, and the heads as transformers' own heads compute their losses.
+
+Everything this file imports from the package is a sibling (``from .x import Y``) so that ``save_pretrained`` copies
+a self-contained set of files next to the weights (DESIGN.md, Hub rules).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .attention_full import XArchAttention
+from .configuration_xarch import XArchConfig
+from .families import ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
+from .positions import SinusoidalPositionEmbedding
+from .registry import attention_family_for_layer_type
+
+logger = logging.get_logger(__name__)
+
+
+class XArchRMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 as Llama's is."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+def make_norm(config: XArchConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.hidden_size
+    if config.norm_type == "rmsnorm":
+        return XArchRMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+class XArchEmbeddings(nn.Module):
+    """Token (+ absolute position) (+ token type) embeddings -> optional norm -> dropout -> optional E->H projection.
+
+    With ``embedding_size < hidden_size`` the table is V×E and a projection lifts it to the hidden size (ALBERT's
+    factorization, Lan et al. 2020): the embedding parameters fall from V·H to V·E + E·H.
+    """
+
+    def __init__(self, config: XArchConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.embedding_size, config.pad_token_id)
+        scheme = POSITION_SCHEMES[config.position_embedding_type]
+        self.position_embeddings = POSITION_MODULES[scheme.name](config) if scheme.kind == "absolute" else None
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.embedding_size) if config.type_vocab_size else None
+        )
+        self.norm = make_norm(config, config.embedding_size) if config.embedding_norm else None
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.projection = (
+            nn.Linear(config.embedding_size, config.hidden_size)
+            if config.embedding_size != config.hidden_size
+            else None
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            if not torch.compiler.is_compiling() and input_ids.numel() and (
+                int(input_ids.max()) >= self.word_embeddings.num_embeddings or int(input_ids.min()) < 0
+            ):
+                raise ValueError(
+                    f"input_ids holds token id {int(input_ids.max())}, outside the vocabulary "
+                    f"(vocab_size={self.word_embeddings.num_embeddings}: ids 0..{self.word_embeddings.num_embeddings - 1})"
+                )
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = inputs_embeds
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.position_embeddings(embeddings, position_ids)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids were given, but the model has none (type_vocab_size=0)")
+        if self.norm is not None:
+            embeddings = self.norm(embeddings)
+        embeddings = self.dropout(embeddings)
+        if self.projection is not None:
+            embeddings = self.projection(embeddings)
+        return embeddings
+
+
+class XArchMLP(nn.Module):
+    """plain: down(act(up(x))) (BERT, GPT-2); gated: down(act(gate(x)) * up(x)) (Shazeer 2020, SwiGLU with silu)."""
+
+    def __init__(self, config: XArchConfig):
+        super().__init__()
+        self.gated = config.mlp_type == "gated"
+        bias = config.mlp_bias
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+class XArchBlock(GradientCheckpointingLayer):
+    """Attention + MLP with residuals; pre-norm (x + f(norm(x))) or post-norm (norm(x + f(x)))."""
+
+    def __init__(self, config: XArchConfig, layer_idx: int):
+        super().__init__()
+        family = attention_family_for_layer_type(config.layer_types[layer_idx])
+        self.pre_norm = config.norm_position == "pre"
+        self.attention = ATTENTION_MODULES[family.name](config, layer_idx)
+        self.attention_norm = make_norm(config)
+        self.mlp = XArchMLP(config)
+        self.mlp_norm = make_norm(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings=None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self.pre_norm:
+            attended, _ = self.attention(self.attention_norm(hidden_states), attention_mask, position_embeddings, cache, **kwargs)
+            hidden_states = hidden_states + self.dropout(attended)
+            return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        attended, _ = self.attention(hidden_states, attention_mask, position_embeddings, cache, **kwargs)
+        hidden_states = self.attention_norm(hidden_states + self.dropout(attended))
+        return self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+
+
+class XArchPreTrainedModel(PreTrainedModel):
+    config_class = XArchConfig
+    config: XArchConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["XArchBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": XArchBlock, "attentions": XArchAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, SinusoidalPositionEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.dim))
+        elif isinstance(module, XArchRMSNorm):
+            init.ones_(module.weight)
+        elif type(module).__name__ == "LearnedPositionEmbedding":
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, XArchMLMHead):
+            init.zeros_(module.decoder.bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does, with `config.auto_map` naming every Auto class hf_xarch registers, so the folder
+        loads with `trust_remote_code=True` for any head, in a Python that has no hf_xarch."""
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def default_position_ids(
+    inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int
+) -> torch.Tensor:
+    """Positions that count only real tokens, so a left-padded sequence starts at position 0 exactly as it would
+    unpadded (and cached decoding continues the count). Without a 2D mask: past_length, past_length+1, ..."""
+    length = inputs_embeds.shape[1]
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == past_length + length:
+        positions = attention_mask.long().cumsum(-1) - 1
+        return positions.clamp(min=0)[:, past_length:]
+    return torch.arange(past_length, past_length + length, device=inputs_embeds.device).unsqueeze(0)
+
+
+class XArchModel(XArchPreTrainedModel):
+    """The bare XArch stack: embeddings, blocks, final norm. Encoder when ``config.is_decoder`` is False."""
+
+    _auto_class = "AutoModel"
+
+    def __init__(self, config: XArchConfig):
+        super().__init__(config)
+        self.embeddings = XArchEmbeddings(config)
+        scheme = POSITION_SCHEMES[config.position_embedding_type]
+        # schemes that act inside attention (rotary, score bias) are computed once per forward and handed to blocks
+        self.layer_positions = POSITION_MODULES[scheme.name](config) if scheme.kind in ("rotary", "bias") else None
+        self.layers = nn.ModuleList([XArchBlock(config, index) for index in range(config.num_hidden_layers)])
+        self.norm = make_norm(config) if config.final_norm else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; or give `inputs_embeds` instead.
+        attention_mask (`torch.Tensor` of shape `(batch, past + seq)`): 1 for real tokens, 0 for padding.
+        position_ids (`torch.LongTensor`, *optional*): defaults to positions that skip left padding.
+        cache (`Cache`, *optional*): transformers cache for decoding (decoders only); `past_key_values` is accepted
+            under its deprecated name.
+        token_type_ids (`torch.LongTensor`, *optional*): segment ids when `config.type_vocab_size > 0`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("XArchModel.forward: give exactly one of input_ids or inputs_embeds")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference.dim() < 2 or reference.shape[1] == 0:
+            raise ValueError(f"XArchModel.forward: expected (batch, seq>0) inputs, got shape {tuple(reference.shape)}")
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != reference.shape[0]:
+            raise ValueError(
+                f"attention_mask has batch {attention_mask.shape[0]} but the inputs have batch {reference.shape[0]}"
+            )
+        if not self.config.is_decoder:
+            if cache is not None:
+                raise ValueError("cache: an encoder (is_decoder=False) sees the whole sequence at once and has no cache")
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = default_position_ids(reference if inputs_embeds is not None else reference[..., None].float(),
+                                                attention_mask, past_length)
+        hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
+
+        mask_kwargs = dict(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+        if self.config.is_decoder:
+            mask = create_causal_mask(**mask_kwargs, cache=cache, position_ids=position_ids)
+        else:
+            mask = create_bidirectional_mask(**mask_kwargs)
+
+        position_embeddings = (
+            self.layer_positions(hidden_states, position_ids) if self.layer_positions is not None else None
+        )
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
+    """Causal LM head (always a decoder). With factorized embeddings the hidden state is projected to
+    `embedding_size` before the (tied) output layer."""
+
+    _auto_class = "AutoModelForCausalLM"
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: XArchConfig):
+        if not config.is_decoder:
+            logger.info("XArchForCausalLM: setting config.is_decoder=True (a causal LM is always a decoder)")
+            config.is_decoder = True
+            if config.classifier_pooling == "first":
+                config.classifier_pooling = "last"
+        super().__init__(config)
+        self.model = XArchModel(config)
+        self.lm_head_projection = (
+            nn.Linear(config.hidden_size, config.embedding_size, bias=False)
+            if config.embedding_size != config.hidden_size
+            else None
+        )
+        self.lm_head = nn.Linear(config.embedding_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""labels (`torch.LongTensor` of shape `(batch, seq)`): next-token targets (shifted inside; -100 ignored)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        hidden_states = hidden_states[:, keep, :]
+        if self.lm_head_projection is not None:
+            hidden_states = self.lm_head_projection(hidden_states)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class XArchMLMHead(nn.Module):
+    """BERT/ALBERT's MLM head: dense (hidden -> embedding_size), activation, norm, then the (tied) decoder."""
+
+    def __init__(self, config: XArchConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.embedding_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.norm = make_norm(config, config.embedding_size)
+        self.decoder = nn.Linear(config.embedding_size, config.vocab_size, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act_fn(self.dense(hidden_states))))
+
+
+class XArchForMaskedLM(XArchPreTrainedModel):
+    _auto_class = "AutoModelForMaskedLM"
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: XArchConfig):
+        if config.is_decoder:
+            raise ValueError(
+                "XArchForMaskedLM needs is_decoder=False: a masked token must see the context on both sides "
+                "(use XArchForCausalLM for a decoder)"
+            )
+        super().__init__(config)
+        self.model = XArchModel(config)
+        self.lm_head = XArchMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        r"""labels (`torch.LongTensor` of shape `(batch, seq)`): targets at masked positions, -100 elsewhere."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class XArchPooler(nn.Module):
+    """BERT's pooler: tanh(W h) on the pooled token."""
+
+    def __init__(self, config: XArchConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(pooled))
+
+
+def pool_sequence(
+    hidden_states: torch.Tensor,
+    how: str,
+    attention_mask: torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+    pad_token_id: int | None,
+) -> torch.Tensor:
+    """One vector per sequence: the first token, the last real token (either padding side) or the masked mean."""
+    batch = hidden_states.shape[0]
+    if how == "first":
+        return hidden_states[:, 0]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        real = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.device, torch.long)
+    elif input_ids is not None and pad_token_id is not None:
+        real = (input_ids != pad_token_id).to(hidden_states.device, torch.long)
+    else:
+        if batch > 1 and how == "last":
+            logger.warning_once("classifier_pooling='last' without attention_mask or pad_token_id: using the last token")
+        real = torch.ones(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)
+    if how == "mean":
+        weights = real.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+    positions = torch.arange(real.shape[1], device=real.device)
+    last = (positions * real).argmax(-1)  # rightmost real token, for left and right padding alike
+    return hidden_states[torch.arange(batch, device=hidden_states.device), last]
+
+
+class XArchForSequenceClassification(XArchPreTrainedModel):
+    _auto_class = "AutoModelForSequenceClassification"
+
+    def __init__(self, config: XArchConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = XArchModel(config)
+        self.pooler = XArchPooler(config) if config.classifier_pooling == "first" else None
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        r"""labels: class ids (single-label), floats (regression when num_labels == 1) or multi-hot floats."""
+        kwargs.pop("use_cache", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        pooled = pool_sequence(
+            outputs.last_hidden_state, self.config.classifier_pooling, attention_mask, input_ids, self.config.pad_token_id
+        )
+        if self.pooler is not None:
+            pooled = self.pooler(pooled)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class XArchForTokenClassification(XArchPreTrainedModel):
+    _auto_class = "AutoModelForTokenClassification"
+
+    def __init__(self, config: XArchConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = XArchModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput:
+        r"""labels (`torch.LongTensor` of shape `(batch, seq)`): a class per token, -100 to ignore."""
+        kwargs.pop("use_cache", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class XArchForQuestionAnswering(XArchPreTrainedModel):
+    _auto_class = "AutoModelForQuestionAnswering"
+
+    def __init__(self, config: XArchConfig):
+        super().__init__(config)
+        self.model = XArchModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput:
+        r"""start_positions / end_positions (`torch.LongTensor` of shape `(batch,)`): the answer span."""
+        kwargs.pop("use_cache", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        return QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+# Auto class -> "module.Class" for config.auto_map: every head, whichever one is saved (DESIGN.md, Hub rules).
+AUTO_MAP = {
+    "AutoConfig": "configuration_xarch.XArchConfig",
+    "AutoModel": "modeling_xarch.XArchModel",
+    "AutoModelForCausalLM": "modeling_xarch.XArchForCausalLM",
+    "AutoModelForMaskedLM": "modeling_xarch.XArchForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_xarch.XArchForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_xarch.XArchForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_xarch.XArchForQuestionAnswering",
+}
+
+__all__ = [
+    "XArchPreTrainedModel",
+    "XArchModel",
+    "XArchForCausalLM",
+    "XArchForMaskedLM",
+    "XArchForSequenceClassification",
+    "XArchForTokenClassification",
+    "XArchForQuestionAnswering",
+    "AUTO_MAP",
+]

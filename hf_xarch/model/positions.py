@@ -1,0 +1,142 @@
+"""Position schemes: learned and sinusoidal absolute positions, rotary (RoPE) through transformers' rope utilities,
+and ``none``. ALiBi registers here too (its own issue).
+
+Every module here is rebuilt from the config: tables that are not learned (sinusoidal frequencies, rotary inverse
+frequencies) are non-persistent buffers that ``XArchPreTrainedModel._init_weights`` recomputes, so a reloaded model
+never depends on a saved copy of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+from .registry import PositionScheme, register_position
+
+
+def check_position_limit(position_ids: torch.Tensor, limit: int, scheme: str) -> None:
+    """Raise a ValueError (not an IndexError deep in an embedding) when positions exceed what a table can hold."""
+    if torch.compiler.is_compiling() or position_ids.numel() == 0:
+        return
+    largest = int(position_ids.max())
+    if largest >= limit:
+        raise ValueError(
+            f"position_embedding_type={scheme!r} holds positions 0..{limit - 1} (max_position_embeddings={limit}), "
+            f"but the input needs position {largest}. Use a shorter input, or a scheme that extrapolates "
+            "('rope', 'alibi', 'sinusoidal', 'none')."
+        )
+
+
+@register_position(
+    PositionScheme(
+        name="learned",
+        kind="absolute",
+        bounded=True,
+        paper="Devlin et al. 2019 (BERT); Radford et al. 2019 (GPT-2)",
+        description="a trained table of max_position_embeddings vectors added to the token embeddings",
+    )
+)
+class LearnedPositionEmbedding(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.limit = config.max_position_embeddings
+        self.weight = nn.Parameter(torch.empty(config.max_position_embeddings, config.embedding_size))
+
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        check_position_limit(position_ids, self.limit, "learned")
+        return nn.functional.embedding(position_ids, self.weight)
+
+
+@register_position(
+    PositionScheme(
+        name="sinusoidal",
+        kind="absolute",
+        paper="Vaswani et al. 2017",
+        description="fixed sin/cos features of the position (interleaved as in the paper), added to the embeddings",
+    )
+)
+class SinusoidalPositionEmbedding(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dim = config.embedding_size
+        self.register_buffer("inv_freq", self.compute_inv_freq(self.dim), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(dim: int) -> torch.Tensor:
+        # PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))
+        return torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # computed from the positions on the fly (fp32), so any length works and nothing N-sized is stored
+        angles = position_ids.to(torch.float32)[..., None] * self.inv_freq.to(hidden_states.device)
+        table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., : self.dim]
+        return table.to(hidden_states.dtype)
+
+
+@register_position(
+    PositionScheme(
+        name="rope",
+        kind="rotary",
+        paper="Su et al. 2021 (RoFormer); Chen et al. 2023 (position interpolation); Peng et al. 2023 (YaRN)",
+        description="queries and keys rotated by position; rope_parameters picks the scaling (transformers' schema)",
+    )
+)
+class RotaryEmbedding(nn.Module):
+    """Llama's rotary embedding: cos/sin from transformers' ``ROPE_INIT_FUNCTIONS`` (every rope type transformers
+    knows) with its ``dynamic_rope_update`` for the types that change with the sequence length."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, seq_len=None, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        partial = config.rope_parameters.get("partial_rotary_factor", 1.0)
+        dim = int(config.head_dim * partial)
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device, torch.float) / dim))
+        return inv_freq, 1.0
+
+    def compute_inv_freq(self, config) -> tuple[torch.Tensor, float]:
+        if self.rope_type == "default":
+            return self.compute_default_rope_parameters(config)
+        return ROPE_INIT_FUNCTIONS[self.rope_type](config)
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(hidden_states.device, torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (batch, heads, seq, head_dim) by (batch, seq, rot_dim) cos/sin; with partial rotary only the first
+    ``rot_dim`` features turn and the rest pass through (GPT-NeoX / Phi convention, as transformers does)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot_dim = cos.shape[-1]
+    if rot_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+register_position(
+    PositionScheme(name="none", kind="none", paper="Haviv et al. 2022 (NoPE)", description="no position information")
+)
