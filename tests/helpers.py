@@ -1,0 +1,73 @@
+"""Shared helpers for the tests: tiny configs in the spirit of transformers' model testers (hidden 32, vocab 99)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import hf_xarch
+from hf_xarch import XArchConfig
+
+
+def tiny_config(**overrides) -> XArchConfig:
+    """A tiny random-model config; any field can be overridden."""
+    values = dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=0,
+    )
+    values.update(overrides)
+    return XArchConfig(**values)
+
+
+def random_ids(batch: int, length: int, vocab: int = 99, seed: int | None = None, low: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return torch.randint(low, vocab, (batch, length), generator=generator)
+
+
+def left_padded_mask(lengths: list[int], total: int) -> torch.Tensor:
+    """A (batch, total) mask with `lengths[i]` real tokens at the right end of row i."""
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, total - length :] = 1
+    return mask
+
+
+def run_without_hf_xarch(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python in which `import hf_xarch` fails (a meta-path blocker), as a user without
+    hf_xarch would load a saved model with trust_remote_code=True."""
+    blocker = (
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'hf_xarch' or name.startswith('hf_xarch.'):\n"
+        "            raise ImportError('hf_xarch is blocked in this process')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Block())\n"
+        "try:\n"
+        "    import hf_xarch\n"
+        "    raise SystemExit('hf_xarch imported although blocked')\n"
+        "except ImportError:\n"
+        "    pass\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
+    return subprocess.run(
+        [sys.executable, "-c", blocker + script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd="/",
+    )
+
+
+__all__ = ["tiny_config", "random_ids", "left_padded_mask", "run_without_hf_xarch", "hf_xarch"]

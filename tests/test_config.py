@@ -1,0 +1,90 @@
+"""XArchConfig: defaults, serialisation, and a clear ValueError for every bad value or impossible combination."""
+
+import pytest
+
+from hf_xarch import ATTENTION_FAMILIES, POSITION_SCHEMES, XArchConfig
+from transformers import AutoConfig
+
+from .helpers import tiny_config
+
+
+def test_derived_defaults():
+    config = tiny_config(num_key_value_heads=None, intermediate_size=None)
+    assert config.num_key_value_heads == config.num_attention_heads
+    assert config.head_dim == config.hidden_size // config.num_attention_heads
+    assert config.intermediate_size == 4 * config.hidden_size
+    assert config.embedding_size == config.hidden_size
+    assert config.layer_types == ["full_attention"] * config.num_hidden_layers
+    assert config.final_norm is True and tiny_config(norm_position="post").final_norm is False
+    assert config.classifier_pooling == "first" and tiny_config(is_decoder=True).classifier_pooling == "last"
+
+
+def test_auto_config_round_trip(tmp_path):
+    config = tiny_config(num_key_value_heads=2, position_embedding_type="rope",
+                         rope_parameters={"rope_type": "linear", "factor": 2.0})
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, XArchConfig)
+    ignore = {"_name_or_path", "transformers_version"}
+    strip = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
+    assert strip(loaded.to_dict()) == strip(config.to_dict())
+
+
+def test_layer_types_accept_family_names_and_store_transformers_names():
+    config = tiny_config(layer_types=["full", "full_attention"])
+    assert config.layer_types == ["full_attention", "full_attention"]
+    assert [family.name for family in config.layer_families()] == ["full", "full"]
+
+
+BAD_CONFIGS = [
+    (dict(hidden_size=33), "hidden_size"),
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+    (dict(num_key_value_heads=8), "num_key_value_heads"),
+    (dict(attention_type="nope"), "attention_type"),
+    (dict(position_embedding_type="nope"), "position_embedding_type"),
+    (dict(vocab_size=-5), "vocab_size"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(num_hidden_layers=0), "num_hidden_layers"),
+    (dict(intermediate_size=-1), "intermediate_size"),
+    (dict(head_dim=0), "head_dim"),
+    (dict(embedding_size=-2), "embedding_size"),
+    (dict(max_position_embeddings=0), "max_position_embeddings"),
+    (dict(type_vocab_size=-1), "type_vocab_size"),
+    (dict(norm_type="batchnorm"), "norm_type"),
+    (dict(norm_position="middle"), "norm_position"),
+    (dict(mlp_type="moe"), "mlp_type"),
+    (dict(hidden_act="not-an-activation"), "hidden_act"),
+    (dict(hidden_dropout=1.5), "hidden_dropout"),
+    (dict(attention_dropout=-0.1), "attention_dropout"),
+    (dict(norm_eps=0.0), "norm_eps"),
+    (dict(classifier_pooling="max"), "classifier_pooling"),
+    (dict(layer_types=["full_attention"]), "layer_types"),
+    (dict(layer_types=["full_attention", "mystery"]), "layer_types"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_parameters"),  # not a rope model
+    (dict(position_embedding_type="rope", rope_parameters={"rope_type": "linear"}), "rope_parameters"),
+    (dict(position_embedding_type="rope", rope_parameters={"rope_type": "warp"}), "rope_parameters"),
+    (dict(position_embedding_type="rope", hidden_size=36, num_attention_heads=4), "head_dim"),  # odd head_dim 9
+]
+
+
+@pytest.mark.parametrize("overrides, field", BAD_CONFIGS, ids=[field for _, field in BAD_CONFIGS])
+def test_bad_config_raises_value_error_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("family", sorted(ATTENTION_FAMILIES))
+@pytest.mark.parametrize("scheme", sorted(POSITION_SCHEMES))
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_registry_capabilities_decide_validity(family, scheme, is_decoder):
+    """Every (family, scheme, stack) either builds or fails with a ValueError, exactly as the declared flags say."""
+    spec, position = ATTENTION_FAMILIES[family], POSITION_SCHEMES[scheme]
+    allowed = (spec.causal if is_decoder else spec.bidirectional) and not (
+        (position.kind == "bias" and not spec.additive_position_bias) or (position.kind == "rotary" and not spec.rotary)
+    )
+    build = lambda: tiny_config(attention_type=family, position_embedding_type=scheme, is_decoder=is_decoder)  # noqa: E731
+    if allowed:
+        assert build().attention_type == family
+    else:
+        with pytest.raises(ValueError):
+            build()
