@@ -21,8 +21,6 @@ def test_lora_defaults_train_and_reload(model_class, task, overrides, tmp_path):
     torch.manual_seed(0)
     base = model_class(tiny_config(**overrides))
     peft_model = get_peft_model(base, LoraConfig(task_type=task, r=4, lora_alpha=8))
-    targeted = {name.split(".")[-1] for name, _ in peft_model.named_modules() if name.endswith("lora_A")}
-    assert targeted == set()  # lora_A is a ModuleDict under each adapted projection
     adapted = {name.split(".")[-2] for name, _ in peft_model.named_modules() if name.endswith(".lora_A")}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
     trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
@@ -41,11 +39,8 @@ def test_lora_defaults_train_and_reload(model_class, task, overrides, tmp_path):
     before = peft_model(input_ids=ids).logits
 
     peft_model.save_pretrained(tmp_path / "adapter")
-    torch.manual_seed(0)
-    fresh = model_class(tiny_config(**overrides))
-    fresh.load_state_dict(base.state_dict(), strict=False)  # the frozen base weights (not saved with the adapter)
+    # a fresh base model, given the frozen base weights (the adapter file holds only the adapter)
     reloaded = PeftModel.from_pretrained(model_class(tiny_config(**overrides)), tmp_path / "adapter")
-    # copy the base weights into the reloaded model's base, then compare
     base_state = {k: v for k, v in peft_model.get_base_model().state_dict().items() if "lora_" not in k}
     missing = reloaded.get_base_model().load_state_dict(base_state, strict=False)
     assert not [k for k in missing.missing_keys if "lora_" not in k]
