@@ -73,6 +73,19 @@ def _register_peft() -> None:
 
 register()
 
+from .hub import make_card, register_save_hook, set_card_info, write_card  # noqa: E402
+
+register_save_hook()
+
+# `hf_xarch.summary(config, seq_len=...)`; the module stays importable as `from hf_xarch.summary import ...`
+from .summary import ModelSummary, summary  # noqa: E402
+
+# `hf_xarch.longformerize(model, max_position_embeddings=4096, attention_window=512)`: Longformer's recipe
+from .longformerize import longformerize  # noqa: E402
+
+# `hf_xarch.extend_context(model, 4)`: a RoPE/ALiBi model ready to fine-tune on 4x longer sequences
+from .context import extend_context  # noqa: E402
+
 __all__ = [
     "XArchConfig",
     "XArchPreTrainedModel",
@@ -85,4 +98,11 @@ __all__ = [
     "ATTENTION_FAMILIES",
     "POSITION_SCHEMES",
     "register",
+    "make_card",
+    "write_card",
+    "set_card_info",
+    "summary",
+    "ModelSummary",
+    "longformerize",
+    "extend_context",
 ]

@@ -12,9 +12,9 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("hf_xarch.quickstart", "train a tiny model on the default corpus, save, reload and generate"),
-    "pretrain": ("recipes.pretrain", "pretrain a causal or masked LM (recipe)"),
-    "finetune": ("recipes.finetune", "fine-tune for sequence/token classification, full or LoRA (recipe)"),
-    "extend-context": ("recipes.extend_context", "extend a RoPE model's context and fine-tune (recipe)"),
+    "pretrain": ("hf_xarch.train.pretrain", "pretrain a causal or masked LM (recipe)"),
+    "finetune": ("hf_xarch.train.finetune", "fine-tune for sequence/token classification, full or LoRA (recipe)"),
+    "extend-context": ("hf_xarch.train.extend_context", "extend a RoPE model's context and fine-tune (recipe)"),
     "vocab-sweep": ("hf_xarch.vocab.sweep", "sweep tokenizer algorithms and vocabulary sizes"),
     "summary": ("hf_xarch.summary", "parameters, FLOPs and KV-cache bytes of a config or saved model"),
     "card": ("hf_xarch.hub", "(re)write the model card of a saved folder"),

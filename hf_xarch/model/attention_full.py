@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .positions import apply_rotary
@@ -90,6 +91,16 @@ class XArchAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    @staticmethod
+    def build_mask(config, inputs_embeds, attention_mask, cache, position_ids):
+        """The mask every layer of this family receives, built once per forward by ``XArchModel`` with transformers'
+        masking utilities (their format follows ``config._attn_implementation``: None/bool for sdpa, float for eager,
+        a BlockMask for flex). Other families override this to get the mask their kernel wants."""
+        kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        if config.is_decoder:
+            return create_causal_mask(**kwargs, cache=cache, position_ids=position_ids)
+        return create_bidirectional_mask(**kwargs)
+
     def project(self, hidden_states: torch.Tensor, position_embeddings=None):
         """Queries, keys and values as (batch, heads, seq, head_dim), rotated when the positions are rotary."""
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
@@ -109,12 +120,19 @@ class XArchAttention(nn.Module):
         cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # a block shared across layers (num_hidden_groups) runs at several depths; XArchModel passes the depth so each
+        # application reads and writes its own cache layer
+        layer_idx = kwargs.pop("layer_idx", self.layer_idx)
         query, key, value = self.project(hidden_states, position_embeddings)
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
+            key, value = cache.update(key, value, layer_idx)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if hasattr(position_embeddings, "attend"):
+            # an additive score bias (ALiBi's AlibiBias) does not fit transformers' attention functions, which take a
+            # mask only; the bias runs attention itself, per query block, never materialising the N x N bias
+            attention = position_embeddings.attend
         output, weights = attention(
             self,
             query,

@@ -19,6 +19,7 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_TYPES = ("plain", "gated")
 CLASSIFIER_POOLINGS = ("first", "last", "mean")
+OUTPUT_LAYERS = ("full", "adaptive")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -31,7 +32,7 @@ class XArchConfig(PreTrainedConfig):
     Sizes:
         vocab_size (`int`, defaults to 32000): number of tokens.
         hidden_size (`int`, defaults to 768): width of the residual stream.
-        num_hidden_layers (`int`, defaults to 12): number of blocks.
+        num_hidden_layers (`int`, defaults to 12): number of layers (block applications; see `num_hidden_groups`).
         num_attention_heads (`int`, defaults to 12): query heads.
         num_key_value_heads (`int`, *optional*): key/value heads; fewer than `num_attention_heads` is GQA, 1 is MQA.
             Defaults to `num_attention_heads` (multi-head attention).
@@ -62,6 +63,51 @@ class XArchConfig(PreTrainedConfig):
         hidden_act (`str`, defaults to `"gelu"`): any name in transformers' `ACT2FN`.
         attention_bias (`bool`, defaults to `True`), mlp_bias (`bool`, defaults to `True`): biases of the projections.
         tie_word_embeddings (`bool`, defaults to `True`): share the input embedding with the LM output layer.
+        train_pad_embedding (`bool`, defaults to `False`): `False` (BERT, Llama): the `pad_token_id` row of the token
+            embeddings is `nn.Embedding`'s `padding_idx`, zero at init and never updated. `True` (GPT-2, whose pad
+            token is often its EOS token): an ordinary trainable row, so a converted GPT-2 fine-tunes as GPT-2 does.
+
+    Cross-layer sharing and the causal-LM output layer (Lan et al. 2020; Grave et al. 2017):
+        num_hidden_groups (`int`, *optional*), inner_group_num (`int`, *optional*): ALBERT's parameter sharing.
+            The stack holds `num_hidden_groups * inner_group_num` distinct blocks; each group has `inner_group_num`
+            blocks applied in order, and consecutive layers share a group. Unlike ALBERT's `num_hidden_layers` (which
+            counts group applications), ours counts block applications, the depth that caches, `layer_types` and
+            `hidden_states` see: an ALBERT config is `num_hidden_layers = albert.num_hidden_layers * inner_group_num`.
+            Must divide: `num_hidden_layers % (num_hidden_groups * inner_group_num) == 0`. Both default to no
+            sharing (`inner_group_num=1`, `num_hidden_groups=num_hidden_layers // inner_group_num`); ALBERT's own
+            default, one block for every layer, is `num_hidden_groups=1, inner_group_num=1`. Every application of a
+            shared block keeps its own cache layer, and all applications of a block must have the same per-layer
+            options (`layer_types`, `attention_window`, `attention_dilation`): the block is built once.
+        output_layer (`str`, defaults to `"full"`): `full` (a V-way linear layer, tied or not) or `adaptive`
+            (adaptive softmax through `torch.nn.AdaptiveLogSoftmaxWithLoss`; causal LMs only, `is_decoder=True`,
+            untied: `tie_word_embeddings=False`). An adaptive `XArchForCausalLM` returns log-probabilities as `logits`.
+        adaptive_cutoffs (`list[int]`, *optional*): the cluster boundaries of the adaptive softmax, increasing,
+            each in `1..vocab_size-1` (ids are meant to be sorted by frequency: the first cutoff is the shortlist).
+        adaptive_div_value (`float`, defaults to 4.0): each tail cluster's projection is `div_value` times narrower.
+
+    Sliding window (`attention_type="sliding_window"`, Beltagy et al. 2020; read by sliding layers only):
+        attention_window (`int` or `list[int]`, *optional*): keys a query sees, per model or one per layer (Longformer's
+            meaning: an encoder query sees w/2 on each side, so w must be even there; a decoder query sees itself and
+            the w-1 before it). Defaults to `sliding_window` if given, else 512.
+        attention_dilation (`int`, `list[int]` or `list[list[int]]`, *optional*): spacing of those keys (Longformer's
+            dilated window), per model, per layer, or per head of each layer. Defaults to 1 (contiguous).
+        attention_sink_size (`int`, defaults to 0): decoders: the first k real tokens stay visible to every later
+            token and stay cached (StreamingLLM's attention sinks, Xiao et al. 2023).
+        global_projections (`bool`, defaults to `False`): separate query/key/value projections (`query_global`,
+            `key_global`, `value_global`) for the rows of global tokens (`global_attention_mask`), as Longformer has.
+        sliding_window (`int`, *optional*): derived, `(attention_window - 1) * max dilation + 1`: the key slots a
+            causal sliding layer reads, which transformers' sliding-window cache keeps. Give it alone (Mistral) to set
+            `attention_window` to it; given with `attention_window`, the two must agree.
+
+    Performer (`attention_type="performer"`, Choromanski et al. 2021; read by performer layers only):
+        performer_nb_features (`int`, *optional*): random features m per head; the error of the softmax estimate falls
+            like 1/sqrt(m) and the cost grows like m. Defaults to `int(head_dim * ln(head_dim))` (the paper's choice).
+        performer_kernel (`str`, defaults to `"softmax"`): `softmax` (FAVOR+ positive orthogonal random features, an
+            unbiased estimate of softmax attention) or `relu` (the paper's generalised attention, relu(Wx) + 1e-3: not
+            an estimate of softmax, a different attention).
+        performer_redraw_interval (`int`, defaults to 0): redraw the random projection every this many training
+            forwards (never in eval mode; 0 = never). Redraws are reproducible: the projection and its seed are saved.
+        Performer cannot take an additive score bias (ALiBi); its `attention_dropout` is unused (no weights exist).
 
     Training:
         hidden_dropout (`float`, defaults to 0.0), attention_dropout (`float`, defaults to 0.0),
@@ -88,10 +134,25 @@ class XArchConfig(PreTrainedConfig):
     max_position_embeddings: int = 2048
     embedding_size: int | None = None
     type_vocab_size: int = 0
+    # cross-layer sharing and the output layer (see "Cross-layer sharing and the causal-LM output layer" above)
+    num_hidden_groups: int | None = None
+    inner_group_num: int | None = None
+    output_layer: str = "full"
+    adaptive_cutoffs: list[int] | None = None
+    adaptive_div_value: float = 4.0
     is_decoder: bool = False
     attention_type: str = "full"
     layer_types: list[str] | None = None
     sliding_window: int | None = None
+    # sliding window (see "Sliding window" above)
+    attention_window: int | list[int] | None = None
+    attention_dilation: int | list[int | list[int]] | None = None
+    attention_sink_size: int = 0
+    global_projections: bool = False
+    # Performer (see "Performer" above)
+    performer_nb_features: int | None = None
+    performer_kernel: str = "softmax"
+    performer_redraw_interval: int = 0
     position_embedding_type: str = "learned"
     rope_parameters: dict | None = None
     norm_type: str = "layernorm"
@@ -103,6 +164,7 @@ class XArchConfig(PreTrainedConfig):
     attention_bias: bool = True
     mlp_bias: bool = True
     tie_word_embeddings: bool = True
+    train_pad_embedding: bool = False
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     classifier_dropout: float | None = None
@@ -138,6 +200,9 @@ class XArchConfig(PreTrainedConfig):
         self.layer_types = self.normalize_layer_types(self.layer_types)
         self.check_choices()
         self.check_combinations()
+        self.check_performer()
+        self.check_sliding_window()
+        self.check_sharing_and_output_layer()
         if self.position_embedding_type == "rope":
             self.check_rope_parameters()
 
@@ -174,6 +239,8 @@ class XArchConfig(PreTrainedConfig):
             _fail("norm_eps", self.norm_eps, "a positive float")
         if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range >= 0):
             _fail("initializer_range", self.initializer_range, "a float >= 0")
+        if not isinstance(self.train_pad_embedding, bool):
+            _fail("train_pad_embedding", self.train_pad_embedding, "True or False")
 
     def check_choices(self) -> None:
         from transformers.activations import ACT2FN
@@ -239,6 +306,109 @@ class XArchConfig(PreTrainedConfig):
         """The attention family of each layer, in order."""
         return [attention_family_for_layer_type(entry) for entry in self.layer_types]
 
+    # ---- cross-layer sharing (ALBERT) and the output layer (adaptive softmax) ----------------------------------------
+    def block_schedule(self) -> list[int]:
+        """The distinct block each layer applies, in ALBERT's order: layer `i` is inner block `i % inner_group_num` of
+        group `(i // inner_group_num) // layers_per_group`. Without sharing this is `[0, 1, ..., L-1]`.
+
+        `None` fields resolve here rather than in `__post_init__`, so a config whose `num_hidden_layers` is changed
+        later never starts sharing blocks by accident."""
+        inner = self.inner_group_num or 1
+        group_applications = self.num_hidden_layers // inner  # ALBERT's num_hidden_layers
+        groups = self.num_hidden_groups or group_applications
+        per_group = group_applications // groups
+        return [((i // inner) // per_group) * inner + i % inner for i in range(self.num_hidden_layers)]
+
+    def check_sharing_and_output_layer(self) -> None:
+        for field in ("num_hidden_groups", "inner_group_num"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                _fail(field, value, "a positive integer, or None (no sharing)")
+        inner = self.inner_group_num or 1
+        groups = self.num_hidden_groups or max(self.num_hidden_layers // inner, 1)
+        if self.num_hidden_layers % (groups * inner):
+            _fail(
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                f"a multiple of num_hidden_groups * inner_group_num = {groups} * {inner} = {groups * inner} "
+                "(each group is applied a whole number of times, all groups equally often)",
+            )
+        # a shared block is built once, for its first layer, so every per-layer option must agree across its layers
+        per_layer = {"layer_types": self.layer_types}
+        for field in ("attention_window", "attention_dilation"):
+            value = getattr(self, field, None)
+            if isinstance(value, (list, tuple)) and len(value) == self.num_hidden_layers:
+                per_layer[field] = value
+        first_layer_of_block: dict[int, int] = {}
+        for layer, block in enumerate(self.block_schedule()):
+            first = first_layer_of_block.setdefault(block, layer)
+            for field, values in per_layer.items():
+                if values[layer] != values[first]:
+                    _fail(
+                        field,
+                        values,
+                        f"one value for layers that share a block; layers {first} and {layer} share block {block} "
+                        f"but have {values[first]!r} and {values[layer]!r}",
+                    )
+
+        if self.output_layer not in OUTPUT_LAYERS:
+            _fail("output_layer", self.output_layer, f"one of {list(OUTPUT_LAYERS)}")
+        if self.output_layer != "adaptive":
+            if self.adaptive_cutoffs is not None:
+                _fail("adaptive_cutoffs", self.adaptive_cutoffs, "None unless output_layer='adaptive'")
+            return
+        if not self.is_decoder:
+            _fail("output_layer", self.output_layer, "'adaptive' only for a causal LM (is_decoder=True)")
+        if self.tie_word_embeddings:
+            _fail(
+                "tie_word_embeddings",
+                self.tie_word_embeddings,
+                "False with output_layer='adaptive' (its clusters are not one V x E matrix to share with the input "
+                "embedding; tying the head cluster is not implemented)",
+            )
+        cutoffs = self.adaptive_cutoffs
+        if (
+            not isinstance(cutoffs, (list, tuple))
+            or not cutoffs
+            or any(isinstance(c, bool) or not isinstance(c, int) for c in cutoffs)
+            or list(cutoffs) != sorted(set(cutoffs))
+            or cutoffs[0] <= 0
+            or cutoffs[-1] >= self.vocab_size
+        ):
+            _fail(
+                "adaptive_cutoffs",
+                cutoffs,
+                f"a non-empty, strictly increasing list of integers in 1..vocab_size-1={self.vocab_size - 1}",
+            )
+        self.adaptive_cutoffs = list(cutoffs)
+        div = self.adaptive_div_value
+        if isinstance(div, bool) or not isinstance(div, (int, float)) or div < 1:
+            _fail("adaptive_div_value", div, "a number >= 1")
+        if int(self.embedding_size // (div ** len(cutoffs))) < 1:
+            _fail(
+                "adaptive_div_value",
+                div,
+                f"small enough that the last of {len(cutoffs)} tail clusters keeps a width >= 1 "
+                f"(embedding_size={self.embedding_size} // div_value**{len(cutoffs)} is 0)",
+            )
+
+    def check_performer(self) -> None:
+        from .attention_performer import PERFORMER_KERNELS
+
+        count = self.performer_nb_features
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count <= 0):
+            _fail("performer_nb_features", count, "a positive integer, or None for int(head_dim * ln(head_dim))")
+        if self.performer_kernel not in PERFORMER_KERNELS:
+            _fail("performer_kernel", self.performer_kernel, f"one of {list(PERFORMER_KERNELS)}")
+        interval = self.performer_redraw_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            _fail("performer_redraw_interval", interval, "an integer >= 0 (training forwards between redraws; 0 = never)")
+
+    def check_sliding_window(self) -> None:
+        from .attention_sliding import validate_sliding_config
+
+        validate_sliding_config(self)
+
     # transformers' strict validation (run again at save time) checks `layer_types` against its own list; ours come
     # from the registry, so validate them there instead.
     def validate_layer_type(self):
@@ -246,3 +416,12 @@ class XArchConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         self.check_sizes()
+        self.check_sharing_and_output_layer()
+
+    def validate(self) -> None:
+        """Run every ``validate_*`` check, ours where we override one. transformers' ``validate`` (from huggingface_hub's
+        ``@strict`` on PreTrainedConfig, called by ``save_pretrained``) holds PreTrainedConfig's own functions, so without
+        this the overrides above never ran at save time, and a registry layer type outside transformers' list (a
+        Performer layer's ``"performer_attention"``) could not be saved."""
+        for validator in PreTrainedConfig.__class_validators__:
+            getattr(self, validator.__name__)()

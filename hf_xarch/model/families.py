@@ -5,5 +5,8 @@ one import line here. ``configuration_xarch`` imports this file, so validation a
 """
 
 from .attention_full import XArchAttention  # noqa: F401
+from .attention_performer import PerformerAttention  # noqa: F401
+from .attention_sliding import SlidingWindowAttention  # noqa: F401
 from .positions import LearnedPositionEmbedding, RotaryEmbedding, SinusoidalPositionEmbedding  # noqa: F401
+from .position_alibi import AlibiPositionBias  # noqa: F401
 from .registry import ATTENTION_FAMILIES, ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES  # noqa: F401

@@ -16,7 +16,6 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -32,9 +31,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .adaptive_softmax import AdaptiveSoftmaxHead
 from .attention_full import XArchAttention
 from .configuration_xarch import XArchConfig
 from .families import ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
+from .position_alibi import AlibiPositionBias, alibi_slopes
 from .positions import SinusoidalPositionEmbedding
 from .registry import attention_family_for_layer_type
 
@@ -72,7 +73,8 @@ class XArchEmbeddings(nn.Module):
 
     def __init__(self, config: XArchConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.embedding_size, config.pad_token_id)
+        padding_idx = None if config.train_pad_embedding else config.pad_token_id
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx)
         scheme = POSITION_SCHEMES[config.position_embedding_type]
         self.position_embeddings = POSITION_MODULES[scheme.name](config) if scheme.kind == "absolute" else None
         self.token_type_embeddings = (
@@ -189,26 +191,74 @@ class XArchPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
         elif type(module).__name__ == "LearnedPositionEmbedding":
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, AlibiPositionBias):
+            init.copy_(module.slopes, alibi_slopes(module.num_heads))
         elif isinstance(module, XArchMLMHead):
             init.zeros_(module.decoder.bias)
+        elif hasattr(module, "reset_features"):  # Performer: the saved random projection (drawn if not loaded)
+            module.reset_features()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as transformers does, with `config.auto_map` naming every Auto class hf_xarch registers, so the folder
-        loads with `trust_remote_code=True` for any head, in a Python that has no hf_xarch."""
+        loads with `trust_remote_code=True` for any head, in a Python that has no hf_xarch; then run `SAVE_HOOKS`
+        (hf_xarch's model-card writer, which keeps a README.md that is already there)."""
         self.config.auto_map = dict(AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for hook in SAVE_HOOKS:
+                hook(self, save_directory)
+        return result
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, revision: str | None = None, create_pr: bool = False,
+                    max_shard_size: int | str | None = "50GB", tags: list[str] | None = None,
+                    commit_description: str | None = None, **kwargs):
+        """Like transformers' `push_to_hub`, but the README.md uploaded is the card `save_pretrained` wrote (ours)
+        rather than transformers' generic one. Without a card writer registered, transformers' own behaviour."""
+        if not SAVE_HOOKS:
+            return super().push_to_hub(repo_id, commit_message=commit_message, private=private, token=token,
+                                       revision=revision, create_pr=create_pr, max_shard_size=max_shard_size,
+                                       tags=tags, commit_description=commit_description, **kwargs)
+        import tempfile
+
+        from transformers.utils.hub import hf_api
+
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        card_kwargs = getattr(self, "_xarch_card_kwargs", None)
+        if tags:  # the card writer reads these (hf_xarch.hub.set_card_info) and merges the tags into the metadata
+            self._xarch_card_kwargs = {**(card_kwargs or {}), "tags": [*(card_kwargs or {}).get("tags", []), *tags]}
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                self.save_pretrained(folder, max_shard_size=max_shard_size)
+                return self._upload_modified_files(
+                    folder,
+                    repo_id,
+                    files_timestamps={},
+                    commit_message=commit_message or "Upload model",
+                    token=token,
+                    create_pr=create_pr,
+                    revision=revision,
+                    commit_description=commit_description,
+                )
+        finally:
+            if tags:
+                self._xarch_card_kwargs = card_kwargs
+
+
+# Called as hook(model, folder) after every save_pretrained. `import hf_xarch` registers its model-card writer here; a
+# model loaded with trust_remote_code (no hf_xarch) has none, and saves exactly as transformers does.
+SAVE_HOOKS: list = []
 
 
 def default_position_ids(
-    inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int
+    length: int, attention_mask: torch.Tensor | None, past_length: int, device: torch.device
 ) -> torch.Tensor:
     """Positions that count only real tokens, so a left-padded sequence starts at position 0 exactly as it would
     unpadded (and cached decoding continues the count). Without a 2D mask: past_length, past_length+1, ..."""
-    length = inputs_embeds.shape[1]
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == past_length + length:
         positions = attention_mask.long().cumsum(-1) - 1
         return positions.clamp(min=0)[:, past_length:]
-    return torch.arange(past_length, past_length + length, device=inputs_embeds.device).unsqueeze(0)
+    return torch.arange(past_length, past_length + length, device=device).unsqueeze(0)
 
 
 class XArchModel(XArchPreTrainedModel):
@@ -222,7 +272,13 @@ class XArchModel(XArchPreTrainedModel):
         scheme = POSITION_SCHEMES[config.position_embedding_type]
         # schemes that act inside attention (rotary, score bias) are computed once per forward and handed to blocks
         self.layer_positions = POSITION_MODULES[scheme.name](config) if scheme.kind in ("rotary", "bias") else None
-        self.layers = nn.ModuleList([XArchBlock(config, index) for index in range(config.num_hidden_layers)])
+        # `layers` holds the distinct blocks; `block_schedule[i]` is the block layer i applies (ALBERT's cross-layer
+        # sharing, `num_hidden_groups`/`inner_group_num`). Each block is built for its first layer (its layer type).
+        self.block_schedule = config.block_schedule()
+        first_layer: dict[int, int] = {}
+        for index, block in enumerate(self.block_schedule):
+            first_layer.setdefault(block, index)
+        self.layers = nn.ModuleList([XArchBlock(config, first_layer[block]) for block in sorted(first_layer)])
         self.norm = make_norm(config) if config.final_norm else None
         self.gradient_checkpointing = False
         self.post_init()
@@ -245,6 +301,7 @@ class XArchModel(XArchPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        global_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -254,7 +311,15 @@ class XArchModel(XArchPreTrainedModel):
         cache (`Cache`, *optional*): transformers cache for decoding (decoders only); `past_key_values` is accepted
             under its deprecated name.
         token_type_ids (`torch.LongTensor`, *optional*): segment ids when `config.type_vocab_size > 0`.
+        global_attention_mask (`torch.Tensor` of shape `(batch, seq)`, *optional*): 1 marks a global token, which
+            attends to every token and which every token attends to (Longformer's argument); only for layers whose
+            family declares `global_tokens` (sliding_window encoders).
         """
+        if global_attention_mask is not None and not any(f.global_tokens for f in self.config.layer_families()):
+            raise ValueError(
+                f"global_attention_mask: no layer of this model takes global tokens (layer_types="
+                f"{self.config.layer_types}); use attention_type='sliding_window'"
+            )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("XArchModel.forward: give exactly one of input_ids or inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds
@@ -273,26 +338,38 @@ class XArchModel(XArchPreTrainedModel):
 
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = default_position_ids(reference if inputs_embeds is not None else reference[..., None].float(),
-                                                attention_mask, past_length)
+            position_ids = default_position_ids(reference.shape[1], attention_mask, past_length, reference.device)
         hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
 
-        mask_kwargs = dict(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
-        if self.config.is_decoder:
-            mask = create_causal_mask(**mask_kwargs, cache=cache, position_ids=position_ids)
-        else:
-            mask = create_bidirectional_mask(**mask_kwargs)
-
-        position_embeddings = (
-            self.layer_positions(hidden_states, position_ids) if self.layer_positions is not None else None
-        )
+        # one mask per attention family present (as Gemma/Mistral build one per layer type), each built by the family
+        masks = {}
         for layer in self.layers:
+            family = type(layer.attention)
+            if family not in masks:
+                wants_global = global_attention_mask is not None and family.family.global_tokens
+                extra = {"global_attention_mask": global_attention_mask} if wants_global else {}
+                masks[family] = family.build_mask(
+                    self.config, hidden_states, attention_mask, cache, position_ids, **extra
+                )
+
+        position_embeddings = None
+        if self.layer_positions is not None:
+            # a score bias (ALiBi) also needs the positions of the cached keys, which only the model can recount
+            bias_kwargs = (
+                dict(attention_mask=attention_mask, past_length=past_length)
+                if POSITION_SCHEMES[self.config.position_embedding_type].kind == "bias"
+                else {}
+            )
+            position_embeddings = self.layer_positions(hidden_states, position_ids, **bias_kwargs)
+        for layer_idx, block in enumerate(self.block_schedule):
+            layer = self.layers[block]
             hidden_states = layer(
                 hidden_states,
-                attention_mask=mask,
+                attention_mask=masks[type(layer.attention)],
                 position_embeddings=position_embeddings,
                 cache=cache,
                 position_ids=position_ids,
+                layer_idx=layer_idx,  # a shared block runs at several depths, each with its own cache layer
                 **kwargs,
             )
         if self.norm is not None:
@@ -302,7 +379,14 @@ class XArchModel(XArchPreTrainedModel):
 
 class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
     """Causal LM head (always a decoder). With factorized embeddings the hidden state is projected to
-    `embedding_size` before the (tied) output layer."""
+    `embedding_size` before the (tied) output layer.
+
+    With `output_layer="adaptive"` the output layer is an adaptive softmax (`AdaptiveSoftmaxHead`) and `logits` are
+    log-probabilities: softmax, argmax, temperature and top-k/top-p act on them exactly as on logits, so `generate()`
+    and perplexity work unchanged. A training step with `labels` returns `logits=None`: the loss scores each token in
+    its own cluster only, and skipping the V-wide output is the point of adaptive softmax. In eval mode, or without
+    labels, `logits` hold the full distribution.
+    """
 
     _auto_class = "AutoModelForCausalLM"
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
@@ -320,11 +404,23 @@ class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
             if config.embedding_size != config.hidden_size
             else None
         )
-        self.lm_head = nn.Linear(config.embedding_size, config.vocab_size, bias=False)
+        if config.output_layer == "adaptive":
+            self.lm_head = AdaptiveSoftmaxHead(config)
+        else:
+            self.lm_head = nn.Linear(config.embedding_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
+    def get_output_embeddings(self) -> nn.Linear | None:
+        # None for the adaptive softmax: it is no V x E matrix, so transformers must neither tie nor resize it
+        return None if isinstance(self.lm_head, AdaptiveSoftmaxHead) else self.lm_head
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        if isinstance(self.lm_head, AdaptiveSoftmaxHead):
+            raise ValueError(
+                "resize_token_embeddings: output_layer='adaptive' has fixed clusters (adaptive_cutoffs); resizing is "
+                "supported with output_layer='full' only"
+            )
+        return super().resize_token_embeddings(*args, **kwargs)
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
@@ -355,6 +451,15 @@ class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        if isinstance(self.lm_head, AdaptiveSoftmaxHead):
+            loss, logits = self.adaptive_softmax_output(hidden_states, keep, labels, **kwargs)
+            return CausalLMOutputWithPast(
+                loss=loss,
+                logits=logits,
+                cache=outputs.cache,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
         hidden_states = hidden_states[:, keep, :]
         if self.lm_head_projection is not None:
             hidden_states = self.lm_head_projection(hidden_states)
@@ -369,6 +474,16 @@ class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def adaptive_softmax_output(self, hidden_states, keep, labels, **kwargs):
+        """(loss, log-probabilities) of the adaptive softmax; see the class docstring for when logits are None."""
+        project = self.lm_head_projection if self.lm_head_projection is not None else nn.Identity()
+        loss = None
+        if labels is not None:
+            loss = self.lm_head.causal_lm_loss(project(hidden_states), labels, **kwargs)
+        if labels is not None and self.training:
+            return loss, None
+        return loss, self.lm_head.log_probs(project(hidden_states[:, keep, :]))
 
 
 class XArchMLMHead(nn.Module):
@@ -414,6 +529,7 @@ class XArchForMaskedLM(XArchPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        global_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
@@ -424,6 +540,7 @@ class XArchForMaskedLM(XArchPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             token_type_ids=token_type_ids,
+            global_attention_mask=global_attention_mask,
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)
@@ -493,6 +610,7 @@ class XArchForSequenceClassification(XArchPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        global_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
@@ -504,6 +622,7 @@ class XArchForSequenceClassification(XArchPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             token_type_ids=token_type_ids,
+            global_attention_mask=global_attention_mask,
             use_cache=False,
             **kwargs,
         )
@@ -541,6 +660,7 @@ class XArchForTokenClassification(XArchPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        global_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> TokenClassifierOutput:
@@ -552,6 +672,7 @@ class XArchForTokenClassification(XArchPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             token_type_ids=token_type_ids,
+            global_attention_mask=global_attention_mask,
             use_cache=False,
             **kwargs,
         )
@@ -579,6 +700,7 @@ class XArchForQuestionAnswering(XArchPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        global_attention_mask: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
         **kwargs,
@@ -591,6 +713,7 @@ class XArchForQuestionAnswering(XArchPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             token_type_ids=token_type_ids,
+            global_attention_mask=global_attention_mask,
             use_cache=False,
             **kwargs,
         )

@@ -1,5 +1,5 @@
 """Position schemes: learned and sinusoidal absolute positions, rotary (RoPE) through transformers' rope utilities,
-and ``none``. ALiBi registers here too (its own issue).
+and ``none``. ALiBi (a score bias, with its own attention paths) lives in ``position_alibi.py``.
 
 Every module here is rebuilt from the config: tables that are not learned (sinusoidal frequencies, rotary inverse
 frequencies) are non-persistent buffers that ``XArchPreTrainedModel._init_weights`` recomputes, so a reloaded model

@@ -1,0 +1,19 @@
+"""Converters between transformers model families and XArch, one file per family.
+
+Adding a family (Llama, BLOOM, ALBERT...): write ``conversions/<family>.py`` that builds a ``Converter`` (see
+``base.py``: the config in both directions, a key table, the head classes) and calls ``register_converter`` on it,
+then add one import line below. ``hf_xarch.convert.from_hf`` / ``to_hf`` find it by ``config.model_type``.
+"""
+
+from .base import CONVERTERS, Converter, register_converter
+
+# one line per family: importing the module registers its converter
+from . import albert  # noqa: E402, F401
+from . import bert  # noqa: E402, F401
+from . import bloom  # noqa: E402, F401
+from . import gpt2  # noqa: E402, F401
+from . import llama  # noqa: E402, F401
+from . import longformer  # noqa: E402, F401
+from . import mistral  # noqa: E402, F401
+
+__all__ = ["CONVERTERS", "Converter", "register_converter"]

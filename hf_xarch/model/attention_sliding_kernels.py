@@ -1,0 +1,572 @@
+"""Kernels of sliding-window attention (Beltagy et al. 2020, Longformer): who sees whom, the dense reference, the
+banded O(N·w) kernel and the flex-attention path.
+
+Every path implements one rule, written once in ``sliding_visibility``. Positions are *slots* (indices in the padded
+sequence, as transformers' sliding-window masks count them). A query at slot ``i`` of a head with dilation ``d``
+sees a key at slot ``j`` when the key is real (not padding) and
+
+- ``j - i = d·t`` with ``-left <= t <= right`` (the band: ``left = right = w/2`` for an encoder, ``left = w-1,
+  right = 0`` for a decoder), or
+- ``j`` is a global token (Longformer: every token attends to it), or
+- ``j`` is an attention sink (StreamingLLM, Xiao et al. 2023: one of the first ``k`` real tokens) and ``j <= i``.
+
+Global tokens' *own* rows (they attend to every token) are full attention and live in ``attention_sliding.py``.
+
+- ``dense_sliding_attention``: the N×N reference (and the decode path, where N×window is small).
+- ``banded_attention``: blocks of ``block`` queries against their window of ``block + left + right`` keys, with the
+  global keys and sinks appended to every window. A custom autograd function keeps only q, k, v (flash-attention
+  style: the backward recomputes each block's scores), so time and memory grow like N·w. Dilation ``d`` is turned
+  into ``d`` interleaved undilated sequences (slot ``i`` belongs to sequence ``i mod d``), so the kernel never
+  computes the ``d-1`` of every ``d`` keys a dilated window skips.
+- ``flex_sliding_attention``: torch's flex attention with a BlockMask built from the band's geometry (never by
+  evaluating an N×N grid).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:  # flex attention is optional (torch >= 2.5); the banded kernel needs nothing beyond plain torch
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - depends on the torch build
+    BlockMask, flex_attention = None, None
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """A finite "minus infinity": several of them may be summed and a fully masked row still softmaxes to numbers."""
+    return torch.finfo(dtype).min / 4
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``allowed``, ``mask_value`` elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, mask_value(dtype))
+
+
+# ---- the rule ------------------------------------------------------------------------------------------------------
+def sliding_visibility(
+    q_slots: torch.Tensor,
+    k_slots: torch.Tensor,
+    left: int,
+    right: int,
+    dilation: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    global_keys: torch.Tensor | None = None,
+    sink_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(batch or 1, heads, Lq, Lk) bool: may the query at slot ``q_slots[i]`` see the key at slot ``k_slots[j]``.
+
+    q_slots (Lq,), k_slots (Lk,): slot indices; dilation (heads,): per-head dilation; key_valid, global_keys,
+    sink_keys: (batch, Lk) bool flags of the keys (None: all real / none global / no sinks).
+    """
+    rel = k_slots[None, :] - q_slots[:, None]  # (Lq, Lk)
+    d = dilation.to(rel.device)[:, None, None]
+    band = (torch.remainder(rel, d) == 0) & (rel >= -left * d) & (rel <= right * d)  # (H, Lq, Lk)
+    visible = band[None]
+    if global_keys is not None:
+        visible = visible | global_keys[:, None, None, :]
+    if sink_keys is not None:
+        visible = visible | (sink_keys[:, None, None, :] & (rel <= 0))
+    if key_valid is not None:
+        visible = visible & key_valid[:, None, None, :]
+    return visible
+
+
+def alibi_bias(slopes: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
+    """(heads, Lq, Lk) ALiBi bias -slope·|i - j| (Press et al. 2022; symmetric, so encoders and decoders share it)."""
+    distance = (k_slots[None, :] - q_slots[:, None]).abs().to(slopes.dtype)
+    return -slopes[:, None, None] * distance
+
+
+# ---- the dense reference -------------------------------------------------------------------------------------------
+def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, kv_heads, L, D) -> (B, heads, L, D): grouped-query attention shares each kv head among heads/kv_heads."""
+    if x.shape[1] == heads:
+        return x
+    groups = heads // x.shape[1]
+    return x[:, :, None].expand(x.shape[0], x.shape[1], groups, *x.shape[2:]).reshape(x.shape[0], heads, *x.shape[2:])
+
+
+def dense_sliding_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ·scaling + bias, masked by ``visible``) v with every score materialised: the reference.
+
+    query (B, H, Lq, D), key/value (B, KV, Lk, D), visible (B|1, H|1, Lq, Lk) bool, bias broadcastable to the
+    scores. Returns the output (B, H, Lq, D) and the weights (B, H, Lq, Lk)."""
+    heads = query.shape[1]
+    key, value = repeat_heads(key, heads), repeat_heads(value, heads)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if bias is not None:
+        scores = scores + bias
+    scores = scores.masked_fill(~visible, mask_value(scores.dtype))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    return torch.matmul(weights, value), weights
+
+
+# ---- the banded kernel ---------------------------------------------------------------------------------------------
+# Scores of one chunk (heads x blocks x block x window) are kept near this size, so that they stay in cache between
+# the matmul that writes them, the softmax and the matmul that reads them; measured best among 0.25-2 MiB on an
+# AVX-512 CPU with 2 MiB of L2 per core (smaller chunks pay more per-chunk overhead than they gain in locality).
+CHUNK_BYTES = 2 << 20
+
+
+def default_block_size(left: int, right: int) -> int:
+    """Queries per block: small enough that few wasted scores are computed (a block of ``b`` queries reads ``b + w``
+    keys for ``w + 1`` useful ones), large enough that each matmul runs near peak. 64 is the measured sweet spot
+    for w = 512 on AVX-512 CPUs; small windows get small blocks."""
+    width = left + right
+    return int(min(64, max(16, 2 ** math.ceil(math.log2(max(width, 1) / 4 + 1)))))
+
+
+class _Workspace:
+    """Buffers reused by every chunk of one forward or backward: a chunk's scores are ~1 MiB, and allocating fresh
+    ones for each of thousands of chunks costs page faults whenever the allocator hands memory back to the OS."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape) -> torch.Tensor:
+        size = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[name] = self.like.new_empty(size)
+        return buffer[:size].view(shape)
+
+
+class _Chunk:
+    """One unit of work: batch row ``b``, heads ``h0:h1``, query blocks ``c0:c1`` (queries ``q0:q1``; a last,
+    partial block is always a chunk of its own). Block c's key window is keys [c·block - left, ... + span)."""
+
+    def __init__(self, b, h0, h1, c0, c1, n, block, left, span, index):
+        self.b, self.h0, self.h1, self.c0, self.c1, self.index = b, h0, h1, c0, c1, index
+        self.heads, self.blocks = h1 - h0, c1 - c0
+        self.q0, self.q1 = c0 * block, min(c1 * block, n)
+        self.rows = self.q1 - self.q0 if self.blocks == 1 else block  # queries per block
+        self.k0 = c0 * block - left  # first key of the first window (may be < 0: zeros there)
+        self.k1 = self.k0 + (self.blocks - 1) * block + span
+        self.inside = self.k0 >= 0 and self.k1 <= n
+
+    def queries(self, x):
+        return x[self.b, self.h0 : self.h1, self.q0 : self.q1].view(self.heads, self.blocks, self.rows, x.shape[-1])
+
+    def windows(self, x, block, span):
+        """(heads, blocks, span, D) key windows: views into ``x``, or into a zero-padded copy at the ends."""
+        part = x[self.b, self.h0 : self.h1]
+        if self.inside:
+            part = part[:, self.k0 : self.k1]
+        else:
+            lo, hi = max(self.k0, 0), min(self.k1, x.shape[2])
+            padded = part.new_zeros(self.heads, self.k1 - self.k0, x.shape[-1])
+            if hi > lo:
+                padded[:, lo - self.k0 : hi - self.k0] = part[:, lo:hi]
+            part = padded
+        return part.unfold(1, span, block).transpose(-1, -2)
+
+    def add_to_keys(self, target, grads, block, span):
+        """Overlap-add window gradients (heads, blocks, span, D) onto ``target`` (B, H, N, D), clipped at the ends."""
+        region = target[self.b, self.h0 : self.h1]
+        if self.blocks == 1 and self.inside:
+            region[:, self.k0 : self.k1] += grads[:, 0]
+            return
+        folded = grads.new_zeros(self.heads, self.k1 - self.k0, grads.shape[-1])
+        parts = grads.reshape(self.heads, self.blocks, span // block, block, grads.shape[-1])
+        for m in range(span // block):
+            folded[:, m * block : (m + self.blocks) * block].view(self.heads, self.blocks, block, -1).add_(parts[:, :, m])
+        lo, hi = max(self.k0, 0), min(self.k1, target.shape[2])
+        region[:, lo:hi] += folded[:, lo - self.k0 : hi - self.k0]
+
+
+def _chunks(batch, heads, n, block, left, span, extra, itemsize):
+    """Chunks covering every (batch, head, query block), each chunk's scores near ``CHUNK_BYTES``."""
+    full, partial = divmod(n, block)
+    per_head_block = block * (span + extra) * itemsize
+    head_step = max(1, min(heads, CHUNK_BYTES // per_head_block))
+    block_step = max(1, min(max(full, 1), CHUNK_BYTES // (per_head_block * head_step)))
+    index = 0
+    for b in range(batch):
+        for h0 in range(0, heads, head_step):
+            h1 = min(heads, h0 + head_step)
+            ranges = [(c0, min(full, c0 + block_step)) for c0 in range(0, full, block_step)]
+            if partial:
+                ranges.append((full, full + 1))
+            for c0, c1 in ranges:
+                yield _Chunk(b, h0, h1, c0, c1, n, block, left, span, index)
+                index += 1
+
+
+class _BandedCore(torch.autograd.Function):
+    """Block-banded softmax attention (see ``banded_attention``, which prepares the arguments).
+
+    q, k, v (B, H, N, D), any strides with unit stride on D (no padded or scaled copies are made: the ends of the
+    sequence get zero-padded windows of their own, and the scale is applied per chunk); ek, ev (B, H, G, D) extra keys
+    (global tokens, sinks) appended to every window; key_bias (B, Kp) over padded key slots (key j at j + left),
+    band_bias (1|H, block, span), extra_bias (B, 1|H, N, G): additive masks and biases.
+    Saves only its inputs; the backward recomputes each chunk's probabilities (as FlashAttention does).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed):
+        out = torch.empty_like(q)  # q's layout: a transposed (B, N, H, D) projection gives o_proj a free view
+        work = _Workspace(q)
+        span, extra = band_bias.shape[-1], ek.shape[2]
+        clean = _clean_windows(key_bias, block, span)
+        for chunk in _chunks(*q.shape[:3], block, left, span, extra, q.element_size()):
+            probs, _, v_win, _ = _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, span,
+                                              scale, work, clean)
+            if dropout_p:
+                probs.mul_(_dropout_scale(probs, dropout_p, seed, chunk.index, work))
+            torch.matmul(probs, v_win, out=chunk.queries(out))
+        ctx.save_for_backward(q, k, v, ek, ev, key_bias, band_bias, extra_bias)
+        ctx.settings = (block, left, scale, dropout_p, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, ek, ev, key_bias, band_bias, extra_bias = ctx.saved_tensors
+        block, left, scale, dropout_p, seed = ctx.settings
+        span, extra = band_bias.shape[-1], ek.shape[2]
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dek, dev = torch.zeros_like(ek), torch.zeros_like(ev)
+        work = _Workspace(q)
+        clean = _clean_windows(key_bias, block, span)
+        for chunk in _chunks(*q.shape[:3], block, left, span, extra, q.element_size()):
+            probs, k_win, v_win, q_scaled = _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias,
+                                                         block, span, scale, work, clean)
+            do_c = chunk.queries(grad_out)
+            d_probs = work.get("d_probs", probs.shape)
+            torch.matmul(do_c, v_win.transpose(-1, -2), out=d_probs)
+            if dropout_p:
+                keep = _dropout_scale(probs, dropout_p, seed, chunk.index, work)
+                seen = probs * keep  # what multiplied the values in the forward
+                d_probs.mul_(keep)
+            else:
+                seen = probs
+            # dS = P ∘ (dP - rowsum(dP ∘ P)); with dropout rowsum(dP ∘ P) is still rowsum(dO ∘ O)
+            d_scores = work.get("d_scores", probs.shape)
+            torch.ops.aten._softmax_backward_data.out(d_probs, probs, -1, probs.dtype, grad_input=d_scores)
+            dq_c = chunk.queries(dq)
+            torch.matmul(d_scores, k_win, out=dq_c)
+            dq_c.mul_(scale)  # scores = (q·scale) kᵀ
+            heads, rows, dim = chunk.heads, chunk.blocks * chunk.rows, q.shape[-1]
+            d_s = d_scores.view(heads, rows, -1).transpose(-1, -2) if chunk.blocks == 1 else None
+            if chunk.blocks == 1 and chunk.inside:
+                # one window inside the sequence: accumulate straight into the gradients (a GEMM with beta = 1)
+                p_s = seen.view(heads, rows, -1).transpose(-1, -2)
+                q_1, do_1 = q_scaled.view(heads, rows, dim), do_c.view(heads, rows, dim)
+                dk[chunk.b, chunk.h0 : chunk.h1, chunk.k0 : chunk.k1].baddbmm_(d_s[:, :span], q_1)
+                dv[chunk.b, chunk.h0 : chunk.h1, chunk.k0 : chunk.k1].baddbmm_(p_s[:, :span], do_1)
+                if extra:
+                    dek[chunk.b, chunk.h0 : chunk.h1].baddbmm_(d_s[:, span:], q_1)
+                    dev[chunk.b, chunk.h0 : chunk.h1].baddbmm_(p_s[:, span:], do_1)
+                continue
+            window_shape = (heads, chunk.blocks, span + extra, dim)
+            d_k_win, d_v_win = work.get("d_k_win", window_shape), work.get("d_v_win", window_shape)
+            torch.matmul(d_scores.transpose(-1, -2), q_scaled, out=d_k_win)
+            torch.matmul(seen.transpose(-1, -2), do_c, out=d_v_win)
+            chunk.add_to_keys(dk, d_k_win[:, :, :span], block, span)
+            chunk.add_to_keys(dv, d_v_win[:, :, :span], block, span)
+            if extra:
+                dek[chunk.b, chunk.h0 : chunk.h1] += d_k_win[:, :, span:].sum(1)
+                dev[chunk.b, chunk.h0 : chunk.h1] += d_v_win[:, :, span:].sum(1)
+        return dq, dk, dv, dek, dev, None, None, None, None, None, None, None, None
+
+
+def _clean_windows(key_bias: torch.Tensor, block: int, span: int) -> list[bool]:
+    """Per query block, whether no row masks any key of its window (no padding, not at the ends): then the
+    key-bias add, a pass over the chunk's scores, is skipped."""
+    masked = (key_bias != 0).any(0).to(torch.int32)
+    count = F.pad(masked.cumsum(0), (1, 0))
+    n_blocks = (key_bias.shape[1] - span) // block + 1
+    starts = torch.arange(n_blocks, device=key_bias.device) * block
+    return ((count[starts + span] - count[starts]) == 0).tolist()
+
+
+def _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, span, scale, work, clean):
+    """Softmax probabilities of one chunk (heads, blocks, rows, span + G), its key and value windows and its scaled
+    queries; all in ``work``'s buffers or views (valid until the next chunk)."""
+    heads, blocks, rows, dim, extra = chunk.heads, chunk.blocks, chunk.rows, q.shape[-1], ek.shape[2]
+    q_scaled = torch.mul(chunk.queries(q), scale, out=work.get("q_scaled", (heads, blocks, rows, dim)))
+    k_win, v_win = chunk.windows(k, block, span), chunk.windows(v, block, span)
+    if extra:  # the extra keys ride along at the end of every window
+        k_full = work.get("k_win", (heads, blocks, span + extra, dim))
+        v_full = work.get("v_win", (heads, blocks, span + extra, dim))
+        k_full[:, :, :span].copy_(k_win)
+        k_full[:, :, span:].copy_(ek[chunk.b, chunk.h0 : chunk.h1, None].expand(heads, blocks, extra, dim))
+        v_full[:, :, :span].copy_(v_win)
+        v_full[:, :, span:].copy_(ev[chunk.b, chunk.h0 : chunk.h1, None].expand(heads, blocks, extra, dim))
+        k_win, v_win = k_full, v_full
+    scores = work.get("scores", (heads, blocks, rows, span + extra))
+    torch.matmul(q_scaled, k_win.transpose(-1, -2), out=scores)
+    band = scores[..., :span] if extra else scores
+    band_rows = band_bias[:, :rows] if band_bias.shape[0] == 1 else band_bias[chunk.h0 : chunk.h1, :rows]
+    band += band_rows.unsqueeze(1)
+    if not all(clean[chunk.c0 : chunk.c1]):
+        keys = key_bias[chunk.b, chunk.c0 * block : (chunk.c1 - 1) * block + span].unfold(0, span, block)
+        band += keys[:, None, :]
+    if extra:
+        rows_bias = extra_bias[chunk.b, :, chunk.q0 : chunk.q1] if extra_bias.shape[1] == 1 else \
+            extra_bias[chunk.b, chunk.h0 : chunk.h1, chunk.q0 : chunk.q1]
+        scores[..., span:] += rows_bias.view(rows_bias.shape[0], blocks, rows, extra)
+    probs = work.get("probs", scores.shape)
+    torch._softmax(scores, -1, False, out=probs)
+    return probs, k_win, v_win, q_scaled
+
+
+def _dropout_scale(probs: torch.Tensor, p: float, seed: int, chunk_id: int, work: _Workspace) -> torch.Tensor:
+    """The dropout mask (scaled by 1/(1-p)) of one chunk, drawn again identically in the backward from its seed."""
+    generator = torch.Generator(device=probs.device).manual_seed(seed + chunk_id)
+    keep = work.get("keep", probs.shape).bernoulli_(1 - p, generator=generator)
+    return keep.div_(1 - p)
+
+
+def _dilate(x: torch.Tensor, d: int, dim: int = 2, value=0) -> torch.Tensor:
+    """Split the sequence axis ``dim`` (slot i -> sequence i mod d, index i // d) into ``d`` interleaved sequences,
+    moved to the batch axis: (B, ..., N, ...) -> (B·d, ..., ceil(N/d), ...)."""
+    if d == 1:
+        return x
+    n = x.shape[dim]
+    padded = -(-n // d) * d
+    if padded != n:
+        pad = [0, 0] * (x.dim() - dim - 1) + [0, padded - n]
+        x = F.pad(x, pad, value=value)
+    shape = list(x.shape)
+    x = x.reshape(*shape[:dim], padded // d, d, *shape[dim + 1 :])
+    x = x.movedim(dim + 1, 1)
+    return x.reshape(shape[0] * d, *shape[1:dim], padded // d, *shape[dim + 1 :])
+
+
+def _undilate(x: torch.Tensor, d: int, n: int, dim: int = 2) -> torch.Tensor:
+    """Inverse of ``_dilate``: (B·d, ..., ceil(N/d), ...) -> (B, ..., N, ...)."""
+    if d == 1:
+        return x
+    shape = list(x.shape)
+    x = x.reshape(shape[0] // d, d, *shape[1:])
+    x = x.movedim(1, dim + 1)
+    x = x.reshape(shape[0] // d, *shape[1:dim], shape[dim] * d, *shape[dim + 1 :])
+    return x.narrow(dim, 0, n)
+
+
+def extra_key_slots(global_keys: torch.Tensor | None, sink_keys: torch.Tensor | None):
+    """Per row, the slots of the keys outside the band that every query may see (global tokens, sinks).
+
+    Returns (slots (B, G) long, present (B, G) bool, is_global (B, G) bool), or None when there are none."""
+    flags = [f for f in (global_keys, sink_keys) if f is not None]
+    if not flags:
+        return None
+    extra = flags[0] if len(flags) == 1 else flags[0] | flags[1]
+    count = int(extra.sum(1).max()) if extra.numel() else 0
+    if count == 0:
+        return None
+    # a stable descending sort puts each row's flagged slots first, in slot order
+    order = torch.sort(extra.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :count]
+    present = torch.gather(extra, 1, order)
+    is_global = torch.gather(global_keys, 1, order) if global_keys is not None else torch.zeros_like(present)
+    return order, present, is_global
+
+
+def banded_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    left: int,
+    right: int,
+    dilation: list[int],
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    global_keys: torch.Tensor | None = None,
+    sink_keys: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Sliding-window self-attention in O(N·w) time and memory; the rule of ``sliding_visibility``.
+
+    query (B, H, N, D), key/value (B, KV, N, D) at the same slots 0..N-1; dilation: one int per head;
+    key_valid / global_keys / sink_keys: (B, N) bool; alibi_slopes: (H,). Returns (B, H, N, D).
+    """
+    batch, heads, n, dim = query.shape
+    key, value = repeat_heads(key, heads), repeat_heads(value, heads)
+    device, dtype, neg = query.device, query.dtype, mask_value(query.dtype)
+    block = block_size or default_block_size(left, right)
+    key_valid = key_valid if key_valid is not None else torch.ones(batch, n, dtype=torch.bool, device=device)
+    key_valid, global_keys, sink_keys = (
+        f.expand(batch, n) if f is not None else None for f in (key_valid, global_keys, sink_keys)
+    )
+    extras = extra_key_slots(global_keys, sink_keys)
+    in_band = key_valid
+    slots = torch.arange(n, device=device)
+    if extras is not None:
+        extra_slots, present, is_global = extras
+        outside = torch.zeros_like(key_valid)
+        outside.scatter_(1, extra_slots, present)  # a key seen as an extra is left out of the band (no double count)
+        in_band = key_valid & ~outside
+        ok = present & torch.gather(key_valid, 1, extra_slots)
+        # (B, N, G): a global key is seen by every query, a sink only by the queries at or after it
+        allowed = ok[:, None, :] & (is_global[:, None, :] | (extra_slots[:, None, :] <= slots[None, :, None]))
+        extra_bias = _additive(allowed, dtype)[:, None]  # (B, 1, N, G)
+        if alibi_slopes is not None:
+            distance = (extra_slots[:, None, :] - slots[None, :, None]).abs().to(dtype)  # (B, N, G)
+            extra_bias = extra_bias - alibi_slopes.to(dtype)[None, :, None, None] * distance[:, None]
+
+    width = left + right
+    span = (1 + -(-width // block)) * block  # a window of whole blocks covering block + left + right keys
+    r = torch.arange(block, device=device)[:, None]
+    j = torch.arange(span, device=device)[None, :]
+    band = _additive((j >= r) & (j <= r + width), dtype)[None]  # (1, block, span): key j of row r's window
+    out = torch.empty_like(query) if len(set(dilation)) > 1 else None
+    for d in sorted(set(dilation)):
+        heads_d = [h for h in range(heads) if dilation[h] == d]
+        select = (lambda x: x) if out is None else (lambda x, idx=heads_d: x[:, idx])
+        q_d, k_d, v_d = (_unit_stride(_dilate(select(t), d)) for t in (query, key, value))
+        rows_b, h_d, nd = q_d.shape[0], q_d.shape[1], q_d.shape[2]
+        n_blocks = -(-nd // block)
+        kp = (n_blocks - 1) * block + span
+        valid_d = _dilate(in_band, d, dim=1, value=False)
+        key_bias = F.pad(_additive(valid_d, dtype), (left, kp - left - nd), value=neg)  # (B', Kp), small
+        band_bias = band
+        if alibi_slopes is not None:  # distance in slots is d·|t|, t the offset within the undilated window
+            slopes = select(alibi_slopes[None]).reshape(-1).to(dtype)
+            band_bias = band - slopes[:, None, None] * d * (j - left - r).abs().to(dtype)[None]  # (h_d, block, span)
+        if extras is not None:
+            index = extra_slots[:, None, :, None].expand(-1, h_d, -1, dim)
+            ek, ev = torch.gather(select(key), 2, index), torch.gather(select(value), 2, index)  # (B, h_d, G, D)
+            g = ek.shape[2]
+            ek = ek[:, None].expand(batch, d, h_d, g, dim).reshape(rows_b, h_d, g, dim)
+            ev = ev[:, None].expand(batch, d, h_d, g, dim).reshape(rows_b, h_d, g, dim)
+            eb = _dilate(extra_bias if extra_bias.shape[1] == 1 else select(extra_bias), d, dim=2, value=neg)
+        else:
+            ek = ev = query.new_zeros(rows_b, h_d, 0, dim)
+            eb = query.new_zeros(rows_b, 1, nd, 0)
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
+        result = _BandedCore.apply(q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, block, left, float(scaling),
+                                   float(dropout), seed)
+        result = _undilate(result, d, n)
+        if out is None:
+            return result
+        out = out.index_copy(1, torch.tensor(heads_d, device=device), result)
+    return out
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernel takes any strides (a transposed (B, N, H, D) projection needs no copy) but a unit one on D."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ---- flex attention ------------------------------------------------------------------------------------------------
+FLEX_BLOCK_SIZE = 128
+_COMPILED_FLEX = None
+
+
+def flex_available(query: torch.Tensor, dropout: float) -> bool:
+    """Flex attention runs here: it exists, no dropout (it has none), and either CUDA or no gradient needed (CPU
+    flex is compile-only and has no backward)."""
+    if flex_attention is None or dropout:
+        return False
+    return query.device.type == "cuda" or not (torch.is_grad_enabled() and query.requires_grad)
+
+
+def compiled_flex_attention():
+    """``torch.compile(flex_attention)``, compiled once per process (flex is only fast compiled)."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def sliding_block_mask(
+    n: int,
+    left: int,
+    right: int,
+    dilation: list[int],
+    key_valid: torch.Tensor | None,
+    global_keys: torch.Tensor | None,
+    sink_keys: torch.Tensor | None,
+    batch: int,
+    device,
+    block_size: int = FLEX_BLOCK_SIZE,
+):
+    """A flex ``BlockMask`` for ``sliding_visibility``, built from the band's geometry: which key blocks each query
+    block touches (its band, plus any block holding a global key or sink), (nq × nk) flags, never N×N. Inside those
+    blocks the ``mask_mod`` (the rule itself) decides per score."""
+    n_blocks = -(-n // block_size)
+    padded = n_blocks * block_size
+    reach = max(dilation)
+    q_block = torch.arange(n_blocks, device=device)
+    lo = (q_block * block_size - left * reach).clamp(min=0) // block_size
+    hi = ((q_block + 1) * block_size - 1 + right * reach).clamp(max=n - 1) // block_size
+    k_block = torch.arange(n_blocks, device=device)
+    touched = ((k_block[None, :] >= lo[:, None]) & (k_block[None, :] <= hi[:, None]))[None].expand(batch, -1, -1)
+    pad = lambda flags: F.pad(flags, (0, padded - n)) if flags is not None else None
+    valid, glob, sink = pad(key_valid), pad(global_keys), pad(sink_keys)
+    extra = [f for f in (glob, sink) if f is not None]
+    if extra:
+        flags = extra[0] if len(extra) == 1 else extra[0] | extra[1]
+        touched = touched | flags.view(batch, n_blocks, block_size).any(-1)[:, None, :]
+    kv_num_blocks = touched.sum(-1, dtype=torch.int32)[:, None]  # (B, 1, nq)
+    kv_indices = torch.argsort((~touched).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None]
+    dil = torch.tensor(dilation, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        rel = kv_idx - q_idx
+        d = dil[h]
+        visible = (torch.remainder(rel, d) == 0) & (rel >= -left * d) & (rel <= right * d)
+        if glob is not None:
+            visible = visible | glob[b, kv_idx]
+        if sink is not None:
+            visible = visible | (sink[b, kv_idx] & (rel <= 0))
+        if valid is not None:
+            visible = visible & valid[b, kv_idx]
+        return visible & (kv_idx < n)
+
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(n, n))
+
+
+def flex_sliding_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    left: int,
+    right: int,
+    dilation: list[int],
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    global_keys: torch.Tensor | None = None,
+    sink_keys: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    cache: dict | None = None,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """``banded_attention`` through flex attention (same arguments and result). ``cache`` (a dict) keeps the
+    BlockMask of each layout for the rest of the forward; ``compiled=False`` runs flex's eager reference (tests)."""
+    batch, heads, n, _ = query.shape
+    layout = (n, left, right, tuple(dilation))
+    block_mask = cache.get(layout) if cache is not None else None
+    if block_mask is None:
+        block_mask = sliding_block_mask(n, left, right, dilation, key_valid, global_keys, sink_keys, batch,
+                                        query.device)
+        if cache is not None:
+            cache[layout] = block_mask
+    score_mod = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(query.dtype)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * torch.abs(q_idx - kv_idx)
+
+    attend = compiled_flex_attention() if compiled else flex_attention
+    return attend(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                  enable_gqa=key.shape[1] != heads)

@@ -1,0 +1,108 @@
+"""The decoding cache of a causal Performer layer: a fixed-size recurrent state instead of a growing key/value cache.
+
+A causal Performer layer only ever needs, of its past, the running sums ``S = Σ_j φ(k_j) [v_j, 1]ᵀ`` (one
+(features × (head_dim + 1)) matrix per head: the last column is ``Σ_j φ(k_j)``, the normaliser), kept relative to the
+running maximum of the key logits (``frame``, one number per head: the numerical stabiliser). This layer keeps both and
+the number of tokens absorbed, so the memory of decoding is constant in the sequence length.
+
+Why not transformers' ``LinearAttentionLayer`` (what ``DynamicCache(config=...)`` builds for ``"linear_attention"``):
+it does not count tokens, so ``Cache.get_seq_length()`` raises for a model whose layers are all linear (XArchModel and
+``generate()`` need the count for positions and for slicing the prompt when a cache is reused), and its
+``get_recurrent_state`` only returns a state once a convolution state was written too (Mamba's layout). This layer is a
+``CacheLayerMixin`` that counts tokens like a ``DynamicLayer`` and stores the Performer state; setting ``_layer_type``
+registers it with transformers (``DYNAMIC_LAYER_TYPE_MAPPING["performer_attention"]``) the moment this file is
+imported, so ``DynamicCache(config=...)``, and therefore ``generate()``, build it for every Performer layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+PERFORMER_LAYER_TYPE = "performer_attention"
+
+
+class PerformerStateLayer(CacheLayerMixin):
+    """Per-layer cache of a causal Performer: ``state`` (batch, heads, nb_features, head_dim + 1) and ``frame``
+    (batch, heads, 1, 1)."""
+
+    _layer_type = PERFORMER_LAYER_TYPE
+    is_sliding = False
+    is_croppable = False  # a sum cannot forget its last terms exactly, so assisted decoding's rollback is refused
+    supports_early_init = False  # the state's shape depends on the feature count, not on (heads, head_dim)
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.state: torch.Tensor | None = None
+        self.frame: torch.Tensor | None = None
+        self.seen_tokens = 0
+        self.device = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise ValueError(
+            "PerformerStateLayer holds a Performer layer's recurrent state, not keys and values: a full-attention layer "
+            "was given a Performer layer's cache slot (build the cache with DynamicCache(config=model.config))"
+        )
+
+    def get_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.state is None else (self.state, self.frame)
+
+    def update_state(self, state: torch.Tensor, frame: torch.Tensor, num_tokens: int) -> None:
+        """Store the state after ``num_tokens`` more tokens were absorbed into it."""
+        self.state, self.frame = state.detach(), frame.detach()
+        self.seen_tokens += num_tokens
+        self.device = state.device
+        self.batch_size = state.shape[0]
+        self.is_initialized = True
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # as a DynamicLayer that kept every token would answer, so masks of other layers are sized the same way
+        return self.seen_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state = self.frame = None
+        self.seen_tokens = 0
+        self.is_initialized = False
+        if hasattr(self, "batch_size"):
+            del self.batch_size
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): a Performer layer's cache is a running sum, from which tokens cannot be removed"
+            )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            beam_idx = beam_idx.to(self.state.device)
+            self.state, self.frame = self.state.index_select(0, beam_idx), self.frame.index_select(0, beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            self.state = self.state.repeat_interleave(repeats, dim=0)
+            self.frame = self.frame.repeat_interleave(repeats, dim=0)
+            self.batch_size = self.state.shape[0]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state, self.frame = self.state[indices, ...], self.frame[indices, ...]
+            self.batch_size = self.state.shape[0]
+
+    def offload(self) -> None:
+        if self.state is not None:
+            self.state = self.state.to("cpu", non_blocking=True)
+            self.frame = self.frame.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        if self.state is not None and self.device is not None and self.state.device != self.device:
+            self.state = self.state.to(self.device, non_blocking=True)
+            self.frame = self.frame.to(self.device, non_blocking=True)

@@ -1,0 +1,420 @@
+"""What an XArch config costs: parameters by part, FLOPs per token, KV-cache bytes per token.
+
+    >>> import hf_xarch
+    >>> print(hf_xarch.summary(hf_xarch.XArchConfig(), seq_len=2048))
+    $ hf-xarch summary path/to/saved_model --seq-len 4096
+
+Conventions (so numbers compare across configs and with papers):
+
+- Parameters are counted from the config; shared blocks (``num_hidden_groups``) count once and a tied output layer
+  counts nothing beyond the input embedding, as ``model.num_parameters()`` does. Attention and position modules are
+  whatever their family registers, so they are counted by building one of each on the meta device (no memory).
+- FLOPs count matrix multiplications only (one multiply-add = 2 FLOPs): every ``nn.Linear`` a token passes through,
+  plus the attention core (scores and mixing), which each attention family describes with a cost function
+  (``register_attention_cost``). Norms, activations, softmax and embedding lookups are left out (a few percent).
+  Only useful work is counted: a causal query at position i scores i keys, so a sequence of N averages (N+1)/2.
+- Training FLOPs per token = 3 x forward (the backward pass costs about twice the forward; Kaplan et al. 2020), at
+  every position of a training sequence of ``seq_len``. Inference FLOPs per token: for a decoder, one new token
+  decoded after ``seq_len - 1`` cached ones (the head runs once); for an encoder, the forward of a ``seq_len`` input.
+- KV-cache bytes per token: what all layers cache after ``seq_len`` tokens, divided by ``seq_len`` (constant for full
+  attention, falling with length for bounded caches); 0 for encoders, which keep no cache.
+- The adaptive-softmax head is costed as its full log-probabilities (every cluster for every token), an upper bound
+  of the training loss's cost, which evaluates each token's own cluster only.
+
+A family without a cost function is not guessed at: its attention-core FLOPs and cache bytes are reported as unknown
+(``None``), the totals that would include them too, and ``unknown_families`` names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from hf_xarch.model.configuration_xarch import XArchConfig
+from hf_xarch.model.families import ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
+
+HEADS = ("causal_lm", "masked_lm", "base")
+PARTS = ("embeddings", "attention", "mlp", "norms", "head")
+
+
+@dataclass(frozen=True)
+class AttentionCoreCost:
+    """The attention core of one layer (what its family computes beyond the Linear projections).
+
+    forward_flops: FLOPs per token, averaged over the tokens of one sequence of ``seq_len`` (training, prefill).
+    decode_flops: FLOPs of one new token after ``seq_len - 1`` cached tokens.
+    cache_values: numbers the layer's cache holds per sequence after ``seq_len`` tokens (0 when it keeps none).
+    projection_flops: FLOPs per token of the layer's projections; None: every ``nn.Linear`` of the module, once
+        (a family with projections that only some tokens use, such as Longformer's global ones, says so here).
+    note: anything the figures leave out (input-dependent work).
+    """
+
+    forward_flops: float
+    decode_flops: float
+    cache_values: float
+    projection_flops: float | None = None
+    note: str | None = None
+
+
+# family name -> (config, layer index, seq_len) -> AttentionCoreCost
+AttentionCostFn = Callable[[XArchConfig, int, int], AttentionCoreCost]
+ATTENTION_COSTS: dict[str, AttentionCostFn] = {}
+
+
+def register_attention_cost(family: str) -> Callable[[AttentionCostFn], AttentionCostFn]:
+    """Decorator: the cost function of the attention family ``family`` (its registry name)."""
+
+    def decorator(function: AttentionCostFn) -> AttentionCostFn:
+        ATTENTION_COSTS[family] = function
+        return function
+
+    return decorator
+
+
+@register_attention_cost("full")
+def full_attention_cost(config: XArchConfig, layer: int, seq_len: int) -> AttentionCoreCost:
+    # q·k for every visible key and the weighted sum of values: 2 x (2 FLOPs x head_dim) per head and key
+    per_key = 4 * config.num_attention_heads * config.head_dim
+    mean_keys = (seq_len + 1) / 2 if config.is_decoder else seq_len
+    cache = 2 * config.num_key_value_heads * config.head_dim * seq_len if config.is_decoder else 0
+    return AttentionCoreCost(per_key * mean_keys, per_key * seq_len, cache)
+
+
+@register_attention_cost("performer")
+def performer_attention_cost(config: XArchConfig, layer: int, seq_len: int) -> AttentionCoreCost:
+    # FAVOR+ in its linear form (Choromanski et al. 2021), per head and token: features of q and of k (m x d each),
+    # the key state phi(k)^T [v, 1] (m x (d+1)) and the query's read-out of it (m x (d+1)); the same per decoded token.
+    # The cache is the state (m x (d+1) per head) and one stabilising frame value per head (PerformerStateLayer); it
+    # covers every query head (keys are repeated before the state), so GQA does not shrink it.
+    from hf_xarch.model.attention_performer import default_nb_features
+
+    m = config.performer_nb_features or default_nb_features(config.head_dim)
+    d, heads = config.head_dim, config.num_attention_heads
+    per_token = heads * (2 * 2 * m * d + 2 * 2 * m * (d + 1))
+    cache = heads * (m * (d + 1) + 1) if config.is_decoder else 0
+    return AttentionCoreCost(per_token, per_token, cache)
+
+
+@register_attention_cost("sliding_window")
+def sliding_window_attention_cost(config: XArchConfig, layer: int, seq_len: int) -> AttentionCoreCost:
+    # Each head (its own dilation d) sees the keys of its band: itself, up to `left` keys d apart before it and
+    # `right` after it (w-1 and 0 in a decoder, w/2 and w/2 in an encoder), clipped at the sequence ends; a decoder
+    # with attention sinks also sees the first `attention_sink_size` tokens (Xiao et al. 2023). The cache keeps the
+    # last sliding_window - 1 keys, plus the sinks (transformers' DynamicSlidingWindowLayer, our SinkSlidingWindowLayer)
+    from hf_xarch.model.attention_sliding import layer_dilation, layer_window
+
+    window, sinks = layer_window(config, layer), config.attention_sink_size
+    left, right = (window - 1, 0) if config.is_decoder else (window // 2, window // 2)
+    positions = torch.arange(seq_len, dtype=torch.float64)
+    keys, last_keys = [], []
+    for dilation in layer_dilation(config, layer):
+        visible = (positions // dilation).clamp(max=left) + ((seq_len - 1 - positions) // dilation).clamp(max=right) + 1
+        for sink in range(sinks if config.is_decoder else 0):
+            distance = positions - sink
+            in_band = (distance % dilation == 0) & (distance <= left * dilation)
+            visible += ((distance >= 0) & ~in_band).to(visible.dtype)
+        keys.append(float(visible.mean()))
+        last_keys.append(float(visible[-1]))
+    per_key = 4 * config.head_dim  # q·k and the weighted value, per head and key
+    forward = per_key * sum(keys)  # the heads differ only by their dilation
+    decode = per_key * sum(last_keys)
+    cache = 0
+    if config.is_decoder:
+        kept = min(seq_len, config.sliding_window - 1) + min(sinks, max(0, seq_len - (config.sliding_window - 1)))
+        cache = 2 * config.num_key_value_heads * config.head_dim * kept
+    heads, width = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    projections = 2 * config.hidden_size * (2 * heads + 2 * width)  # q, k, v, o; the global ones serve global tokens
+    note = "global tokens (global_attention_mask) add work that depends on the input and is not counted"
+    return AttentionCoreCost(forward, decode, cache, projections, note if not config.is_decoder else None)
+
+
+@dataclass
+class ModelSummary:
+    """The result of ``summary``; ``str()`` renders it as a table, ``to_dict()`` as JSON-ready data."""
+
+    head: str
+    seq_len: int
+    bytes_per_value: int
+    num_layers: int
+    num_distinct_blocks: int
+    tied_output: bool
+    parameters: dict[str, int]
+    forward_flops: dict[str, float | None]  # per token, by part
+    training_flops_per_token: float | None
+    inference_flops_per_token: float | None
+    kv_cache_bytes_per_token: float | None
+    unknown_families: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_parameters(self) -> int:
+        return sum(self.parameters.values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_parameters": self.total_parameters}
+
+    def __str__(self) -> str:
+        lines = [
+            (
+                f"XArch summary: head={self.head}, seq_len={self.seq_len}, {self.num_layers} layers "
+                f"({self.num_distinct_blocks} distinct blocks), output layer tied={self.tied_output}"
+            ),
+            "",
+            f"{'part':<12}{'parameters':>16}{'share':>9}{'fwd FLOPs/token':>20}",
+        ]
+        total = self.total_parameters or 1
+        for part in PARTS:
+            lines.append(
+                f"{part:<12}{self.parameters[part]:>16,}{self.parameters[part] / total:>9.1%}"
+                f"{_fmt(self.forward_flops[part]):>20}"
+            )
+        lines.append(f"{'total':<12}{self.total_parameters:>16,}{'':>9}{_fmt(_sum(self.forward_flops.values())):>20}")
+        lines += [
+            "",
+            f"training FLOPs per token (3 x forward):   {_fmt(self.training_flops_per_token)}",
+            f"inference FLOPs per token:                {_fmt(self.inference_flops_per_token)}",
+            f"KV-cache bytes per token ({self.bytes_per_value} B/value): {_fmt(self.kv_cache_bytes_per_token)}",
+        ]
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "unknown"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3f} {unit}"
+    return f"{value:.1f}"
+
+
+def _sum(values) -> float | None:
+    values = list(values)
+    return None if any(value is None for value in values) else float(sum(values))
+
+
+def _count(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def _linear_weights(module: nn.Module) -> int:
+    """Weights of the Linear layers in ``module``: a token passing through all of them costs twice this in FLOPs."""
+    return sum(sub.weight.numel() for sub in module.modules() if isinstance(sub, nn.Linear))
+
+
+def _build(module_class: Callable[..., nn.Module], *args) -> nn.Module:
+    """Build a module without allocating its weights (meta device); modules that compute something at build time
+    that the meta device cannot (a QR for random features) are built on the CPU instead."""
+    try:
+        with torch.device("meta"):
+            return module_class(*args)
+    except (NotImplementedError, RuntimeError):
+        return module_class(*args)
+
+
+def _norm_params(config: XArchConfig, dim: int) -> int:
+    return dim if config.norm_type == "rmsnorm" else 2 * dim  # LayerNorm has a bias, RMSNorm does not
+
+
+def _bytes_per_value(config: XArchConfig, dtype: str | torch.dtype | None) -> int:
+    dtype = dtype if dtype is not None else getattr(config, "dtype", None)
+    if dtype is None:
+        return 4  # models build in float32 unless told otherwise
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16', 'float16')")
+        dtype = getattr(torch, dtype)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def summary(
+    config: XArchConfig, seq_len: int = 2048, head: str | None = None, dtype: str | torch.dtype | None = None
+) -> ModelSummary:
+    """Parameters by part, FLOPs per token and KV-cache bytes per token of ``config`` (see the module docstring).
+
+    head: ``causal_lm`` (XArchForCausalLM), ``masked_lm`` (XArchForMaskedLM) or ``base`` (XArchModel, no head);
+        defaults to ``causal_lm`` for decoders and ``masked_lm`` for encoders.
+    dtype: the type of cached keys/values; defaults to ``config.dtype``, else float32.
+    """
+    if not isinstance(config, XArchConfig):
+        raise ValueError(f"summary: config must be an XArchConfig, got {type(config).__name__}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"summary: seq_len={seq_len!r} is not allowed: a positive integer")
+    head = head or ("causal_lm" if config.is_decoder else "masked_lm")
+    if head not in HEADS:
+        raise ValueError(f"summary: head={head!r} is not allowed: one of {list(HEADS)}")
+    if head == "masked_lm" and config.is_decoder:
+        raise ValueError("summary: head='masked_lm' needs an encoder (is_decoder=False), as XArchForMaskedLM does")
+    if head == "causal_lm" and not config.is_decoder:
+        config = copy.deepcopy(config)
+        config.is_decoder = True  # XArchForCausalLM makes every config a decoder
+    bytes_per_value = _bytes_per_value(config, dtype)
+    hidden, emb, vocab = config.hidden_size, config.embedding_size, config.vocab_size
+    schedule = config.block_schedule()
+    first_layer = {}
+    for layer, block in enumerate(schedule):
+        first_layer.setdefault(block, layer)
+    families = config.layer_families()
+    notes = []
+
+    # ---- parameters ------------------------------------------------------------------------------------------
+    params = dict.fromkeys(PARTS, 0)
+    params["embeddings"] = vocab * emb + config.type_vocab_size * emb
+    scheme = POSITION_SCHEMES[config.position_embedding_type]
+    position_module = POSITION_MODULES[scheme.name]
+    if position_module is not None:
+        params["embeddings"] += _count(_build(position_module, config))
+    if emb != hidden:
+        params["embeddings"] += emb * hidden + hidden  # the E -> H projection
+    if config.embedding_norm:
+        params["norms"] += _norm_params(config, emb)
+    if config.final_norm:
+        params["norms"] += _norm_params(config, hidden)
+
+    inner = config.intermediate_size
+    mlp_weights = (3 if config.mlp_type == "gated" else 2) * hidden * inner
+    mlp_biases = ((2 if config.mlp_type == "gated" else 1) * inner + hidden) if config.mlp_bias else 0
+    attention_weights = {}  # distinct block -> Linear weights a token passes through
+    for block, layer in first_layer.items():
+        module = _build(ATTENTION_MODULES[families[layer].name], config, layer)
+        params["attention"] += _count(module)
+        attention_weights[block] = _linear_weights(module)
+        params["mlp"] += mlp_weights + mlp_biases
+        params["norms"] += 2 * _norm_params(config, hidden)
+
+    head_flops = 0.0
+    tied = False
+    if head == "causal_lm":
+        if emb != hidden:
+            params["head"] += hidden * emb  # lm_head_projection (no bias)
+            head_flops += 2 * hidden * emb
+        if config.output_layer == "adaptive":
+            from hf_xarch.model.adaptive_softmax import AdaptiveSoftmaxHead
+
+            adaptive = _build(AdaptiveSoftmaxHead, config)
+            params["head"] += _count(adaptive)
+            head_flops += 2 * _linear_weights(adaptive)
+            notes.append("adaptive softmax head costed as full log-probabilities (an upper bound for training)")
+        else:
+            tied = bool(config.tie_word_embeddings)
+            params["head"] += 0 if tied else vocab * emb
+            head_flops += 2 * emb * vocab
+    elif head == "masked_lm":
+        tied = bool(config.tie_word_embeddings)
+        params["head"] += hidden * emb + emb + _norm_params(config, emb) + vocab  # dense, norm, decoder bias
+        params["head"] += 0 if tied else vocab * emb
+        head_flops += 2 * (hidden * emb + emb * vocab)
+
+    # ---- FLOPs and cache ---------------------------------------------------------------------------------------
+    forward = dict.fromkeys(PARTS, 0.0)
+    forward["embeddings"] = 2 * emb * hidden if emb != hidden else 0.0
+    forward["head"] = head_flops
+    forward["mlp"] = len(schedule) * 2 * mlp_weights
+    projections = 0.0  # the attention projections of every layer, per token
+    core = 0.0  # scores and mixing, per token of a training sequence
+    decode_core: float | None = 0.0  # the same for one decoded token
+    cache_values: float | None = 0.0
+    unknown = []
+    for layer, block in enumerate(schedule):
+        family = families[layer].name
+        cost_fn = ATTENTION_COSTS.get(family)
+        if cost_fn is None:
+            projections += 2 * attention_weights[block]
+            if family not in unknown:
+                unknown.append(family)
+            continue
+        cost = cost_fn(config, layer, seq_len)
+        projections += 2 * attention_weights[block] if cost.projection_flops is None else cost.projection_flops
+        core += cost.forward_flops
+        decode_core += cost.decode_flops
+        cache_values += cost.cache_values
+        if cost.note and cost.note not in notes:
+            notes.append(cost.note)
+    forward["attention"] = projections + core
+    if unknown:
+        forward["attention"] = decode_core = cache_values = None
+        notes.append(
+            f"no cost function for attention famil{'y' if len(unknown) == 1 else 'ies'} {unknown}: attention-core "
+            "FLOPs and cache bytes unknown (add one with hf_xarch.summary.register_attention_cost)"
+        )
+    if len(first_layer) < len(schedule):
+        notes.append(f"{len(schedule)} layers apply {len(first_layer)} shared blocks: parameters count each once")
+
+    total_forward = _sum(forward.values())
+    training = None if total_forward is None else 3 * total_forward
+    if head == "causal_lm" or (config.is_decoder and head == "base"):
+        if decode_core is None:
+            inference = None
+        else:
+            inference = forward["embeddings"] + projections + decode_core + forward["mlp"] + head_flops
+        kv_bytes = None if cache_values is None else cache_values * bytes_per_value / seq_len
+    else:
+        inference = total_forward
+        kv_bytes = 0.0
+    return ModelSummary(
+        head=head,
+        seq_len=seq_len,
+        bytes_per_value=bytes_per_value,
+        num_layers=len(schedule),
+        num_distinct_blocks=len(first_layer),
+        tied_output=tied,
+        parameters=params,
+        forward_flops=forward,
+        training_flops_per_token=training,
+        inference_flops_per_token=inference,
+        kv_cache_bytes_per_token=kv_bytes,
+        unknown_families=unknown,
+        notes=notes,
+    )
+
+
+def load_config(path: str) -> XArchConfig:
+    """An XArchConfig from a saved model folder (its config.json) or a config JSON file."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(f"{path!r} is neither a folder with a config.json nor a config file")
+    with open(file, encoding="utf-8") as handle:
+        data = json.load(handle)
+    model_type = data.get("model_type", "xarch")
+    if model_type != "xarch":
+        raise ValueError(f"{file}: model_type={model_type!r}; summary reads XArch configs (model_type 'xarch')")
+    return XArchConfig.from_dict(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-xarch summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="a saved model folder or a config.json")
+    parser.add_argument("--seq-len", type=int, default=2048, help="sequence length of the FLOP and cache figures")
+    parser.add_argument("--head", choices=HEADS, default=None, help="default: causal_lm for decoders, else masked_lm")
+    parser.add_argument("--dtype", default=None, help="type of cached keys/values (default: the config's, else float32)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        result = summary(load_config(args.config), seq_len=args.seq_len, head=args.head, dtype=args.dtype)
+    except ValueError as err:
+        print(f"hf-xarch summary: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return 0
+
+
+__all__ = [
+    "summary",
+    "ModelSummary",
+    "AttentionCoreCost",
+    "ATTENTION_COSTS",
+    "register_attention_cost",
+    "load_config",
+    "main",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())
