@@ -24,6 +24,7 @@ declares its useful work (``Case.flops``) and that as a fraction of the matmul r
 
     python benchmarks/bench_attention.py                                  # everything (long: dense SDPA at 16k)
     python benchmarks/bench_attention.py --sizes 1024 2048 --modes fwd --cases banded sdpa --output scratch
+    python benchmarks/bench_attention.py --modules sliding      # the cases of cases_sliding.py only
     python benchmarks/bench_attention.py --list
 
 Results: ``benchmarks/results/<output>.{md,json,png}`` (default ``bench_attention``).
@@ -222,33 +223,34 @@ def report(cases, rows, rate, sizes, modes) -> tuple[str, dict]:
 
 
 def plot(path: Path, cases, rows, modes) -> None:
+    """One row of panels per group measured at several lengths: time per mode (log-log) and memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attention = [c for _, c in cases if c.group == "attention"]
-    fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5.5 * (len(modes) + 1), 4.5), squeeze=False)
-    for axis, mode in zip(axes[0], modes):
-        for case in attention:
-            points = sorted((r["n"], r["cpu_ms"]) for r in rows if r["case"] == case.name and r["mode"] == mode
-                            and "cpu_ms" in r)
-            if points:
-                axis.plot(*zip(*points), marker="o", label=case.name, linewidth=2.5 if case.ours else 1.2)
-        axis.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms (CPU time)", title=mode)
-        axis.legend(fontsize=7)
-    axis = axes[0][-1]
-    for case in attention:
-        points = sorted((r["n"], r["peak_mib"]) for r in rows if r["case"] == case.name and r["mode"] == modes[-1]
-                        and "peak_mib" in r)
-        if points:
-            axis.plot(*zip(*points), marker="o", label=case.name, linewidth=2.5 if case.ours else 1.2)
-    axis.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak MiB", title=f"memory, {modes[-1]}")
-    axis.legend(fontsize=7)
+    groups = [g for g in dict.fromkeys(c.group for _, c in cases)
+              if len({r["n"] for r in rows if r["group"] == g and r["mode"] in modes}) > 1]
+    if not groups:
+        return
+    fig, axes = plt.subplots(len(groups), len(modes) + 1, figsize=(5.5 * (len(modes) + 1), 4.5 * len(groups)),
+                             squeeze=False)
+    for line, group in zip(axes, groups):
+        members = [c for _, c in cases if c.group == group]
+        panels = [(mode, "cpu_ms", "ms (CPU time)") for mode in modes] + [(modes[-1], "peak_mib", "peak MiB")]
+        for axis, (mode, key, label) in zip(line, panels):
+            for case in members:
+                points = sorted((r["n"], r[key]) for r in rows
+                                if r["case"] == case.name and r["mode"] == mode and key in r)
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=case.name, linewidth=2.5 if case.ours else 1.2)
+            title = f"{group}: {mode}" + (" (memory)" if key == "peak_mib" else "")
+            axis.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=label, title=title)
+            axis.legend(fontsize=7)
     fig.suptitle("One attention layer, batch 1, 8 heads x 64, fp32, 1 thread")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -257,11 +259,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--modes", nargs="+", default=[*MODES, "train"])
     parser.add_argument("--cases", nargs="+", default=None, help="substrings of case names to keep")
+    parser.add_argument("--modules", nargs="+", default=None, help="substrings of case-module names to keep")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="bench_attention")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args(argv)
     cases = discover()
+    if args.modules:
+        cases = [(m, c) for m, c in cases if any(s in m for s in args.modules)]
     if args.cases:
         cases = [(m, c) for m, c in cases if any(s.lower() in c.name.lower() for s in args.cases)]
     if args.list:

@@ -96,7 +96,7 @@ def measure_errors(length: int, feature_counts: list[int], draws: int, sweep_fea
         sweep.append({"logit_std": logit_std, "xarch": ours, "performer_pytorch": peer, "mean_v": baseline})
         print(f"error logit std {logit_std:5.3f} m={sweep_features}: xarch {ours:.3f}  performer-pytorch {peer:.3f}  "
               f"mean(v) {baseline:.3f}", flush=True)
-    return {"by_features": rows, "by_logit_std": sweep}
+    return {"by_features": rows, "by_logit_std": sweep, "sweep_features": sweep_features}
 
 
 # ---- decoding -------------------------------------------------------------------------------------------------------
@@ -219,7 +219,10 @@ def plot(errors: dict, path: Path) -> None:
     scales = [e["logit_std"] for e in sweep]
     for key, name in (("xarch", "xarch performer"), ("performer_pytorch", "performer-pytorch"), ("mean_v", "mean(v)")):
         axis.plot(scales, [e[key] for e in sweep], marker="o", label=name, linestyle="--" if key == "mean_v" else "-")
-    axis.set(xscale="log", yscale="log", title="by logit std", xlabel="logit std", ylabel="relative error")
+    axis.set(xscale="log", yscale="log", title=f"by logit std (m = {errors.get('sweep_features', 256)})",
+             xlabel="logit std", ylabel="relative error")
+    axis.set_xticks(scales, [f"{scale:g}" for scale in scales])
+    axis.minorticks_off()
     axis.legend(fontsize=8)
     fig.suptitle("Performer: relative error against exact softmax attention (N=1024, 8 heads x 64)")
     fig.tight_layout()

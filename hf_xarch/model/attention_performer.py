@@ -102,15 +102,17 @@ def features(x: torch.Tensor, projection: torch.Tensor, kernel: str, is_query: b
 
 class FeatureMap:
     """φ for the fast paths, with its backward: the same function as ``features`` in fewer passes over the (C × m)
-    block (the key term −|k|²/2 rides in the matmul as an extra input column; the rest runs in place). Keys are
-    computed in two steps, logits then features, because the running maximum ("frame") needs the logits first."""
+    block. The d^(-1/4) input scale is folded into the projection (``scale``: inputs are raw q and k, no scaled copies),
+    the key term −|k|²/2 rides in the matmul as an extra input column, and the rest runs in place. Keys are computed in
+    two steps, logits then features, because the running maximum ("frame") needs the logits first."""
 
-    def __init__(self, projection: torch.Tensor, kernel: str):
-        self.projection = projection.detach().clone()  # a later redraw must not change what the backward uses
-        self.kernel = kernel
-        self.query_weight = self.projection.T.contiguous()  # (d, m)
-        ones = torch.ones_like(self.projection[:, :1])
-        self.key_weight = torch.cat((self.projection, ones), dim=-1).T.contiguous()  # (d + 1, m)
+    def __init__(self, projection: torch.Tensor, kernel: str, scale: float = 1.0):
+        # a copy: a later redraw must not change what the backward uses
+        self.weight = projection.detach() * scale  # (m, d)
+        self.count, self.kernel, self.square_scale = projection.shape[0], kernel, scale * scale
+        self.query_weight = self.weight.T.contiguous()  # (d, m)
+        ones = torch.ones_like(self.weight[:, :1])
+        self.key_weight = torch.cat((self.weight, ones), dim=-1).T.contiguous()  # (d + 1, m)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         u = x @ self.query_weight
@@ -122,7 +124,7 @@ class FeatureMap:
         """wᵀk − |k|²/2 (softmax), or the finished relu features."""
         if self.kernel == "relu":
             return (x @ self.query_weight).clamp_(min=0).add_(RELU_KERNEL_EPSILON)
-        return torch.cat((x, x.square().sum(-1, keepdim=True).mul_(-0.5)), dim=-1) @ self.key_weight
+        return torch.cat((x, x.square().sum(-1, keepdim=True).mul_(-0.5 * self.square_scale)), dim=-1) @ self.key_weight
 
     def key_frame(self, logits: torch.Tensor, valid: torch.Tensor | None, frame: torch.Tensor) -> torch.Tensor:
         """The running maximum after these keys: max(frame, max over the real keys' logits), shape (BH, 1, 1)."""
@@ -145,11 +147,11 @@ class FeatureMap:
         """dL/dx from dL/dφ (grad_phi is overwritten). The stabilisers are constants here: the output is invariant to
         them (a per-row constant for queries, one constant for all keys a query sees), so their gradient is zero."""
         if self.kernel == "relu":  # φ > ε exactly where u > 0 (up to u < ε·2⁻²⁴)
-            return grad_phi.mul_(phi > RELU_KERNEL_EPSILON) @ self.projection
+            return grad_phi.mul_(phi > RELU_KERNEL_EPSILON) @ self.weight
         grad_u = grad_phi.mul_(phi)
-        grad_x = grad_u @ self.projection
+        grad_x = grad_u @ self.weight
         if not is_query:  # from the −|k|²/2 term, which is per key and does not cancel
-            grad_x.sub_(grad_u.sum(-1, keepdim=True) * x)
+            grad_x.sub_(grad_u.sum(-1, keepdim=True).mul_(self.square_scale) * x)
         return grad_x
 
 
@@ -180,8 +182,8 @@ class BidirectionalFavor(torch.autograd.Function):
     The key state is accumulated chunk by chunk under a running maximum (rescaled when it grows)."""
 
     @staticmethod
-    def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool):
-        phi = FeatureMap(projection, kernel)
+    def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool, scale: float):
+        phi = FeatureMap(projection, kernel, scale)
         valid = key_validity(vaug, padded)
         state = vaug.new_zeros(q.shape[0], projection.shape[0], vaug.shape[-1])
         frame = vaug.new_full((q.shape[0], 1, 1), NO_KEY)
@@ -219,7 +221,7 @@ class BidirectionalFavor(torch.autograd.Function):
             grad_vaug[:, part] = torch.bmm(phi_k, reverse_state)
             grad_phi = torch.bmm(vaug[:, part], reverse_state.transpose(1, 2))
             grad_k[:, part] = phi.backward(k[:, part], phi_k, grad_phi, False)
-        return grad_q, grad_k, grad_vaug, None, None, None, None
+        return grad_q, grad_k, grad_vaug, None, None, None, None, None
 
 
 # ---- causal ----------------------------------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def causal_scan(q, k, vaug, phi: FeatureMap, chunk: int, state, frame, padded: b
     decoding several passes over the (m × d) state per token."""
     valid = key_validity(vaug, padded)
     num_aug, frames = torch.empty_like(vaug), []
-    for part in causal_blocks(q.shape[1], chunk, q.shape[0], phi.projection.shape[0]):
+    for part in causal_blocks(q.shape[1], chunk, q.shape[0], phi.count):
         phi_q, phi_k, values, new_frame = causal_block_features(q, k, vaug, phi, part, chunk, valid, frame, padded)
         if phi.kernel != "relu":  # the carried state, into this block's frame
             state = state.mul_(torch.exp(frame - new_frame)) if in_place else state * torch.exp(frame - new_frame)
@@ -298,8 +300,8 @@ class CausalFavor(torch.autograd.Function):
     ``chunk`` (``performer_attention`` pads)."""
 
     @staticmethod
-    def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool, state, frame):
-        phi = FeatureMap(projection, kernel)
+    def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool, scale: float, state, frame):
+        phi = FeatureMap(projection, kernel, scale)
         num_aug, final_state, final_frame, frames = causal_scan(q, k, vaug, phi, chunk, state, frame, padded)
         out, den = normalise(num_aug)
         ctx.save_for_backward(q, k, vaug, out, den)
@@ -314,7 +316,7 @@ class CausalFavor(torch.autograd.Function):
         valid = key_validity(vaug, padded)
         grad_aug = output_gradient(grad_out, out, den)
         grad_q, grad_k, grad_vaug = torch.empty_like(q), torch.empty_like(k), torch.empty_like(vaug)
-        blocks = causal_blocks(q.shape[1], chunk, q.shape[0], phi.projection.shape[0])
+        blocks = causal_blocks(q.shape[1], chunk, q.shape[0], phi.count)
         # forward scan: a query's gradient needs the state of the keys before it
         state, frame = ctx.start
         for part in blocks:
@@ -344,15 +346,13 @@ class CausalFavor(torch.autograd.Function):
             grad_k[:, part] = phi.backward(k[:, part], phi_k.flatten(1, 2), grad_phi.flatten(1, 2), False)
             # into the previous block's frame (<= this one: the factor is <= 1)
             carry = (after[:, 0] + per_chunk[:, 0]) * torch.exp(frames[index] - frame)
-        return grad_q, grad_k, grad_vaug, None, None, None, None, None, None
+        return grad_q, grad_k, grad_vaug, None, None, None, None, None, None, None
 
 
 # ---- the entry points: fast path and reference -------------------------------------------------------------------------
-def prepare_inputs(query, key, value, key_mask, scaling):
-    """Scale q and k by √scaling each (so φ(q)·φ(k) estimates exp(q·k·scaling)), and append the ones column to V;
-    padded keys get zero keys and zero [v, 1] rows, so they add nothing to any sum (NaN-safe: where, not multiply)."""
-    root = scaling**0.5
-    query, key = query * root, key * root
+def prepare_inputs(query, key, value, key_mask):
+    """Append the ones column to V; padded keys get zero keys and zero [v, 1] rows, so they add nothing to any sum
+    (NaN-safe: where, not multiply)."""
     ones = torch.ones_like(value[..., :1])
     if key_mask is not None:
         keep = key_mask[:, None, :, None].to(torch.bool)
@@ -383,14 +383,15 @@ def performer_attention(
     dtype = query.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    q, k, vaug = prepare_inputs(query.to(compute), key.to(compute), value.to(compute), key_mask, scaling)
+    root = scaling**0.5  # each of q and k is scaled by √scaling, so that φ(q)·φ(k) estimates exp(q·k·scaling)
+    q, k, vaug = prepare_inputs(query.to(compute), key.to(compute), value.to(compute), key_mask)
     q, k, vaug = (t.reshape(batch * heads, length, t.shape[-1]) for t in (q, k, vaug))
     projection, padded = projection.to(compute), key_mask is not None
     if not causal:
         chunk = chunk_size or BIDIRECTIONAL_CHUNK or tokens_per_block(
             batch * heads, projection.shape[0], BIDIRECTIONAL_CHUNK_ELEMENTS, 16
         )
-        out = BidirectionalFavor.apply(q, k, vaug, projection, kernel, chunk, padded)
+        out = BidirectionalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root)
         return out.reshape(batch, heads, length, -1).to(dtype), None
     if state is None:
         start = (
@@ -405,10 +406,10 @@ def performer_attention(
         q, k, vaug = (nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, vaug))
         padded = True
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, vaug)):
-        out, final_state, final_frame = CausalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, *start)
+        out, final_state, final_frame = CausalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root, *start)
     else:  # inference (decoding): the same scan without the autograd bookkeeping
-        num_aug, final_state, final_frame, _ = causal_scan(q, k, vaug, FeatureMap(projection, kernel), chunk, *start,
-                                                           padded, in_place=True)
+        phi = FeatureMap(projection, kernel, root)
+        num_aug, final_state, final_frame, _ = causal_scan(q, k, vaug, phi, chunk, *start, padded, in_place=True)
         out = normalise(num_aug)[0]
     out = out[:, :length].reshape(batch, heads, length, -1).to(dtype)
     return out, tuple(t.reshape(batch, heads, *t.shape[1:]) for t in (final_state, final_frame))
@@ -420,7 +421,7 @@ def performer_attention_reference(
     """The plain quadratic form of the same estimator: A = φ(Q)φ(K)ᵀ (masked), out = A V / A 1. Autograd backward.
     Keys share one maximum over the whole sequence here; the fast paths' running maxima give the same function."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    q, k, vaug = prepare_inputs(query, key, value, key_mask, scaling)
+    q, k, vaug = prepare_inputs(query * scaling**0.5, key * scaling**0.5, value, key_mask)
     valid = None if key_mask is None else key_mask[:, None, :].to(torch.bool).expand(*k.shape[:-1])
     weights = features(q, projection, kernel, True) @ features(k, projection, kernel, False, valid).transpose(-1, -2)
     if causal:

@@ -381,10 +381,11 @@ class KeyBiasPlan:
         self.q_length, self.kv_length = q_length, kv_length
         self.offset = kv_length - q_length  # queries are the last q_length keys (a dynamic cache's alignment)
         self.block_size = max(1, int(block_size))
-        lowest = torch.finfo(torch.float32).min  # finite: a fully padded part gives lse ~ lowest, weight 0, no NaN
-        self.padding = None if key_padding is None else torch.zeros(key_padding.shape, dtype=torch.float32,
-                                                                      device=key_padding.device).masked_fill(
-            ~key_padding.bool(), lowest)
+        self.padding = None  # (batch, kv) fp32: 0 for real keys, the fp32 minimum for padding
+        if key_padding is not None:
+            # finite, not -inf: a part whose keys are all padding gets lse ~ minimum (weight 0), not NaN
+            self.padding = torch.zeros(key_padding.shape, dtype=torch.float32, device=key_padding.device)
+            self.padding.masked_fill_(~key_padding.bool(), torch.finfo(torch.float32).min)
 
     def blocks(self):
         for start in range(0, self.q_length, self.block_size):

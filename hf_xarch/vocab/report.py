@@ -232,12 +232,13 @@ def write_plots(
 ) -> list[Path]:
     """`overview.png`: every metric against the vocabulary size, a panel each, a line per algorithm;
     `bytes_per_token.png`: the compression curve on its own, with each algorithm's knee; and, when measured,
-    `bits_per_byte_vs_params.png`: held-out bits per byte against the target model's parameters. The recommended
-    tokenizer is circled in red; a dashed line marks `min_token_count` on the rare-token panel."""
+    `bits_per_byte_vs_params.png`: held-out bits per byte against the parameters of the LM that scored it. The
+    recommended tokenizer is circled in red; a dashed line marks `min_token_count` on the rare-token panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     folder.mkdir(parents=True, exist_ok=True)
     algorithms = list(dict.fromkeys(row["algorithm"] for row in rows))
@@ -261,7 +262,10 @@ def write_plots(
                          label="recommended")
         if key == "rare_token_count" and min_token_count is not None:
             axis.axhline(min_token_count, color="gray", linestyle="--", linewidth=1, label="rare-token rule")
-        axis.set_xscale("log", base=2)
+        if x_key == "vocab_size":
+            axis.set_xscale("log", base=2)
+        else:  # parameter counts span a few percent: a linear axis in millions reads better
+            axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1e6:.2f}M"))
         axis.set_title(f"{PLOTTED[key][0]} ({'higher' if PLOTTED[key][1] else 'lower'} is better)", fontsize=9)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
@@ -289,8 +293,8 @@ def write_plots(
     save(figure, "bytes_per_token.png")
     if any(row.get("bits_per_byte") is not None for row in rows):
         figure, axis = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
-        draw(axis, "bits_per_byte", x_key="total_params")
-        axis.set_xlabel("target model parameters (embedding and output layer included)")
+        draw(axis, "bits_per_byte", x_key="lm_params")
+        axis.set_xlabel("parameters of the LM that was scored (embedding and output layer included)")
         save(figure, "bits_per_byte_vs_params.png")
     return paths
 
