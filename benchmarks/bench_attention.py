@@ -169,8 +169,8 @@ def report(cases, rows, rate, sizes, modes) -> tuple[str, dict]:
     """Markdown: per group and mode a table of ms / MiB per length, ratios against the reference case, scaling of
     our cases, and their efficiency."""
     by_key = {(r["case"], r["n"], r["mode"]): r for r in rows}
-    lines = [f"Machine fp32 matmul rate (1 thread, 2048³): {rate:.1f} GFLOP/s. Times are CPU-time medians (ms); "
-             "memory is the peak RSS increase of a fresh process (MiB).", ""]
+    lines = [(f"Machine fp32 matmul rate (1 thread, 2048³): {rate:.1f} GFLOP/s. Times are CPU-time medians (ms); "
+              "memory is the peak RSS increase of a fresh process (MiB)."), ""]
     groups = list(dict.fromkeys(c.group for _, c in cases))
     for group in groups:
         members = [c for _, c in cases if c.group == group]

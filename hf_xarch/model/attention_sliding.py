@@ -13,6 +13,10 @@ the weights); ``flex_attention`` -> flex attention with a BlockMask (CUDA, or CP
 anything else -> the banded kernel. Decoding steps (queries at other slots than the keys) use the dense rule over the
 cached keys, which the cache bounds by the window.
 
+Positions: rotary cos/sin rotate q and k before any path; ALiBi (``position_alibi.AlibiBias``) contributes its
+slopes, and the distance is counted in slots, -slope·|i - j|: the same as ALiBi's position distance whenever the
+padding is on one side (left or right), which is how batches are padded.
+
 Importing this file also registers ``xarch_sliding_window`` in transformers' attention and mask interfaces, so any
 transformers model (Mistral, Llama...) can run its attention through the banded kernel.
 """

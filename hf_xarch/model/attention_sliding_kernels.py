@@ -221,10 +221,10 @@ class _BandedCore(torch.autograd.Function):
         out = torch.empty_like(q)  # q's layout: a transposed (B, N, H, D) projection gives o_proj a free view
         work = _Workspace(q)
         span, extra = band_bias.shape[-1], ek.shape[2]
-        clean = _clean_windows(key_bias, block, span)
+        clean, strips = _clean_windows(key_bias, block, span), _band_strips(band_bias)
         for chunk in _chunks(*q.shape[:3], block, left, span, extra, q.element_size()):
             probs, _, v_win, _ = _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, span,
-                                              scale, work, clean)
+                                              scale, work, clean, strips)
             if dropout_p:
                 probs.mul_(_dropout_scale(probs, dropout_p, seed, chunk.index, work))
             torch.matmul(probs, v_win, out=chunk.queries(out))
@@ -241,10 +241,10 @@ class _BandedCore(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dek, dev = torch.zeros_like(ek), torch.zeros_like(ev)
         work = _Workspace(q)
-        clean = _clean_windows(key_bias, block, span)
+        clean, strips = _clean_windows(key_bias, block, span), _band_strips(band_bias)
         for chunk in _chunks(*q.shape[:3], block, left, span, extra, q.element_size()):
             probs, k_win, v_win, q_scaled = _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias,
-                                                         block, span, scale, work, clean)
+                                                         block, span, scale, work, clean, strips)
             do_c = chunk.queries(grad_out)
             d_probs = work.get("d_probs", probs.shape)
             torch.matmul(do_c, v_win.transpose(-1, -2), out=d_probs)
@@ -255,7 +255,7 @@ class _BandedCore(torch.autograd.Function):
             else:
                 seen = probs
             # dS = P ∘ (dP - rowsum(dP ∘ P)); with dropout rowsum(dP ∘ P) is still rowsum(dO ∘ O)
-            d_scores = work.get("d_scores", probs.shape)
+            d_scores = d_probs  # in place, as the softmax (a row's reduction comes before its writes)
             torch.ops.aten._softmax_backward_data.out(d_probs, probs, -1, probs.dtype, grad_input=d_scores)
             dq_c = chunk.queries(dq)
             torch.matmul(d_scores, k_win, out=dq_c)
@@ -294,7 +294,21 @@ def _clean_windows(key_bias: torch.Tensor, block: int, span: int) -> list[bool]:
     return ((count[starts + span] - count[starts]) == 0).tolist()
 
 
-def _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, span, scale, work, clean):
+def _band_strips(band_bias: torch.Tensor) -> list[tuple[int, int]]:
+    """Column ranges of the window where ``band_bias`` is not zero everywhere. Without ALiBi the band's mask only
+    cuts the two corners of a block's window, so the add skips the middle columns (most of the window)."""
+    nonzero = (band_bias != 0).flatten(0, -2).any(0).tolist()
+    strips, start = [], None
+    for column, flag in enumerate(nonzero + [False]):
+        if flag and start is None:
+            start = column
+        elif not flag and start is not None:
+            strips.append((start, column))
+            start = None
+    return strips
+
+
+def _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, span, scale, work, clean, strips):
     """Softmax probabilities of one chunk (heads, blocks, rows, span + G), its key and value windows and its scaled
     queries; all in ``work``'s buffers or views (valid until the next chunk)."""
     heads, blocks, rows, dim, extra = chunk.heads, chunk.blocks, chunk.rows, q.shape[-1], ek.shape[2]
@@ -312,7 +326,8 @@ def _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block,
     torch.matmul(q_scaled, k_win.transpose(-1, -2), out=scores)
     band = scores[..., :span] if extra else scores
     band_rows = band_bias[:, :rows] if band_bias.shape[0] == 1 else band_bias[chunk.h0 : chunk.h1, :rows]
-    band += band_rows.unsqueeze(1)
+    for lo, hi in strips:  # only the columns where the band's corners (or ALiBi) put a nonzero bias
+        band[..., lo:hi] += band_rows[..., lo:hi].unsqueeze(1)
     if not all(clean[chunk.c0 : chunk.c1]):
         keys = key_bias[chunk.b, chunk.c0 * block : (chunk.c1 - 1) * block + span].unfold(0, span, block)
         band += keys[:, None, :]
@@ -320,9 +335,9 @@ def _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block,
         rows_bias = extra_bias[chunk.b, :, chunk.q0 : chunk.q1] if extra_bias.shape[1] == 1 else \
             extra_bias[chunk.b, chunk.h0 : chunk.h1, chunk.q0 : chunk.q1]
         scores[..., span:] += rows_bias.view(rows_bias.shape[0], blocks, rows, extra)
-    probs = work.get("probs", scores.shape)
-    torch._softmax(scores, -1, False, out=probs)
-    return probs, k_win, v_win, q_scaled
+    # in place: softmax reads each row before it writes it, and one buffer less keeps the chunk in cache
+    torch._softmax(scores, -1, False, out=scores)
+    return scores, k_win, v_win, q_scaled
 
 
 def _dropout_scale(probs: torch.Tensor, p: float, seed: int, chunk_id: int, work: _Workspace) -> torch.Tensor:
