@@ -3,7 +3,8 @@ full attention. Time and memory of one attention layer are cases of ``bench_atte
 
 1. relative error against exact softmax attention, ||out - exact|| / ||exact||, N = 1024, 8 heads x 64, for m in
    {16, 64, 256, 1024}: ours and lucidrains' performer-pytorch ``FastAttention`` on the same inputs AND the same random
-   features (its buffer is overwritten with ours, so only the estimators' arithmetic differs), at q, k ~ N(0, 1)/d^¼
+   features (its buffer is overwritten with ours, so only the estimators' arithmetic differs; ours with the default
+   feature floor and without it), at q, k ~ N(0, 1)/d^¼
    (BENCHMARKS.md's table) and at logit std 1 (q, k ~ N(0, 1)), beside the mean(v) baseline (uniform attention);
    mean over 3 feature draws. Also ours at m = 256 over a sweep of logit scales.
 2. decoding: an XArchForCausalLM (hidden 512, 8 heads, 2 layers, vocab 1000, rope) prefilled with a 16k-token context,
@@ -59,21 +60,24 @@ def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     return float((out - exact).norm() / exact.norm())
 
 
-def errors_at(q, k, v, count: int, draws: int) -> tuple[float, float]:
-    """Mean relative error of ours and of performer-pytorch with the same features over ``draws`` projections."""
+def errors_at(q, k, v, count: int, draws: int) -> tuple[float, float, float]:
+    """Mean relative error over ``draws`` projections of ours (the default feature floor, and none: the unbiased
+    estimate) and of performer-pytorch, all three with the same features."""
     from performer_pytorch import FastAttention
 
-    from hf_xarch.model.attention_performer import draw_projection, performer_attention
+    from hf_xarch.model.attention_performer import DEFAULT_FEATURE_FLOOR, draw_projection, performer_attention
 
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    ours, peer = [], []
+    ours, unbiased, peer = [], [], []
     for draw in range(draws):
         projection = draw_projection(count, HEAD_DIM, seed=100 + draw)
-        ours.append(relative_error(performer_attention(q, k, v, projection)[0], exact))
+        ours.append(relative_error(performer_attention(q, k, v, projection, feature_floor=DEFAULT_FEATURE_FLOOR)[0],
+                                   exact))
+        unbiased.append(relative_error(performer_attention(q, k, v, projection)[0], exact))
         layer = FastAttention(HEAD_DIM, nb_features=count)
         layer.projection_matrix.copy_(projection)  # the same features: only the estimator differs
         peer.append(relative_error(layer(q, k, v), exact))
-    return sum(ours) / draws, sum(peer) / draws
+    return sum(ours) / draws, sum(unbiased) / draws, sum(peer) / draws
 
 
 @torch.no_grad()
@@ -83,19 +87,20 @@ def measure_errors(length: int, feature_counts: list[int], draws: int, sweep_fea
         q, k, v = make_inputs(length, scale, seed=1)
         baseline = relative_error(v.mean(2, keepdim=True).expand_as(v), F.scaled_dot_product_attention(q, k, v))
         for count in feature_counts:
-            ours, peer = errors_at(q, k, v, count, draws)
-            rows.append({"inputs": label, "features": count, "xarch": ours, "performer_pytorch": peer,
-                         "mean_v": baseline})
-            print(f"error {label:28s} m={count:5d}: xarch {ours:.3f}  performer-pytorch {peer:.3f}  "
-                  f"mean(v) {baseline:.3f}", flush=True)
+            ours, unbiased, peer = errors_at(q, k, v, count, draws)
+            rows.append({"inputs": label, "features": count, "xarch": ours, "xarch_unbiased": unbiased,
+                         "performer_pytorch": peer, "mean_v": baseline})
+            print(f"error {label:28s} m={count:5d}: xarch {ours:.3f} (unbiased {unbiased:.3f})  "
+                  f"performer-pytorch {peer:.3f}  mean(v) {baseline:.3f}", flush=True)
     sweep = []
     for logit_std in LOGIT_SCALES:
         q, k, v = make_inputs(length, logit_std**0.5, seed=2)  # q·k/√d has std s² when q, k ~ N(0, s²)
         baseline = relative_error(v.mean(2, keepdim=True).expand_as(v), F.scaled_dot_product_attention(q, k, v))
-        ours, peer = errors_at(q, k, v, sweep_features, draws)
-        sweep.append({"logit_std": logit_std, "xarch": ours, "performer_pytorch": peer, "mean_v": baseline})
-        print(f"error logit std {logit_std:5.3f} m={sweep_features}: xarch {ours:.3f}  performer-pytorch {peer:.3f}  "
-              f"mean(v) {baseline:.3f}", flush=True)
+        ours, unbiased, peer = errors_at(q, k, v, sweep_features, draws)
+        sweep.append({"logit_std": logit_std, "xarch": ours, "xarch_unbiased": unbiased, "performer_pytorch": peer,
+                      "mean_v": baseline})
+        print(f"error logit std {logit_std:5.3f} m={sweep_features}: xarch {ours:.3f} (unbiased {unbiased:.3f})  "
+              f"performer-pytorch {peer:.3f}  mean(v) {baseline:.3f}", flush=True)
     return {"by_features": rows, "by_logit_std": sweep, "sweep_features": sweep_features}
 
 
@@ -127,10 +132,9 @@ def measure_decoding(attention: str, context: int, new_tokens: int, features: in
             token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         decode_cpu, decode_wall = time.process_time() - start_cpu, time.perf_counter() - start_wall
     cache_bytes = 0
-    for layer in cache.layers:
-        for name in ("keys", "values", "state", "frame"):
-            tensor = getattr(layer, name, None)
-            cache_bytes += tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+    for layer in cache.layers:  # a KV layer's keys and values, or every tensor of a Performer layer's state
+        tensors = getattr(layer, "tensors", None) or (getattr(layer, "keys", None), getattr(layer, "values", None))
+        cache_bytes += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return {"tokens_per_s": new_tokens / decode_cpu, "tokens_per_s_wall": new_tokens / decode_wall,
             "prefill_s": prefill_s, "cache_mib": cache_bytes / 2**20, "decode_peak_mib": peak_rss_mib() - before,
             "rss_before_decode_mib": before}
@@ -163,15 +167,18 @@ def report(results: dict, output: str) -> None:
     if errors:
         lines += [
             (f"Relative error ||out - exact|| / ||exact|| against exact softmax attention, N = {args['error_length']}, "
-            f"{HEADS} heads x {HEAD_DIM}, the same inputs and the same random features for both Performers (mean over "
-            f"{args['error_draws']} draws); mean(v) = uniform attention, the baseline:"), "",
-            markdown_table(["inputs", "m", "xarch", "performer-pytorch", "mean(v)"],
-                           [[e["inputs"], e["features"], round(e["xarch"], 3), round(e["performer_pytorch"], 3),
-                             round(e["mean_v"], 3)] for e in errors["by_features"]]), "",
+            f"{HEADS} heads x {HEAD_DIM}, the same inputs and the same random features for every Performer (mean "
+            f"over {args['error_draws']} draws). xarch: the default feature floor (1e-3); xarch unbiased: floor 0 "
+            "(plain FAVOR+); mean(v) = uniform attention, the baseline:"), "",
+            markdown_table(["inputs", "m", "xarch", "xarch unbiased", "performer-pytorch", "mean(v)"],
+                           [[e["inputs"], e["features"], round(e["xarch"], 3), round(e.get("xarch_unbiased", 0), 3),
+                             round(e["performer_pytorch"], 3), round(e["mean_v"], 3)]
+                            for e in errors["by_features"]]), "",
             f"By logit scale (q, k ~ N(0, s²): logit std s²), m = {args['features']}:", "",
-            markdown_table(["logit std", "xarch", "performer-pytorch", "mean(v)"],
-                           [[e["logit_std"], round(e["xarch"], 3), round(e["performer_pytorch"], 3),
-                             round(e["mean_v"], 3)] for e in errors["by_logit_std"]]), "",
+            markdown_table(["logit std", "xarch", "xarch unbiased", "performer-pytorch", "mean(v)"],
+                           [[e["logit_std"], round(e["xarch"], 3), round(e.get("xarch_unbiased", 0), 3),
+                             round(e["performer_pytorch"], 3), round(e["mean_v"], 3)]
+                            for e in errors["by_logit_std"]]), "",
         ]
     if decoding["performer"] and decoding["full"]:
         table = []
@@ -211,13 +218,15 @@ def plot(errors: dict, path: Path) -> None:
         rows = [e for e in errors["by_features"] if e["inputs"] == label]
         counts = [e["features"] for e in rows]
         axis.plot(counts, [e["xarch"] for e in rows], marker="o", label="xarch performer")
+        axis.plot(counts, [e["xarch_unbiased"] for e in rows], marker=".", linestyle=":", label="xarch, no floor")
         axis.plot(counts, [e["performer_pytorch"] for e in rows], marker="o", label="performer-pytorch")
         axis.axhline(rows[0]["mean_v"], color="black", linestyle="--", linewidth=1, label="mean(v)")
         axis.set(xscale="log", yscale="log", title=label, xlabel="random features m", ylabel="relative error")
         axis.legend(fontsize=8)
     axis, sweep = axes[0][-1], errors["by_logit_std"]
     scales = [e["logit_std"] for e in sweep]
-    for key, name in (("xarch", "xarch performer"), ("performer_pytorch", "performer-pytorch"), ("mean_v", "mean(v)")):
+    for key, name in (("xarch", "xarch performer"), ("xarch_unbiased", "xarch, no floor"),
+                      ("performer_pytorch", "performer-pytorch"), ("mean_v", "mean(v)")):
         axis.plot(scales, [e[key] for e in sweep], marker="o", label=name, linestyle="--" if key == "mean_v" else "-")
     axis.set(xscale="log", yscale="log", title=f"by logit std (m = {errors.get('sweep_features', 256)})",
              xlabel="logit std", ylabel="relative error")

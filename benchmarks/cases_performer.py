@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from bench_attention import Case
 
-from hf_xarch.model.attention_performer import CAUSAL_CHUNK, draw_projection, performer_attention
+from hf_xarch.model.attention_performer import CAUSAL_CHUNK, DEFAULT_FEATURE_FLOOR, draw_projection, performer_attention
 
 try:  # lucidrains' performer-pytorch: `pip install performer-pytorch` (the `bench` extra)
     from performer_pytorch import FastAttention
@@ -61,7 +61,9 @@ def build_xarch(causal: bool):
     def build(n, mode):
         q, k, v = qkv(n, mode)
         projection = draw_projection(FEATURES, HEAD_DIM, seed=0)
-        return step_of(lambda: performer_attention(q, k, v, projection, causal=causal)[0], mode, [q, k, v])
+        # with the feature floor a model layer uses by default (its cost is part of what a model pays)
+        return step_of(lambda: performer_attention(q, k, v, projection, causal=causal,
+                                                   feature_floor=DEFAULT_FEATURE_FLOOR)[0], mode, [q, k, v])
 
     return build
 

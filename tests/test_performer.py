@@ -45,21 +45,26 @@ def exact_softmax(q, k, v, causal: bool) -> torch.Tensor:
 
 
 # ---- fast paths == the quadratic reference -------------------------------------------------------------------------
-@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize(("kernel", "floor"), [("softmax", 0.0), ("softmax", 0.05), ("relu", 0.0)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_fast_paths_equal_quadratic_reference_forward_and_backward(kernel, causal, masked, monkeypatch):
-    """Chunked (several chunks and, for causal, several blocks, with a ragged end) == φ(Q)φ(K)ᵀV, values and grads."""
+def test_fast_paths_equal_quadratic_reference_forward_and_backward(kernel, floor, causal, masked, monkeypatch):
+    """Chunked (several chunks and, for causal, several blocks, with a ragged end) == φ(Q)φ(K)ᵀV, values and grads;
+    with a feature floor the reference adds the floor to every visible key's features, written out."""
     monkeypatch.setattr(performer, "CAUSAL_BLOCK", 12)  # so that 37 tokens span 4 blocks of 3 chunks of 4
-    seed = 100 + 8 * (kernel == "relu") + 4 * causal + 2 * masked
+    seed = 100 + 8 * (kernel == "relu") + 4 * causal + 2 * masked + 16 * bool(floor)
     q, k, v = random_qkv(seed, batch=2, heads=3, length=37, dim=16, value_dim=11, scale=0.8, dtype=torch.float64)
     projection = draw_projection(23, 16, seed=seed).double()
     mask = left_padded_mask([31, 37], 37).bool() if masked else None
     if masked:
         mask[1, -3:] = False  # right padding in the other row
-    out, _ = performer_attention(q, k, v, projection, kernel, causal, mask, chunk_size=4 if causal else 8)
-    ref = performer_attention_reference(q, k, v, projection, kernel, causal, mask)
+    chunk = 4 if causal else 8
+    out, _ = performer_attention(q, k, v, projection, kernel, causal, mask, chunk_size=chunk, feature_floor=floor)
+    ref = performer_attention_reference(q, k, v, projection, kernel, causal, mask, feature_floor=floor)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    if floor:  # the floor is not negligible here, so the comparison above says something
+        plain = performer_attention(q, k, v, projection, kernel, causal, mask, chunk_size=chunk)[0]
+        assert (plain - out).abs().max() > 1e-2
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
@@ -78,22 +83,28 @@ def test_fast_paths_in_float32_and_half_inputs(causal):
     torch.testing.assert_close(half.double(), ref, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("kernel", ["softmax", "relu"])
-def test_causal_state_continues_the_sequence(kernel):
-    """Running a prefix, then the rest from its (state, frame), equals one pass: what cached decoding relies on."""
+@pytest.mark.parametrize(("kernel", "floor"), [("softmax", 0.0), ("softmax", 0.05), ("relu", 0.0)])
+def test_causal_state_continues_the_sequence(kernel, floor):
+    """Running a prefix, then the rest from its state, equals one pass: what cached decoding relies on (with a
+    floor, the state also carries the value sum and the largest wᵀk; the first row is padded at the start)."""
     q, k, v = random_qkv(11, batch=2, heads=2, length=29, dim=8, value_dim=8, scale=1.5, dtype=torch.float64)
     projection = draw_projection(13, 8, seed=11).double()
-    whole, whole_state = performer_attention(q, k, v, projection, kernel, causal=True, chunk_size=4)
+    mask = left_padded_mask([17, 29], 29).bool()
+    whole, whole_state = performer_attention(q, k, v, projection, kernel, causal=True, key_mask=mask, chunk_size=4,
+                                             feature_floor=floor)
     parts, state = [], None
     for part in (slice(0, 10), slice(10, 11), slice(11, 29)):
         out, state = performer_attention(q[:, :, part], k[:, :, part], v[:, :, part], projection, kernel, True,
-                                         state=state, chunk_size=4)
+                                         mask[:, part], state=state, chunk_size=4, feature_floor=floor)
         parts.append(out)
     torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=1e-10, atol=1e-12)
     assert state[0].shape == (2, 2, 13, 9) and state[1].shape == (2, 2, 1, 1)
+    assert len(state) == (4 if floor else 2)
     # the states may sit in different frames (running maxima); the sums they stand for are equal
-    (split_sum, split_frame), (whole_sum, whole_frame) = state, whole_state
+    (split_sum, split_frame), (whole_sum, whole_frame) = state[:2], whole_state[:2]
     torch.testing.assert_close(split_sum * split_frame.exp(), whole_sum * whole_frame.exp(), rtol=1e-10, atol=0)
+    for split, joined in zip(state[2:], whole_state[2:]):
+        torch.testing.assert_close(split, joined, rtol=1e-12, atol=0)
 
 
 def test_causal_backward_saves_no_feature_sized_tensor():
@@ -132,6 +143,41 @@ def test_error_against_softmax_falls_like_inverse_sqrt_features(causal):
     else:
         mean_v = v.mean(2, keepdim=True).expand_as(v)
     assert errors[-1] < 0.7 * float((mean_v - exact).norm() / exact.norm())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_feature_floor_shrinks_toward_mean_v_only_where_the_estimate_is_noisy(causal):
+    """The default floor (1e-3), m = 64: at logit std 1 (q, k ~ N(0, 1), d = 64) the unbiased estimate is several
+    times worse than uniform attention and the floor brings it back to mean(v)'s error; at q, k ~ N(0, 1)/d^¼ (a
+    well-behaved estimate) it changes the error by less than 10%. A huge floor gives mean(v) itself."""
+    exact_error = {}
+    for label, scale in (("small", 64**-0.25), ("std 1", 1.0)):
+        q, k, v = (t.detach() for t in random_qkv(21, 1, 2, 256, 64, 64, scale, torch.float32))
+        exact = exact_softmax(q, k, v, causal)
+        if causal:
+            mean_v = v.cumsum(2) / torch.arange(1, 257, dtype=v.dtype)[:, None]
+        else:
+            mean_v = v.mean(2, keepdim=True).expand_as(v)
+        errors = {"mean_v": float((mean_v - exact).norm() / exact.norm())}
+        for floor in (0.0, performer.DEFAULT_FEATURE_FLOOR):
+            runs = [performer_attention(q, k, v, draw_projection(64, 64, seed=s), causal=causal, feature_floor=floor)[0]
+                    for s in range(3)]
+            errors[floor] = sum(float((run - exact).norm() / exact.norm()) for run in runs) / len(runs)
+        exact_error[label] = errors
+        huge = performer_attention(q, k, v, draw_projection(64, 64, seed=0), causal=causal, feature_floor=1e30)[0]
+        torch.testing.assert_close(huge, mean_v, rtol=1e-4, atol=1e-5)
+    small, large = exact_error["small"], exact_error["std 1"]
+    assert abs(small[performer.DEFAULT_FEATURE_FLOOR] - small[0.0]) < 0.1 * small[0.0], small
+    assert large[0.0] > 2 * large["mean_v"], large  # the regime the floor is for
+    assert large[performer.DEFAULT_FEATURE_FLOOR] < 1.05 * large["mean_v"], large
+
+
+def test_feature_floor_defaults_by_kernel():
+    assert PerformerAttention(performer_config(), 0).feature_floor == performer.DEFAULT_FEATURE_FLOOR
+    assert PerformerAttention(performer_config(performer_kernel="relu"), 0).feature_floor == 0.0
+    assert PerformerAttention(performer_config(performer_feature_floor=0), 0).feature_floor == 0.0
+    with pytest.raises(ValueError, match="performer_feature_floor.*relu"):
+        performer_config(performer_kernel="relu", performer_feature_floor=1e-3)
 
 
 # ---- the layer inside models --------------------------------------------------------------------------------------
@@ -333,6 +379,9 @@ def test_gradient_checkpointing_recompute_does_not_redraw():
         ("performer_kernel", "cosine"),
         ("performer_redraw_interval", -1),
         ("performer_redraw_interval", True),
+        ("performer_feature_floor", -1e-3),
+        ("performer_feature_floor", float("inf")),
+        ("performer_feature_floor", "1e-3"),
     ],
 )
 def test_bad_performer_fields_raise(field, value):
@@ -384,3 +433,19 @@ def test_converted_bert_reloaded_with_performer_approximates_it(tmp_path):
         errors[count] = sum(runs) / len(runs)
     assert errors[8] > errors[64] > errors[512], errors
     assert errors[512] < 0.5 * errors[8], errors
+    # the short form: an override given to from_pretrained rebuilds the derived layer types (and is validated)
+    swapped = XArchModel.from_pretrained(tmp_path, attention_type="performer", performer_nb_features=64)
+    assert swapped.config.layer_types == ["performer_attention"] * 2
+    assert all(isinstance(layer.attention, PerformerAttention) for layer in swapped.layers)
+    assert swapped.layers[0].attention.nb_features == 64
+    with pytest.raises(ValueError, match="performer_nb_features"):
+        XArchModel.from_pretrained(tmp_path, attention_type="performer", performer_nb_features=0)
+
+
+def test_attention_type_override_of_a_mixed_model_asks_for_layer_types(tmp_path):
+    model = XArchModel(tiny_config(layer_types=["full", "sliding_window"], attention_window=4))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="attention_type.*layer_types"):
+        XArchModel.from_pretrained(tmp_path, attention_type="performer")
+    again = XArchModel.from_pretrained(tmp_path, attention_type="performer", layer_types=["performer", "full"])
+    assert isinstance(again.layers[0].attention, PerformerAttention)

@@ -21,9 +21,15 @@ maximum (per batch and head, over the real keys seen so far): each causal block 
 carried state to the new maximum (online-softmax style), and decoding does the same one token at a time, so no key
 ever depends on keys more than one block ahead, all of them cancel exactly, and nothing overflows (every key feature
 is <= 1). A data-independent bound (max_i |w_i|²/2) would be exactly causal too, but it sits tens of nats above
-typical keys and pushes features into denormal floats, which CPUs process up to 100x slower. No ε is added to the
-softmax features (performer-pytorch adds 1e-4, which swamps the estimate at realistic logit scales); a query with no
-visible key (all padding) gets a zero output instead of 0/0.
+typical keys and pushes features into denormal floats, which CPUs process up to 100x slower. A query with no visible
+key (all padding) gets a zero output instead of 0/0.
+
+The feature floor (``apply_feature_floor``, ``performer_feature_floor``). The variance of FAVOR+ grows like
+e^{|q+k|²}/m: at logit std ≳ 0.3 (d = 64) a few huge features dominate and the unbiased estimate is worse than uniform
+attention. Adding ``floor · max exp(wᵀk)`` to every key feature (the maximum over the keys the query sees, so it stays
+causal and decoding reproduces it) mixes in mean(v) exactly in that regime. performer-pytorch's 1e-4 does this too, but
+over the whole sequence (not causal) and with the maximum detached; here it is computed after the kernels, in closed
+form, with its exact gradient.
 
 The projection (nb_features × head_dim) is a saved buffer, so a reloaded model computes the same function; it is drawn
 from ``feature_seed`` (saved) and the redraw index, so every redraw is reproducible.
@@ -43,6 +49,7 @@ from .registry import AttentionFamily, register_attention
 
 PERFORMER_KERNELS = ("softmax", "relu")
 RELU_KERNEL_EPSILON = 1e-3  # performer-pytorch's kernel_epsilon: keeps the relu normaliser positive
+DEFAULT_FEATURE_FLOOR = 1e-3  # performer_feature_floor=None with the softmax kernel (see apply_feature_floor)
 # Work sizes, measured on CPU (1 thread, 8 heads, m = 256). The kernels are bound by passes over the (tokens × m)
 # feature blocks, so blocks are sized to stay cache-resident: ~1 MiB of fp32 features per bidirectional chunk, ~2 MiB
 # per causal block (all heads together), 128 and 256 tokens at 8 heads and m = 256. The causal chunk C trades the
@@ -126,14 +133,15 @@ class FeatureMap:
             return (x @ self.query_weight).clamp_(min=0).add_(RELU_KERNEL_EPSILON)
         return torch.cat((x, x.square().sum(-1, keepdim=True).mul_(-0.5 * self.square_scale)), dim=-1) @ self.key_weight
 
-    def key_frame(self, logits: torch.Tensor, valid: torch.Tensor | None, frame: torch.Tensor) -> torch.Tensor:
-        """The running maximum after these keys: max(frame, max over the real keys' logits), shape (BH, 1, 1)."""
+    def key_frame(self, logits: torch.Tensor, valid: torch.Tensor | None, frame: torch.Tensor):
+        """The running maximum after these keys, max(frame, max over the real keys' logits) (BH, 1, 1), and each
+        key's largest feature index (BH, C) (the feature floor needs max_i wᵢᵀk; None for relu)."""
         if self.kernel == "relu":
-            return frame
-        row_max = logits.amax(-1)
+            return frame, None
+        row_max, row_arg = logits.max(-1)
         if valid is not None:
             row_max = row_max.masked_fill(~valid, NO_KEY)
-        return torch.maximum(frame, row_max.amax(-1)[:, None, None])
+        return torch.maximum(frame, row_max.amax(-1)[:, None, None]), row_arg
 
     def key_features(self, logits: torch.Tensor, frame: torch.Tensor, padded: bool) -> torch.Tensor:
         """exp(logits − frame) in place; padded keys (which the frame ignores) are clamped to <= 1 so that their zero
@@ -162,9 +170,25 @@ def normalise(num_aug: torch.Tensor):
     return num_aug[..., :-1] / den, den
 
 
-def output_gradient(grad_out: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """d(num/den): the gradient with respect to the augmented numerator [num, den]."""
-    return torch.cat((grad_out / den, -(grad_out * out).sum(-1, keepdim=True) / den), dim=-1)
+def log_mass(num_aug: torch.Tensor, frame: torch.Tensor, phi_q: torch.Tensor) -> torch.Tensor:
+    """log of φ(q)·Σφ(k) with φ(q) normalised to sum 1, in absolute units (the key frame added back): how much key
+    mass a query sees, which the feature floor compares its floor with. -inf for a query that sees no key mass."""
+    return num_aug[..., -1:].log() + frame - phi_q.sum(-1, keepdim=True).log()
+
+
+def output_gradient(grad_out, out, den, grad_mass=None) -> torch.Tensor:
+    """The gradient with respect to the augmented numerator [num, den] of out = num/den (and of log_mass's log den)."""
+    grad_den = -(grad_out * out).sum(-1, keepdim=True)
+    if grad_mass is not None:
+        grad_den = grad_den + grad_mass
+    return torch.cat((grad_out / den, grad_den / den), dim=-1)
+
+
+def mass_gradient(grad_phi: torch.Tensor, grad_mass, phi_q: torch.Tensor) -> torch.Tensor:
+    """Adds the gradient of log_mass's −log Σφ(q) to dL/dφ(q) (both (..., m); grad_mass (..., 1))."""
+    if grad_mass is None:
+        return grad_phi
+    return grad_phi.sub_(grad_mass / phi_q.sum(-1, keepdim=True))
 
 
 def key_validity(vaug: torch.Tensor, padded: bool) -> torch.Tensor | None:
@@ -179,7 +203,8 @@ def slice_or_none(valid: torch.Tensor | None, part: slice) -> torch.Tensor | Non
 # ---- bidirectional ---------------------------------------------------------------------------------------------------
 class BidirectionalFavor(torch.autograd.Function):
     """out = φ(Q) S / φ(Q) z with S, z = φ(K)ᵀ[V, 1]. Inputs are (batch·heads, N, ·); vaug = [V, 1] with padded rows 0.
-    The key state is accumulated chunk by chunk under a running maximum (rescaled when it grows)."""
+    The key state is accumulated chunk by chunk under a running maximum (rescaled when it grows).
+    Returns (out, log_mass (BH, N, 1), each key's largest feature (BH, N) long or None)."""
 
     @staticmethod
     def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool, scale: float):
@@ -187,33 +212,43 @@ class BidirectionalFavor(torch.autograd.Function):
         valid = key_validity(vaug, padded)
         state = vaug.new_zeros(q.shape[0], projection.shape[0], vaug.shape[-1])
         frame = vaug.new_full((q.shape[0], 1, 1), NO_KEY)
+        peaks = None if kernel == "relu" else torch.empty(k.shape[:2], dtype=torch.long, device=k.device)
         for start in range(0, k.shape[1], chunk):
             part = slice(start, start + chunk)
             logits = phi.key_logits(k[:, part])
-            new_frame = phi.key_frame(logits, slice_or_none(valid, part), frame)
+            new_frame, peak = phi.key_frame(logits, slice_or_none(valid, part), frame)
+            if peaks is not None:
+                peaks[:, part] = peak
             phi_k = phi.key_features(logits, new_frame, padded)
             state.mul_(torch.exp(frame - new_frame)).baddbmm_(phi_k.transpose(1, 2), vaug[:, part])
             frame = new_frame
         num_aug = torch.empty(q.shape[0], q.shape[1], vaug.shape[-1], dtype=vaug.dtype, device=vaug.device)
+        mass = vaug.new_empty(q.shape[0], q.shape[1], 1)
         for start in range(0, q.shape[1], chunk):
             part = slice(start, start + chunk)
-            num_aug[:, part] = torch.bmm(phi.query(q[:, part]), state)
+            phi_q = phi.query(q[:, part])
+            num_aug[:, part] = torch.bmm(phi_q, state)
+            mass[:, part] = log_mass(num_aug[:, part], frame, phi_q)
         out, den = normalise(num_aug)
         ctx.save_for_backward(q, k, vaug, out, den, state, frame)
         ctx.phi, ctx.chunk, ctx.padded = phi, chunk, padded
-        return out
+        if peaks is not None:
+            ctx.mark_non_differentiable(peaks)
+        return out, mass, peaks
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_mass, grad_peaks):
         q, k, vaug, out, den, state, frame = ctx.saved_tensors
         phi, chunk, padded = ctx.phi, ctx.chunk, ctx.padded
-        grad_aug = output_gradient(grad_out, out, den)
+        grad_aug = output_gradient(grad_out, out, den, grad_mass)
         grad_q, grad_k, grad_vaug = torch.empty_like(q), torch.empty_like(k), torch.empty_like(vaug)
         reverse_state = torch.zeros_like(state)  # Σ_t φ(q_t) grad_aug_tᵀ
         for start in range(0, q.shape[1], chunk):
             part = slice(start, start + chunk)
             phi_q = phi.query(q[:, part])
-            grad_q[:, part] = phi.backward(q[:, part], phi_q, torch.bmm(grad_aug[:, part], state.transpose(1, 2)), True)
+            grad_phi = mass_gradient(torch.bmm(grad_aug[:, part], state.transpose(1, 2)),
+                                     slice_or_none(grad_mass, part), phi_q)
+            grad_q[:, part] = phi.backward(q[:, part], phi_q, grad_phi, True)
             reverse_state.baddbmm_(phi_q.transpose(1, 2), grad_aug[:, part])
         for start in range(0, k.shape[1], chunk):
             part = slice(start, start + chunk)
@@ -261,22 +296,28 @@ def as_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def causal_block_features(q, k, vaug, phi: FeatureMap, part: slice, chunk: int, valid, frame, padded: bool):
-    """φ(Q), φ(K) (in the block's frame), [V, 1] of one block as (BH, chunks, C, ·), and the block's frame."""
+    """φ(Q), φ(K) (in the block's frame), [V, 1] of one block as (BH, chunks, C, ·), the block's frame and its keys'
+    largest features (BH, block) (None for relu)."""
     logits = phi.key_logits(k[:, part])
-    frame = phi.key_frame(logits, slice_or_none(valid, part), frame)
+    frame, peaks = phi.key_frame(logits, slice_or_none(valid, part), frame)
     phi_q = as_chunks(phi.query(q[:, part]), chunk)
     phi_k = as_chunks(phi.key_features(logits, frame, padded), chunk)
-    return phi_q, phi_k, as_chunks(vaug[:, part], chunk), frame
+    return phi_q, phi_k, as_chunks(vaug[:, part], chunk), frame, peaks
 
 
 def causal_scan(q, k, vaug, phi: FeatureMap, chunk: int, state, frame, padded: bool, in_place: bool = False):
-    """The forward: augmented numerators [num, den] (BH, N, e+1), the final (state, frame), and every block's frame.
-    N must be a multiple of chunk. ``in_place`` updates ``state`` itself (inference: the caller owns it), which saves
-    decoding several passes over the (m × d) state per token."""
+    """The forward: augmented numerators [num, den] (BH, N, e+1), log_mass (BH, N, 1), the keys' largest features
+    (BH, N) (None for relu), the final (state, frame), and every block's frame. N must be a multiple of chunk.
+    ``in_place`` updates ``state`` itself (inference: the caller owns it), which saves decoding several passes over
+    the (m × d) state per token."""
     valid = key_validity(vaug, padded)
-    num_aug, frames = torch.empty_like(vaug), []
+    num_aug, frames, mass = torch.empty_like(vaug), [], vaug.new_empty(*vaug.shape[:2], 1)
+    peaks = None if phi.kernel == "relu" else torch.empty(k.shape[:2], dtype=torch.long, device=k.device)
     for part in causal_blocks(q.shape[1], chunk, q.shape[0], phi.count):
-        phi_q, phi_k, values, new_frame = causal_block_features(q, k, vaug, phi, part, chunk, valid, frame, padded)
+        phi_q, phi_k, values, new_frame, peak = causal_block_features(q, k, vaug, phi, part, chunk, valid, frame,
+                                                                      padded)
+        if peaks is not None:
+            peaks[:, part] = peak
         if phi.kernel != "relu":  # the carried state, into this block's frame
             state = state.mul_(torch.exp(frame - new_frame)) if in_place else state * torch.exp(frame - new_frame)
         within = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # key j <= query t inside each chunk
@@ -289,45 +330,50 @@ def causal_scan(q, k, vaug, phi: FeatureMap, chunk: int, state, frame, padded: b
             before = exclusive_prefix(per_chunk, state)
             num_aug[:, part] = ((within @ values).add_(phi_q @ before)).flatten(1, 2)  # + keys of earlier chunks
             state = before[:, -1] + per_chunk[:, -1]
+        mass[:, part] = log_mass(num_aug[:, part], new_frame, phi_q.flatten(1, 2))
         frame = new_frame
         frames.append(frame)
-    return num_aug, state, frame, frames
+    return num_aug, mass, peaks, state, frame, frames
 
 
 class CausalFavor(torch.autograd.Function):
     """out_t = Σ_{j<=t} φ(q_t)·φ(k_j) v_j / Σ_{j<=t} φ(q_t)·φ(k_j), continuing from (state, frame) (a cache's, or
-    zeros and NO_KEY; no gradient flows into them). Returns (out, final state, final frame). N must be a multiple of
-    ``chunk`` (``performer_attention`` pads)."""
+    zeros and NO_KEY; no gradient flows into them). Returns (out, log_mass, the keys' largest features, final state,
+    final frame). N must be a multiple of ``chunk`` (``performer_attention`` pads)."""
 
     @staticmethod
     def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool, scale: float, state, frame):
         phi = FeatureMap(projection, kernel, scale)
-        num_aug, final_state, final_frame, frames = causal_scan(q, k, vaug, phi, chunk, state, frame, padded)
+        num_aug, mass, peaks, final_state, final_frame, frames = causal_scan(q, k, vaug, phi, chunk, state, frame,
+                                                                             padded)
         out, den = normalise(num_aug)
         ctx.save_for_backward(q, k, vaug, out, den)
         ctx.start, ctx.frames, ctx.phi, ctx.chunk, ctx.padded = (state, frame), frames, phi, chunk, padded
-        ctx.mark_non_differentiable(final_state, final_frame)
-        return out, final_state, final_frame
+        ctx.mark_non_differentiable(*[t for t in (peaks, final_state, final_frame) if t is not None])
+        return out, mass, peaks, final_state, final_frame
 
     @staticmethod
-    def backward(ctx, grad_out, grad_state, grad_frame):
+    def backward(ctx, grad_out, grad_mass, grad_peaks, grad_state, grad_frame):
         q, k, vaug, out, den = ctx.saved_tensors
         phi, chunk, padded = ctx.phi, ctx.chunk, ctx.padded
         valid = key_validity(vaug, padded)
-        grad_aug = output_gradient(grad_out, out, den)
+        grad_aug = output_gradient(grad_out, out, den, grad_mass)
         grad_q, grad_k, grad_vaug = torch.empty_like(q), torch.empty_like(k), torch.empty_like(vaug)
         blocks = causal_blocks(q.shape[1], chunk, q.shape[0], phi.count)
         # forward scan: a query's gradient needs the state of the keys before it
         state, frame = ctx.start
         for part in blocks:
-            phi_q, phi_k, values, new_frame = causal_block_features(q, k, vaug, phi, part, chunk, valid, frame, padded)
+            phi_q, phi_k, values, new_frame, _ = causal_block_features(q, k, vaug, phi, part, chunk, valid, frame,
+                                                                       padded)
             state = state * torch.exp(frame - new_frame)
             grads = as_chunks(grad_aug[:, part], chunk)
             grad_within = (grads @ values.transpose(-1, -2)).tril_()
             per_chunk = phi_k.transpose(-1, -2) @ values
             before = exclusive_prefix(per_chunk, state)
-            grad_phi = (grad_within @ phi_k).add_(grads @ before.transpose(-1, -2))
-            grad_q[:, part] = phi.backward(q[:, part], phi_q.flatten(1, 2), grad_phi.flatten(1, 2), True)
+            grad_phi = (grad_within @ phi_k).add_(grads @ before.transpose(-1, -2)).flatten(1, 2)
+            phi_q = phi_q.flatten(1, 2)
+            grad_phi = mass_gradient(grad_phi, slice_or_none(grad_mass, part), phi_q)
+            grad_q[:, part] = phi.backward(q[:, part], phi_q, grad_phi, True)
             state, frame = before[:, -1] + per_chunk[:, -1], new_frame
         # reverse scan: a key's gradient needs Σ_{t after it} φ(q_t) grad_aug_tᵀ, carried in the key block's frame
         carry = torch.zeros_like(state)
@@ -362,6 +408,42 @@ def prepare_inputs(query, key, value, key_mask):
     return query, key, torch.cat((value, ones), dim=-1)
 
 
+def apply_feature_floor(out, mass, peaks, k, vaug, weight, floor: float, causal: bool, start=None):
+    """The feature floor: every key feature φᵢ(k) gets ``floor · max exp(wᵀk')`` added, the maximum over the real keys
+    k' the query sees (so it is causal) and all features. In closed form that adds the same weight to every key the
+    query sees, i.e. mixes the estimate with the mean of the values (uniform attention):
+
+        out = α · favor + (1 − α) · mean(v),   α = mass / (mass + floor · e^M · n)
+
+    with mass = φ(q)·Σφ(k) for φ(q) normalised to sum 1 (``log_mass``), M the largest wᵀk seen and n the keys seen.
+    When the features are well behaved the floor is negligible (α ≈ 1); when a few huge features dominate the
+    estimate (large logits, few features) the floor is comparable to the mass and pulls the output toward mean(v).
+    performer-pytorch adds 1e-4 to its features for the same reason, but over a maximum taken over the whole sequence
+    (not causal) and without gradient.
+
+    out (BH, N, e); mass (BH, N, 1); peaks (BH, N) the index of each key's largest feature; k (BH, N, d) the keys as the
+    kernel saw them; vaug (BH, N, e+1) = [v, 1] (0 rows for padding); weight (m, d) the scaled projection; start: a
+    causal cache's (value sum (BH, 1, e+1), largest wᵀk (BH, 1)). Returns out and the (value sum, largest wᵀk) after
+    the last key."""
+    peak = (k * weight[peaks]).sum(-1)  # max_i wᵢᵀk per key, differentiable (the max's subgradient)
+    peak = peak.masked_fill(vaug[..., -1] == 0, -math.inf)  # padded keys are not seen
+    if causal:
+        value_sum = vaug.cumsum(1)
+        top = peak.cummax(1).values
+        if start is not None:
+            value_sum = value_sum + start[0]
+            top = torch.maximum(top, start[1])
+    else:
+        value_sum, top = vaug.sum(1, keepdim=True), peak.amax(1, keepdim=True)
+    count = value_sum[..., -1:]
+    seen = count > 0
+    count = torch.where(seen, count, torch.ones_like(count))
+    seen_top = torch.where(seen, top[..., None], torch.zeros_like(count))  # a query that sees no key outputs 0 anyway
+    alpha = torch.sigmoid(mass - seen_top - math.log(floor) - count.log())
+    out = alpha * out + (1 - alpha) * (value_sum[..., :-1] / count)
+    return out, (value_sum[:, -1:].detach(), top[:, -1:].detach())
+
+
 def performer_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -371,14 +453,19 @@ def performer_attention(
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
     scaling: float | None = None,
-    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    state: tuple[torch.Tensor, ...] | None = None,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    feature_floor: float = 0.0,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """FAVOR+ attention. query/key/value: (batch, heads, N, d) with equal head counts; key_mask: (batch, N), True for
-    real keys; state: a causal layer's cached (state (batch, heads, m, d+1), frame (batch, heads, 1, 1)) to continue
-    from (without gradients, i.e. when decoding, it is updated in place). Computes in fp32 at least (the features span a
-    wide range). Returns (output (batch, heads, N, d) in the input dtype, the final (state, frame) when causal, else
-    None)."""
+    real keys; feature_floor: see ``apply_feature_floor`` (softmax kernel only; 0 = the unbiased FAVOR+ estimate);
+    state: a causal layer's cached tensors to continue from (as this function returned them; without gradients,
+    i.e. when decoding, they are updated in place): (state (batch, heads, m, d+1), frame (batch, heads, 1, 1)) and,
+    with a feature floor, (value sum (batch, heads, 1, d+1), largest wᵀk (batch, heads, 1)). Computes in fp32 at least
+    (the features span a wide range). Returns (output (batch, heads, N, d) in the input dtype, the final state tuple
+    when causal, else None)."""
+    if feature_floor and kernel != "softmax":
+        raise ValueError(f"feature_floor={feature_floor}: the floor is for kernel='softmax' (relu adds its own ε)")
     batch, heads, length, _ = query.shape
     dtype = query.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -391,39 +478,63 @@ def performer_attention(
         chunk = chunk_size or BIDIRECTIONAL_CHUNK or tokens_per_block(
             batch * heads, projection.shape[0], BIDIRECTIONAL_CHUNK_ELEMENTS, 16
         )
-        out = BidirectionalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root)
+        out, mass, peaks = BidirectionalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root)
+        if feature_floor:
+            out = apply_feature_floor(out, mass, peaks, k, vaug, projection * root, feature_floor, False)[0]
         return out.reshape(batch, heads, length, -1).to(dtype), None
     if state is None:
         start = (
             vaug.new_zeros(batch * heads, projection.shape[0], vaug.shape[-1]),
             vaug.new_full((batch * heads, 1, 1), NO_KEY),
         )
+        floor_start = None
     else:
         start = tuple(t.to(compute).reshape(batch * heads, *t.shape[2:]) for t in state)
+        start, floor_start = start[:2], (start[2:] or None)
+        if bool(feature_floor) != (floor_start is not None):
+            raise ValueError(f"state: a cache of {len(state)} tensors does not fit feature_floor={feature_floor}")
     chunk = min(chunk_size or CAUSAL_CHUNK, length)  # one token (decoding) is one chunk of one
     extra = -length % chunk  # zero rows: their [v, 1] is zero (they add nothing), and their outputs are dropped
     if extra:
         q, k, vaug = (nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, vaug))
         padded = True
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, vaug)):
-        out, final_state, final_frame = CausalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root, *start)
+        out, mass, peaks, *final = CausalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root, *start)
     else:  # inference (decoding): the same scan without the autograd bookkeeping
         phi = FeatureMap(projection, kernel, root)
-        num_aug, final_state, final_frame, _ = causal_scan(q, k, vaug, phi, chunk, *start, padded, in_place=True)
+        num_aug, mass, peaks, *final, _ = causal_scan(q, k, vaug, phi, chunk, *start, padded, in_place=True)
         out = normalise(num_aug)[0]
+    if feature_floor:
+        out, floor_state = apply_feature_floor(out, mass, peaks, k, vaug, projection * root, feature_floor, True,
+                                               floor_start)
+        final += floor_state
     out = out[:, :length].reshape(batch, heads, length, -1).to(dtype)
-    return out, tuple(t.reshape(batch, heads, *t.shape[1:]) for t in (final_state, final_frame))
+    return out, tuple(t.reshape(batch, heads, *t.shape[1:]) for t in final)
 
 
 def performer_attention_reference(
-    query, key, value, projection, kernel="softmax", causal=False, key_mask=None, scaling=None
+    query, key, value, projection, kernel="softmax", causal=False, key_mask=None, scaling=None, feature_floor=0.0
 ) -> torch.Tensor:
     """The plain quadratic form of the same estimator: A = φ(Q)φ(K)ᵀ (masked), out = A V / A 1. Autograd backward.
-    Keys share one maximum over the whole sequence here; the fast paths' running maxima give the same function."""
+    Keys share one maximum over the whole sequence here; the fast paths' running maxima give the same function.
+    With a feature floor, every key feature a query sees is raised by floor·max exp(wᵀk) over the keys it sees
+    (written out: A_tj += floor · Σφ(q_t) · e^(M_t − F), F the keys' stabiliser)."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, vaug = prepare_inputs(query * scaling**0.5, key * scaling**0.5, value, key_mask)
     valid = None if key_mask is None else key_mask[:, None, :].to(torch.bool).expand(*k.shape[:-1])
-    weights = features(q, projection, kernel, True) @ features(k, projection, kernel, False, valid).transpose(-1, -2)
+    phi_q = features(q, projection, kernel, True)
+    weights = phi_q @ features(k, projection, kernel, False, valid).transpose(-1, -2)
+    if feature_floor:
+        real = torch.ones(k.shape[:-1], dtype=torch.bool, device=k.device) if valid is None else valid
+        visible = real[..., None, :].expand_as(weights)
+        if causal:
+            visible = visible.tril()
+        logits = k @ projection.T  # wᵀk per key and feature
+        stabiliser = (logits - 0.5 * k.square().sum(-1, keepdim=True)).masked_fill(
+            ~real[..., None], -math.inf).detach().flatten(-2).amax(-1)  # the key maximum features() subtracted
+        top = logits.amax(-1)[..., None, :].masked_fill(~visible, -math.inf).amax(-1, keepdim=True)  # M_t
+        floor = feature_floor * phi_q.sum(-1, keepdim=True) * torch.exp(top - stabiliser[..., None, None])
+        weights = weights + torch.where(visible, floor, torch.zeros_like(floor))
     if causal:
         weights = weights.tril()
     return normalise(weights @ vaug)[0]
@@ -460,6 +571,8 @@ class PerformerAttention(XArchAttention):
         self.nb_features = config.performer_nb_features or default_nb_features(self.head_dim)
         self.kernel = config.performer_kernel
         self.redraw_interval = config.performer_redraw_interval
+        floor = config.performer_feature_floor
+        self.feature_floor = float(DEFAULT_FEATURE_FLOOR if floor is None and self.kernel == "softmax" else floor or 0)
         self.register_buffer("projection", torch.empty(self.nb_features, self.head_dim))
         self.register_buffer("feature_seed", torch.zeros((), dtype=torch.long))
         self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))  # counted only when redrawing
@@ -546,6 +659,7 @@ class PerformerAttention(XArchAttention):
             key_mask=key_mask,
             scaling=self.scaling,
             state=layer.get_state() if layer is not None else None,
+            feature_floor=self.feature_floor,
         )
         if layer is not None:
             layer.update_state(*state, num_tokens=length)

@@ -3,7 +3,9 @@
 A causal Performer layer only ever needs, of its past, the running sums ``S = Σ_j φ(k_j) [v_j, 1]ᵀ`` (one
 (features × (head_dim + 1)) matrix per head: the last column is ``Σ_j φ(k_j)``, the normaliser), kept relative to the
 running maximum of the key logits (``frame``, one number per head: the numerical stabiliser). This layer keeps both and
-the number of tokens absorbed, so the memory of decoding is constant in the sequence length.
+the number of tokens absorbed, so the memory of decoding is constant in the sequence length. With a feature floor
+(``performer_feature_floor``) two more small tensors ride along: the running sum of ``[v, 1]`` and the largest ``wᵀk``
+seen, per head.
 
 Why not transformers' ``LinearAttentionLayer`` (what ``DynamicCache(config=...)`` builds for ``"linear_attention"``):
 it does not count tokens, so ``Cache.get_seq_length()`` raises for a model whose layers are all linear (XArchModel and
@@ -23,8 +25,9 @@ PERFORMER_LAYER_TYPE = "performer_attention"
 
 
 class PerformerStateLayer(CacheLayerMixin):
-    """Per-layer cache of a causal Performer: ``state`` (batch, heads, nb_features, head_dim + 1) and ``frame``
-    (batch, heads, 1, 1)."""
+    """Per-layer cache of a causal Performer: the tensors ``performer_attention`` returns and continues from, each with
+    batch first: ``state`` (batch, heads, nb_features, head_dim + 1), ``frame`` (batch, heads, 1, 1) and, with a
+    feature floor, the value sum (batch, heads, 1, head_dim + 1) and the largest wᵀk (batch, heads, 1)."""
 
     _layer_type = PERFORMER_LAYER_TYPE
     is_sliding = False
@@ -33,8 +36,7 @@ class PerformerStateLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.state: torch.Tensor | None = None
-        self.frame: torch.Tensor | None = None
+        self.tensors: tuple[torch.Tensor, ...] | None = None
         self.seen_tokens = 0
         self.device = None
 
@@ -47,16 +49,26 @@ class PerformerStateLayer(CacheLayerMixin):
             "was given a Performer layer's cache slot (build the cache with DynamicCache(config=model.config))"
         )
 
-    def get_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if self.state is None else (self.state, self.frame)
+    @property
+    def state(self) -> torch.Tensor | None:
+        """The running sums φ(K)ᵀ[V, 1] (batch, heads, nb_features, head_dim + 1)."""
+        return None if self.tensors is None else self.tensors[0]
 
-    def update_state(self, state: torch.Tensor, frame: torch.Tensor, num_tokens: int) -> None:
+    def get_state(self) -> tuple[torch.Tensor, ...] | None:
+        return self.tensors
+
+    def update_state(self, *tensors: torch.Tensor, num_tokens: int) -> None:
         """Store the state after ``num_tokens`` more tokens were absorbed into it."""
-        self.state, self.frame = state.detach(), frame.detach()
+        self.tensors = tuple(t.detach() for t in tensors)
         self.seen_tokens += num_tokens
-        self.device = state.device
-        self.batch_size = state.shape[0]
+        self.device = tensors[0].device
+        self.batch_size = tensors[0].shape[0]
         self.is_initialized = True
+
+    def _map(self, function) -> None:
+        if self.tensors is not None:
+            self.tensors = tuple(function(t) for t in self.tensors)
+            self.batch_size = self.tensors[0].shape[0]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # as a DynamicLayer that kept every token would answer, so masks of other layers are sized the same way
@@ -69,7 +81,7 @@ class PerformerStateLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.state = self.frame = None
+        self.tensors = None
         self.seen_tokens = 0
         self.is_initialized = False
         if hasattr(self, "batch_size"):
@@ -82,27 +94,18 @@ class PerformerStateLayer(CacheLayerMixin):
             )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.state is not None:
-            beam_idx = beam_idx.to(self.state.device)
-            self.state, self.frame = self.state.index_select(0, beam_idx), self.frame.index_select(0, beam_idx)
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.state is not None:
-            self.state = self.state.repeat_interleave(repeats, dim=0)
-            self.frame = self.frame.repeat_interleave(repeats, dim=0)
-            self.batch_size = self.state.shape[0]
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.state is not None:
-            self.state, self.frame = self.state[indices, ...], self.frame[indices, ...]
-            self.batch_size = self.state.shape[0]
+        self._map(lambda t: t[indices, ...])
 
     def offload(self) -> None:
-        if self.state is not None:
-            self.state = self.state.to("cpu", non_blocking=True)
-            self.frame = self.frame.to("cpu", non_blocking=True)
+        if self.tensors is not None:
+            self.tensors = tuple(t.to("cpu", non_blocking=True) for t in self.tensors)
 
     def prefetch(self) -> None:
-        if self.state is not None and self.device is not None and self.state.device != self.device:
-            self.state = self.state.to(self.device, non_blocking=True)
-            self.frame = self.frame.to(self.device, non_blocking=True)
+        if self.tensors is not None and self.device is not None and self.tensors[0].device != self.device:
+            self.tensors = tuple(t.to(self.device, non_blocking=True) for t in self.tensors)

@@ -107,6 +107,12 @@ class XArchConfig(PreTrainedConfig):
             an estimate of softmax, a different attention).
         performer_redraw_interval (`int`, defaults to 0): redraw the random projection every this many training
             forwards (never in eval mode; 0 = never). Redraws are reproducible: the projection and its seed are saved.
+        performer_feature_floor (`float`, *optional*): softmax kernel only. Every key feature gets this fraction of the
+            largest exp(wᵀk) the query sees added, which mixes the estimate with uniform attention exactly where a few
+            huge features make it noisy (large logits, few features) and leaves it unchanged otherwise (see
+            `apply_feature_floor`). Defaults to 1e-3 for `softmax` (measured in `benchmarks/bench_performer.py`: never
+            worse than performer-pytorch's 1e-4 floor, and up to 2.4x better at logit std 0.5); 0 gives the unbiased
+            FAVOR+ estimate. Not allowed with `relu`, which adds its own 1e-3.
         Performer cannot take an additive score bias (ALiBi); its `attention_dropout` is unused (no weights exist).
 
     Training:
@@ -117,7 +123,8 @@ class XArchConfig(PreTrainedConfig):
             for decoders and `first` for encoders.
 
     Family options, read only by the family that uses them: `attention_window`, `attention_dilation`,
-    `sliding_window`, `performer_nb_features`, `performer_kernel`, `performer_redraw_interval` (their issues).
+    `sliding_window`, `performer_nb_features`, `performer_kernel`, `performer_redraw_interval`,
+    `performer_feature_floor` (their issues).
     """
 
     model_type = "xarch"
@@ -153,6 +160,7 @@ class XArchConfig(PreTrainedConfig):
     performer_nb_features: int | None = None
     performer_kernel: str = "softmax"
     performer_redraw_interval: int = 0
+    performer_feature_floor: float | None = None
     position_embedding_type: str = "learned"
     rope_parameters: dict | None = None
     norm_type: str = "layernorm"
@@ -403,11 +411,42 @@ class XArchConfig(PreTrainedConfig):
         interval = self.performer_redraw_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
             _fail("performer_redraw_interval", interval, "an integer >= 0 (training forwards between redraws; 0 = never)")
+        floor = self.performer_feature_floor
+        if floor is not None:
+            if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
+                _fail("performer_feature_floor", floor, "a finite number >= 0 (0 = the unbiased estimate), or None")
+            if floor and self.performer_kernel != "softmax":
+                _fail("performer_feature_floor", floor,
+                      f"0 or None with performer_kernel={self.performer_kernel!r} (the floor is for 'softmax')")
 
     def check_sliding_window(self) -> None:
         from .attention_sliding import validate_sliding_config
 
         validate_sliding_config(self)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """transformers sets the overrides given to ``from_pretrained`` with ``setattr`` after building the config,
+        so they would skip validation and the fields derived from them would keep their saved values (the saved
+        ``layer_types`` would win over ``attention_type="performer"``). Here every override of one of our fields goes
+        into the dict before the config is built, and the saved values derived from it are dropped: ``layer_types``
+        (when ``attention_type`` is given without it; a saved local/global mix then raises, since which layers to
+        swap is the caller's choice) and ``sliding_window`` (when ``attention_window`` or ``attention_dilation``
+        is given without it)."""
+        ours = set(cls.__annotations__)
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in ours}
+        config_dict = dict(config_dict)
+        if "attention_type" in overrides and "layer_types" not in overrides:
+            saved = config_dict.get("layer_types")
+            if saved and len(set(saved)) > 1:
+                _fail("attention_type", overrides["attention_type"],
+                      f"given alone only for a model whose layers share one type; this one has layer_types={saved}: "
+                      "pass layer_types as well")
+            config_dict["layer_types"] = None
+        if {"attention_window", "attention_dilation"} & overrides.keys() and "sliding_window" not in overrides:
+            config_dict.pop("sliding_window", None)
+        config_dict.update(overrides)
+        return super().from_dict(config_dict, **kwargs)
 
     # transformers' strict validation (run again at save time) checks `layer_types` against its own list; ours come
     # from the registry, so validate them there instead.
