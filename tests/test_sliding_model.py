@@ -63,7 +63,7 @@ def test_layer_equals_a_from_scratch_longformer(implementation):
     assert (got - want)[valid].abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("position", ["learned", "rope", "alibi"])
+@pytest.mark.parametrize("position", ["learned", "rope", "alibi", "sinusoidal", "none"])
 def test_eager_reference_equals_banded_model_with_local_and_global_layers(position):
     """Alternating sliding/full layers, padding, global tokens, dropout off: eager (dense rule) == sdpa (banded),
     outputs and gradients."""
