@@ -135,13 +135,13 @@ class FeatureMap:
 
     def key_frame(self, logits: torch.Tensor, valid: torch.Tensor | None, frame: torch.Tensor):
         """The running maximum after these keys, max(frame, max over the real keys' logits) (BH, 1, 1), and each
-        key's largest feature index (BH, C) (the feature floor needs max_i wᵢᵀk; None for relu)."""
+        key's largest logit (BH, C) (padded keys: NO_KEY), from which the feature floor gets max_i wᵢᵀk."""
         if self.kernel == "relu":
             return frame, None
-        row_max, row_arg = logits.max(-1)
+        row_max = logits.amax(-1)
         if valid is not None:
             row_max = row_max.masked_fill(~valid, NO_KEY)
-        return torch.maximum(frame, row_max.amax(-1)[:, None, None]), row_arg
+        return torch.maximum(frame, row_max.amax(-1)[:, None, None]), row_max
 
     def key_features(self, logits: torch.Tensor, frame: torch.Tensor, padded: bool) -> torch.Tensor:
         """exp(logits − frame) in place; padded keys (which the frame ignores) are clamped to <= 1 so that their zero
@@ -204,35 +204,37 @@ def slice_or_none(valid: torch.Tensor | None, part: slice) -> torch.Tensor | Non
 class BidirectionalFavor(torch.autograd.Function):
     """out = φ(Q) S / φ(Q) z with S, z = φ(K)ᵀ[V, 1]. Inputs are (batch·heads, N, ·); vaug = [V, 1] with padded rows 0.
     The key state is accumulated chunk by chunk under a running maximum (rescaled when it grows).
-    Returns (out, log_mass (BH, N, 1), each key's largest feature (BH, N) long or None)."""
+    Returns out and, ``with_floor`` (what the feature floor reads), log_mass (BH, N, 1) and each key's largest logit
+    (BH, N), else None and None."""
 
     @staticmethod
-    def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool, scale: float):
+    def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool, scale: float, with_floor: bool):
         phi = FeatureMap(projection, kernel, scale)
         valid = key_validity(vaug, padded)
         state = vaug.new_zeros(q.shape[0], projection.shape[0], vaug.shape[-1])
         frame = vaug.new_full((q.shape[0], 1, 1), NO_KEY)
-        peaks = None if kernel == "relu" else torch.empty(k.shape[:2], dtype=torch.long, device=k.device)
+        peaks = vaug.new_empty(k.shape[:2]) if with_floor else None
+        mass = vaug.new_empty(q.shape[0], q.shape[1], 1) if with_floor else None
         for start in range(0, k.shape[1], chunk):
             part = slice(start, start + chunk)
             logits = phi.key_logits(k[:, part])
             new_frame, peak = phi.key_frame(logits, slice_or_none(valid, part), frame)
-            if peaks is not None:
+            if with_floor:
                 peaks[:, part] = peak
             phi_k = phi.key_features(logits, new_frame, padded)
             state.mul_(torch.exp(frame - new_frame)).baddbmm_(phi_k.transpose(1, 2), vaug[:, part])
             frame = new_frame
         num_aug = torch.empty(q.shape[0], q.shape[1], vaug.shape[-1], dtype=vaug.dtype, device=vaug.device)
-        mass = vaug.new_empty(q.shape[0], q.shape[1], 1)
         for start in range(0, q.shape[1], chunk):
             part = slice(start, start + chunk)
             phi_q = phi.query(q[:, part])
             num_aug[:, part] = torch.bmm(phi_q, state)
-            mass[:, part] = log_mass(num_aug[:, part], frame, phi_q)
+            if with_floor:
+                mass[:, part] = log_mass(num_aug[:, part], frame, phi_q)
         out, den = normalise(num_aug)
         ctx.save_for_backward(q, k, vaug, out, den, state, frame)
         ctx.phi, ctx.chunk, ctx.padded = phi, chunk, padded
-        if peaks is not None:
+        if with_floor:
             ctx.mark_non_differentiable(peaks)
         return out, mass, peaks
 
@@ -256,7 +258,7 @@ class BidirectionalFavor(torch.autograd.Function):
             grad_vaug[:, part] = torch.bmm(phi_k, reverse_state)
             grad_phi = torch.bmm(vaug[:, part], reverse_state.transpose(1, 2))
             grad_k[:, part] = phi.backward(k[:, part], phi_k, grad_phi, False)
-        return grad_q, grad_k, grad_vaug, None, None, None, None, None
+        return grad_q, grad_k, grad_vaug, None, None, None, None, None, None
 
 
 # ---- causal ----------------------------------------------------------------------------------------------------------
@@ -305,18 +307,20 @@ def causal_block_features(q, k, vaug, phi: FeatureMap, part: slice, chunk: int, 
     return phi_q, phi_k, as_chunks(vaug[:, part], chunk), frame, peaks
 
 
-def causal_scan(q, k, vaug, phi: FeatureMap, chunk: int, state, frame, padded: bool, in_place: bool = False):
+def causal_scan(q, k, vaug, phi: FeatureMap, chunk: int, state, frame, padded: bool, in_place: bool = False,
+                with_floor: bool = False):
     """The forward: augmented numerators [num, den] (BH, N, e+1), log_mass (BH, N, 1), the keys' largest features
     (BH, N) (None for relu), the final (state, frame), and every block's frame. N must be a multiple of chunk.
     ``in_place`` updates ``state`` itself (inference: the caller owns it), which saves decoding several passes over
-    the (m × d) state per token."""
+    the (m × d) state per token. log_mass and the keys' largest logits only ``with_floor`` (else None)."""
     valid = key_validity(vaug, padded)
-    num_aug, frames, mass = torch.empty_like(vaug), [], vaug.new_empty(*vaug.shape[:2], 1)
-    peaks = None if phi.kernel == "relu" else torch.empty(k.shape[:2], dtype=torch.long, device=k.device)
+    num_aug, frames = torch.empty_like(vaug), []
+    mass = vaug.new_empty(*vaug.shape[:2], 1) if with_floor else None
+    peaks = vaug.new_empty(k.shape[:2]) if with_floor else None
     for part in causal_blocks(q.shape[1], chunk, q.shape[0], phi.count):
         phi_q, phi_k, values, new_frame, peak = causal_block_features(q, k, vaug, phi, part, chunk, valid, frame,
                                                                       padded)
-        if peaks is not None:
+        if with_floor:
             peaks[:, part] = peak
         if phi.kernel != "relu":  # the carried state, into this block's frame
             state = state.mul_(torch.exp(frame - new_frame)) if in_place else state * torch.exp(frame - new_frame)
@@ -330,7 +334,8 @@ def causal_scan(q, k, vaug, phi: FeatureMap, chunk: int, state, frame, padded: b
             before = exclusive_prefix(per_chunk, state)
             num_aug[:, part] = ((within @ values).add_(phi_q @ before)).flatten(1, 2)  # + keys of earlier chunks
             state = before[:, -1] + per_chunk[:, -1]
-        mass[:, part] = log_mass(num_aug[:, part], new_frame, phi_q.flatten(1, 2))
+        if with_floor:
+            mass[:, part] = log_mass(num_aug[:, part], new_frame, phi_q.flatten(1, 2))
         frame = new_frame
         frames.append(frame)
     return num_aug, mass, peaks, state, frame, frames
@@ -338,14 +343,15 @@ def causal_scan(q, k, vaug, phi: FeatureMap, chunk: int, state, frame, padded: b
 
 class CausalFavor(torch.autograd.Function):
     """out_t = Σ_{j<=t} φ(q_t)·φ(k_j) v_j / Σ_{j<=t} φ(q_t)·φ(k_j), continuing from (state, frame) (a cache's, or
-    zeros and NO_KEY; no gradient flows into them). Returns (out, log_mass, the keys' largest features, final state,
-    final frame). N must be a multiple of ``chunk`` (``performer_attention`` pads)."""
+    zeros and NO_KEY; no gradient flows into them). Returns (out, log_mass and the keys' largest logits (both None
+    unless ``with_floor``), final state, final frame). N must be a multiple of ``chunk`` (``performer_attention`` pads)."""
 
     @staticmethod
-    def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool, scale: float, state, frame):
+    def forward(ctx, q, k, vaug, projection, kernel: str, chunk: int, padded: bool, scale: float, with_floor: bool,
+                state, frame):
         phi = FeatureMap(projection, kernel, scale)
         num_aug, mass, peaks, final_state, final_frame, frames = causal_scan(q, k, vaug, phi, chunk, state, frame,
-                                                                             padded)
+                                                                             padded, with_floor=with_floor)
         out, den = normalise(num_aug)
         ctx.save_for_backward(q, k, vaug, out, den)
         ctx.start, ctx.frames, ctx.phi, ctx.chunk, ctx.padded = (state, frame), frames, phi, chunk, padded
@@ -392,7 +398,7 @@ class CausalFavor(torch.autograd.Function):
             grad_k[:, part] = phi.backward(k[:, part], phi_k.flatten(1, 2), grad_phi.flatten(1, 2), False)
             # into the previous block's frame (<= this one: the factor is <= 1)
             carry = (after[:, 0] + per_chunk[:, 0]) * torch.exp(frames[index] - frame)
-        return grad_q, grad_k, grad_vaug, None, None, None, None, None, None, None
+        return grad_q, grad_k, grad_vaug, None, None, None, None, None, None, None, None
 
 
 # ---- the entry points: fast path and reference -------------------------------------------------------------------------
@@ -408,8 +414,29 @@ def prepare_inputs(query, key, value, key_mask):
     return query, key, torch.cat((value, ones), dim=-1)
 
 
-def apply_feature_floor(out, mass, peaks, k, vaug, weight, floor: float, causal: bool, start=None):
-    """The feature floor: every key feature φᵢ(k) gets ``floor · max exp(wᵀk')`` added, the maximum over the real keys
+class KeyPeak(torch.autograd.Function):
+    """max_i wᵢᵀk per key, as a differentiable function of the keys, from values the kernel already computed. Its
+    gradient, w at the maximising feature, is only needed for the few keys that hold a running maximum (every other
+    key's gradient is zero), so the backward finds their features then, instead of every key's in the forward."""
+
+    @staticmethod
+    def forward(ctx, k, peaks, weight):
+        ctx.save_for_backward(k, weight)
+        return peaks
+
+    @staticmethod
+    def backward(ctx, grad_peaks):
+        k, weight = ctx.saved_tensors
+        grad_k = torch.zeros_like(k)
+        used = grad_peaks != 0
+        if bool(used.any()):
+            keys = k[used]
+            grad_k[used] = grad_peaks[used, None] * weight[(keys @ weight.T).argmax(-1)]
+        return grad_k, None, None
+
+
+def apply_feature_floor(out, mass, row_max, k, vaug, projection, scale, floor: float, causal: bool, start=None):
+    """The feature floor: every key feature φᵢ(k) gets ``floor · max exp(wᵀk)`` added, the maximum over the real keys
     k' the query sees (so it is causal) and all features. In closed form that adds the same weight to every key the
     query sees, i.e. mixes the estimate with the mean of the values (uniform attention):
 
@@ -421,12 +448,13 @@ def apply_feature_floor(out, mass, peaks, k, vaug, weight, floor: float, causal:
     performer-pytorch adds 1e-4 to its features for the same reason, but over a maximum taken over the whole sequence
     (not causal) and without gradient.
 
-    out (BH, N, e); mass (BH, N, 1); peaks (BH, N) the index of each key's largest feature; k (BH, N, d) the keys as the
-    kernel saw them; vaug (BH, N, e+1) = [v, 1] (0 rows for padding); weight (m, d) the scaled projection; start: a
-    causal cache's (value sum (BH, 1, e+1), largest wᵀk (BH, 1)). Returns out and the (value sum, largest wᵀk) after
-    the last key."""
-    peak = (k * weight[peaks]).sum(-1)  # max_i wᵢᵀk per key, differentiable (the max's subgradient)
-    peak = peak.masked_fill(vaug[..., -1] == 0, -math.inf)  # padded keys are not seen
+    out (BH, N, e); mass (BH, N, 1); row_max (BH, N) each key's largest logit wᵀk − |k|²/2 as the kernel computed it
+    (NO_KEY for padding); k (BH, N, d) the keys as the kernel saw them; vaug (BH, N, e+1) = [v, 1] (0 rows for
+    padding); projection (m, d) and scale: the kernel's feature map (keys scaled by ``scale``); start: a causal cache's (value sum (BH, 1, e+1), largest wᵀk
+    (BH, 1)). Returns out and the (value sum, largest wᵀk) after the last key."""
+    real = vaug[..., -1] != 0
+    peak = torch.where(real, row_max + 0.5 * scale**2 * k.detach().square().sum(-1), -math.inf)  # max_i wᵢᵀk
+    peak = KeyPeak.apply(k, peak, projection * scale)
     if causal:
         value_sum = vaug.cumsum(1)
         top = peak.cummax(1).values
@@ -440,7 +468,7 @@ def apply_feature_floor(out, mass, peaks, k, vaug, weight, floor: float, causal:
     count = torch.where(seen, count, torch.ones_like(count))
     seen_top = torch.where(seen, top[..., None], torch.zeros_like(count))  # a query that sees no key outputs 0 anyway
     alpha = torch.sigmoid(mass - seen_top - math.log(floor) - count.log())
-    out = alpha * out + (1 - alpha) * (value_sum[..., :-1] / count)
+    out = torch.lerp(value_sum[..., :-1] / count, out, alpha)
     return out, (value_sum[:, -1:].detach(), top[:, -1:].detach())
 
 
@@ -478,9 +506,10 @@ def performer_attention(
         chunk = chunk_size or BIDIRECTIONAL_CHUNK or tokens_per_block(
             batch * heads, projection.shape[0], BIDIRECTIONAL_CHUNK_ELEMENTS, 16
         )
-        out, mass, peaks = BidirectionalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root)
+        out, mass, peaks = BidirectionalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root,
+                                                    bool(feature_floor))
         if feature_floor:
-            out = apply_feature_floor(out, mass, peaks, k, vaug, projection * root, feature_floor, False)[0]
+            out = apply_feature_floor(out, mass, peaks, k, vaug, projection, root, feature_floor, False)[0]
         return out.reshape(batch, heads, length, -1).to(dtype), None
     if state is None:
         start = (
@@ -499,13 +528,15 @@ def performer_attention(
         q, k, vaug = (nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, vaug))
         padded = True
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, vaug)):
-        out, mass, peaks, *final = CausalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root, *start)
+        out, mass, peaks, *final = CausalFavor.apply(q, k, vaug, projection, kernel, chunk, padded, root,
+                                                     bool(feature_floor), *start)
     else:  # inference (decoding): the same scan without the autograd bookkeeping
         phi = FeatureMap(projection, kernel, root)
-        num_aug, mass, peaks, *final, _ = causal_scan(q, k, vaug, phi, chunk, *start, padded, in_place=True)
+        num_aug, mass, peaks, *final, _ = causal_scan(q, k, vaug, phi, chunk, *start, padded, in_place=True,
+                                                      with_floor=bool(feature_floor))
         out = normalise(num_aug)[0]
     if feature_floor:
-        out, floor_state = apply_feature_floor(out, mass, peaks, k, vaug, projection * root, feature_floor, True,
+        out, floor_state = apply_feature_floor(out, mass, peaks, k, vaug, projection, root, feature_floor, True,
                                                floor_start)
         final += floor_state
     out = out[:, :length].reshape(batch, heads, length, -1).to(dtype)
