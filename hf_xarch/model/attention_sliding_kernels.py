@@ -115,23 +115,24 @@ def dense_sliding_attention(
 
 
 # ---- the banded kernel ---------------------------------------------------------------------------------------------
-# Scores of one chunk (heads x blocks x block x window) are kept near this size, so that they stay in cache between
-# the matmul that writes them, the softmax and the matmul that reads them; measured best among 0.25-2 MiB on an
-# AVX-512 CPU with 2 MiB of L2 per core (smaller chunks pay more per-chunk overhead than they gain in locality).
-CHUNK_BYTES = 2 << 20
+# Scores of one chunk (blocks x block x window) are kept near this size, so that they stay in cache between the matmul
+# that writes them, the softmax and the matmuls that read them, next to the chunk's key and value windows (with 2 MiB
+# of L2 per core, 1 MiB measured best: larger chunks spill, smaller ones pay more per-chunk Python overhead).
+CHUNK_BYTES = 1 << 20
 
 
 def default_block_size(left: int, right: int) -> int:
     """Queries per block: small enough that few wasted scores are computed (a block of ``b`` queries reads ``b + w``
-    keys for ``w + 1`` useful ones), large enough that each matmul runs near peak. 64 is the measured sweet spot
-    for w = 512 on AVX-512 CPUs; small windows get small blocks."""
+    keys for ``w + 1`` useful ones), large enough that each matmul runs near peak. For w = 512 on AVX-512 CPUs, 32
+    (544 keys per window, 94% useful) beats 64 (576, 89%): MKL runs a 32-row matmul about as fast as a 64-row one,
+    and the softmax, the other big cost, shrinks with the window; small windows get small blocks."""
     width = left + right
-    return int(min(64, max(16, 2 ** math.ceil(math.log2(max(width, 1) / 4 + 1)))))
+    return int(min(32, max(16, 2 ** math.ceil(math.log2(max(width, 1) / 4 + 1)))))
 
 
 class _Workspace:
-    """Buffers reused by every chunk of one forward or backward: a chunk's scores are ~1 MiB, and allocating fresh
-    ones for each of thousands of chunks costs page faults whenever the allocator hands memory back to the OS."""
+    """Buffers reused by every chunk of one forward or backward: allocating fresh scores for each of thousands of
+    chunks costs page faults whenever the allocator hands memory back to the OS."""
 
     def __init__(self, like: torch.Tensor):
         self.like = like
@@ -145,89 +146,138 @@ class _Workspace:
         return buffer[:size].view(shape)
 
 
-class _Chunk:
-    """One unit of work: batch row ``b``, heads ``h0:h1``, query blocks ``c0:c1`` (queries ``q0:q1``; a last,
-    partial block is always a chunk of its own). Block c's key window is keys [c·block - left, ... + span)."""
-
-    def __init__(self, b, h0, h1, c0, c1, n, block, left, span, index):
-        self.b, self.h0, self.h1, self.c0, self.c1, self.index = b, h0, h1, c0, c1, index
-        self.heads, self.blocks = h1 - h0, c1 - c0
-        self.q0, self.q1 = c0 * block, min(c1 * block, n)
-        self.rows = self.q1 - self.q0 if self.blocks == 1 else block  # queries per block
-        self.k0 = c0 * block - left  # first key of the first window (may be < 0: zeros there)
-        self.k1 = self.k0 + (self.blocks - 1) * block + span
-        self.inside = self.k0 >= 0 and self.k1 <= n
-
-    def queries(self, x):
-        return x[self.b, self.h0 : self.h1, self.q0 : self.q1].view(self.heads, self.blocks, self.rows, x.shape[-1])
-
-    def windows(self, x, block, span):
-        """(heads, blocks, span, D) key windows: views into ``x``, or into a zero-padded copy at the ends."""
-        part = x[self.b, self.h0 : self.h1]
-        if self.inside:
-            part = part[:, self.k0 : self.k1]
-        else:
-            lo, hi = max(self.k0, 0), min(self.k1, x.shape[2])
-            padded = part.new_zeros(self.heads, self.k1 - self.k0, x.shape[-1])
-            if hi > lo:
-                padded[:, lo - self.k0 : hi - self.k0] = part[:, lo:hi]
-            part = padded
-        return part.unfold(1, span, block).transpose(-1, -2)
-
-    def add_to_keys(self, target, grads, block, span):
-        """Overlap-add window gradients (heads, blocks, span, D) onto ``target`` (B, H, N, D), clipped at the ends."""
-        region = target[self.b, self.h0 : self.h1]
-        if self.blocks == 1 and self.inside:
-            region[:, self.k0 : self.k1] += grads[:, 0]
-            return
-        folded = grads.new_zeros(self.heads, self.k1 - self.k0, grads.shape[-1])
-        parts = grads.reshape(self.heads, self.blocks, span // block, block, grads.shape[-1])
-        for m in range(span // block):
-            folded[:, m * block : (m + self.blocks) * block].view(self.heads, self.blocks, block, -1).add_(parts[:, :, m])
-        lo, hi = max(self.k0, 0), min(self.k1, target.shape[2])
-        region[:, lo:hi] += folded[:, lo - self.k0 : hi - self.k0]
+def _padded_length(kp: int) -> int:
+    """Rows of the padded copies of the keys and values (at least ``kp``): also the row stride of the transposed
+    copies, made an odd number of 64-byte lines so that a window's D rows spread over the cache's sets."""
+    lines = -(-kp // 16)
+    return 16 * (lines + 1 - lines % 2)
 
 
-def _chunks(batch, heads, n, block, left, span, extra, itemsize):
-    """Chunks covering every (batch, head, query block), each chunk's scores near ``CHUNK_BYTES``."""
+def _padded(x: torch.Tensor, left: int, length: int, scale: float = 1.0) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, length, D): ``x·scale`` with slot j at row j + left and zeros around it, so that every
+    block's window, at the ends too, is a plain view (one O(N·D) copy instead of a zero-padded window per chunk)."""
+    batch, heads, n, dim = x.shape
+    out = x.new_empty(batch, heads, length, dim)
+    out[:, :, :left].zero_()
+    out[:, :, left + n :].zero_()
+    torch.mul(x, scale, out=out[:, :, left : left + n])
+    return out
+
+
+def _transposed(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, D, L), contiguous. ``q @ w`` with the window ``w`` (D x span) stored row by row runs
+    ~1.4x faster than ``q @ kᵀ`` from the keys stored row by row: MKL packs a transposed right operand slowly, and
+    each key is packed again for each of the span/block windows that hold it. Head by head, so that ``copy_`` takes
+    its blocked 2-d transpose (a strided 4-d copy is several times slower)."""
+    out = x.new_empty(*x.shape[:2], x.shape[3], x.shape[2])
+    for target, source in zip(out.flatten(0, 1), x.flatten(0, 1)):
+        target.copy_(source.T)
+    return out
+
+
+def _windows(x: torch.Tensor, block: int, span: int, transposed: bool = False) -> torch.Tensor:
+    """Every block's window as one strided view, no copy: (windows, span, D) from padded rows (L, D), or
+    (windows, D, span) from their transposed copy (D, L). Block c's window starts at padded row c·block."""
+    if transposed:
+        return x.unfold(1, span, block).transpose(0, 1)
+    return x.unfold(0, span, block).transpose(1, 2)
+
+
+def _rows(x: torch.Tensor, k0: int, k1: int, work: _Workspace) -> torch.Tensor:
+    """Rows k0:k1 of ``x`` (N, D), where k0 may be < 0 and k1 > N: a view, or a zero-padded copy at the ends."""
+    if k0 >= 0 and k1 <= x.shape[0]:
+        return x[k0:k1]
+    rows = work.get("rows", (k1 - k0, x.shape[1])).zero_()
+    lo, hi = max(k0, 0), min(k1, x.shape[0])
+    if hi > lo:
+        rows[lo - k0 : hi - k0] = x[lo:hi]
+    return rows
+
+
+def _blocks(x: torch.Tensor, block: int, c0: int, c1: int) -> torch.Tensor:
+    """(N, D) -> (c1 - c0, rows, D): query blocks c0:c1 (a partial last block comes alone)."""
+    return x[c0 * block : min(c1 * block, x.shape[0])].unflatten(0, (c1 - c0, -1))
+
+
+def _block_ranges(n: int, block: int, span: int, extra: int, itemsize: int) -> list[tuple[int, int]]:
+    """Query blocks c0:c1 of each chunk, whose scores stay near ``CHUNK_BYTES``; a last, partial block is a chunk of
+    its own. A chunk is blocks of one head: consecutive windows overlap, so its matmuls read the keys and values
+    of many blocks from one cache-resident stretch (all heads of one block would stream ``heads`` windows)."""
     full, partial = divmod(n, block)
-    per_head_block = block * (span + extra) * itemsize
-    head_step = max(1, min(heads, CHUNK_BYTES // per_head_block))
-    block_step = max(1, min(max(full, 1), CHUNK_BYTES // (per_head_block * head_step)))
-    index = 0
-    for b in range(batch):
-        for h0 in range(0, heads, head_step):
-            h1 = min(heads, h0 + head_step)
-            ranges = [(c0, min(full, c0 + block_step)) for c0 in range(0, full, block_step)]
-            if partial:
-                ranges.append((full, full + 1))
-            for c0, c1 in ranges:
-                yield _Chunk(b, h0, h1, c0, c1, n, block, left, span, index)
-                index += 1
+    step = max(1, min(max(full, 1), CHUNK_BYTES // (block * (span + extra) * itemsize)))
+    return [(c0, min(full, c0 + step)) for c0 in range(0, full, step)] + ([(full, full + 1)] if partial else [])
+
+
+class _Band:
+    """What both passes of ``_BandedCore`` share: the masks and biases, and each chunk's softmax probabilities."""
+
+    def __init__(self, q, ek, key_bias, band_bias, extra_bias, block):
+        self.block, self.span, self.extra = block, band_bias.shape[-1], ek.shape[2]
+        self.band_bias, self.extra_bias = band_bias, extra_bias
+        self.key_windows = key_bias.unfold(1, self.span, block)  # (B, windows, span)
+        self.clean, self.strips = _clean_windows(key_bias, block, self.span), _band_strips(band_bias)
+        self.length = _padded_length(key_bias.shape[1])
+        self.ranges = _block_ranges(q.shape[2], block, self.span, self.extra, q.element_size())
+        self.work = _Workspace(q)
+
+    def probs(self, b, h, c0, q_c, kt_c, ekt):
+        """Softmax probabilities (blocks, rows, span + G) of head ``h``'s blocks from ``c0`` (queries ``q_c``,
+        transposed scaled key windows ``kt_c``, transposed scaled extra keys ``ekt``), in the workspace (valid until
+        the next chunk)."""
+        span, extra, (blocks, rows) = self.span, self.extra, q_c.shape[:2]
+        scores = self.work.get("scores", (blocks, rows, span + extra))
+        band = scores[..., :span] if extra else scores
+        torch.bmm(q_c, kt_c, out=band)
+        bias = self.band_bias[h if self.band_bias.shape[0] > 1 else 0, :rows]
+        for lo, hi in self.strips:  # only the columns where the band's corners (or ALiBi) put a nonzero bias
+            band[..., lo:hi].add_(bias[:, lo:hi])
+        if not all(self.clean[c0 : c0 + blocks]):
+            band.add_(self.key_windows[b, c0 : c0 + blocks, None])
+        if extra:
+            torch.bmm(q_c, ekt.expand(blocks, -1, -1), out=scores[..., span:])
+            q0 = c0 * self.block
+            rows_bias = self.extra_bias[b, h if self.extra_bias.shape[1] > 1 else 0, q0 : q0 + blocks * rows]
+            scores[..., span:].add_(rows_bias.view(blocks, rows, extra))
+        # in place: softmax reads each row before it writes it, and one buffer less keeps the chunk in cache
+        torch._softmax(scores, -1, False, out=scores)
+        return scores
 
 
 class _BandedCore(torch.autograd.Function):
     """Block-banded softmax attention (see ``banded_attention``, which prepares the arguments).
 
-    q, k, v (B, H, N, D), any strides with unit stride on D (no padded or scaled copies are made: the ends of the
-    sequence get zero-padded windows of their own, and the scale is applied per chunk); ek, ev (B, H, G, D) extra keys
-    (global tokens, sinks) appended to every window; key_bias (B, Kp) over padded key slots (key j at j + left),
-    band_bias (1|H, block, span), extra_bias (B, 1|H, N, G): additive masks and biases.
+    q, k, v (B, H, N, D), any strides with unit stride on D; ek, ev (B, H, G, D) extra keys (global tokens, sinks)
+    appended to every window; key_bias (B, Kp) over padded key slots (key j at j + left), band_bias (1|H, block,
+    span), extra_bias (B, 1|H, N, G): additive masks and biases. The keys are copied once, scaled, zero-padded and
+    transposed (the backward also pads the values), so that a chunk (blocks of one head) runs a few batched matmuls
+    on strided views of them.
     Saves only its inputs; the backward recomputes each chunk's probabilities (as FlashAttention does).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed):
+        band = _Band(q, ek, key_bias, band_bias, extra_bias, block)
+        span, extra = band.span, band.extra
+        kt = _transposed(_padded(k, left, band.length, scale))
+        ekt = (ek * scale).transpose(-1, -2)
         out = torch.empty_like(q)  # q's layout: a transposed (B, N, H, D) projection gives o_proj a free view
-        work = _Workspace(q)
-        span, extra = band_bias.shape[-1], ek.shape[2]
-        clean, strips = _clean_windows(key_bias, block, span), _band_strips(band_bias)
-        for chunk in _chunks(*q.shape[:3], block, left, span, extra, q.element_size()):
-            probs, _, v_win, _ = _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, span,
-                                              scale, work, clean, strips)
-            if dropout_p:
-                probs.mul_(_dropout_scale(probs, dropout_p, seed, chunk.index, work))
-            torch.matmul(probs, v_win, out=chunk.queries(out))
+        index = 0
+        for b in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                k_wins = _windows(kt[b, h], block, span, transposed=True)
+                for c0, c1 in band.ranges:
+                    q_c = _blocks(q[b, h], block, c0, c1)
+                    probs = band.probs(b, h, c0, q_c, k_wins[c0:c1], ekt[b, h])
+                    if dropout_p:
+                        probs.mul_(_dropout_scale(probs, dropout_p, seed, index, band.work))
+                    index += 1
+                    # the values need no padded copy (the forward's biggest pass after the keys' transpose): the
+                    # chunk's windows are views into v, or into a small zero-padded copy at the ends
+                    v_rows = _rows(v[b, h], c0 * block - left, (c1 - 1) * block - left + span, band.work)
+                    out_c = _blocks(out[b, h], block, c0, c1)
+                    torch.bmm(probs[..., :span] if extra else probs, _windows(v_rows, block, span), out=out_c)
+                    if extra:
+                        out_c.baddbmm_(probs[..., span:], ev[b, h].expand(c1 - c0, -1, -1))
         ctx.save_for_backward(q, k, v, ek, ev, key_bias, band_bias, extra_bias)
         ctx.settings = (block, left, scale, dropout_p, seed)
         return out
@@ -236,52 +286,60 @@ class _BandedCore(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, ek, ev, key_bias, band_bias, extra_bias = ctx.saved_tensors
         block, left, scale, dropout_p, seed = ctx.settings
-        span, extra = band_bias.shape[-1], ek.shape[2]
+        band = _Band(q, ek, key_bias, band_bias, extra_bias, block)
+        span, extra, n, work = band.span, band.extra, q.shape[2], band.work
+        # scores = q·(scale·k)ᵀ: dq = dS·(scale·k) straight from the scaled copy, dk = scale·dSᵀq at the end
+        kp = _padded(k, left, band.length, scale)
+        kt, vt = _transposed(kp), _transposed(_padded(v, left, band.length))
+        ek_scaled = ek * scale
+        ekt, evt = ek_scaled.transpose(-1, -2), ev.transpose(-1, -2)
         grad_out = grad_out.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dq = torch.empty_like(q)
+        dk, dv = q.new_zeros(kp.shape), q.new_zeros(kp.shape)  # padded like kp: every window is a view
         dek, dev = torch.zeros_like(ek), torch.zeros_like(ev)
-        work = _Workspace(q)
-        clean, strips = _clean_windows(key_bias, block, span), _band_strips(band_bias)
-        for chunk in _chunks(*q.shape[:3], block, left, span, extra, q.element_size()):
-            probs, k_win, v_win, q_scaled = _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias,
-                                                         block, span, scale, work, clean, strips)
-            do_c = chunk.queries(grad_out)
-            d_probs = work.get("d_probs", probs.shape)
-            torch.matmul(do_c, v_win.transpose(-1, -2), out=d_probs)
-            if dropout_p:
-                keep = _dropout_scale(probs, dropout_p, seed, chunk.index, work)
-                seen = probs * keep  # what multiplied the values in the forward
-                d_probs.mul_(keep)
-            else:
-                seen = probs
-            # dS = P ∘ (dP - rowsum(dP ∘ P)); with dropout rowsum(dP ∘ P) is still rowsum(dO ∘ O)
-            d_scores = d_probs  # in place, as the softmax (a row's reduction comes before its writes)
-            torch.ops.aten._softmax_backward_data.out(d_probs, probs, -1, probs.dtype, grad_input=d_scores)
-            dq_c = chunk.queries(dq)
-            torch.matmul(d_scores, k_win, out=dq_c)
-            dq_c.mul_(scale)  # scores = (q·scale) kᵀ
-            heads, rows, dim = chunk.heads, chunk.blocks * chunk.rows, q.shape[-1]
-            d_s = d_scores.view(heads, rows, -1).transpose(-1, -2) if chunk.blocks == 1 else None
-            if chunk.blocks == 1 and chunk.inside:
-                # one window inside the sequence: accumulate straight into the gradients (a GEMM with beta = 1)
-                p_s = seen.view(heads, rows, -1).transpose(-1, -2)
-                q_1, do_1 = q_scaled.view(heads, rows, dim), do_c.view(heads, rows, dim)
-                dk[chunk.b, chunk.h0 : chunk.h1, chunk.k0 : chunk.k1].baddbmm_(d_s[:, :span], q_1)
-                dv[chunk.b, chunk.h0 : chunk.h1, chunk.k0 : chunk.k1].baddbmm_(p_s[:, :span], do_1)
-                if extra:
-                    dek[chunk.b, chunk.h0 : chunk.h1].baddbmm_(d_s[:, span:], q_1)
-                    dev[chunk.b, chunk.h0 : chunk.h1].baddbmm_(p_s[:, span:], do_1)
-                continue
-            window_shape = (heads, chunk.blocks, span + extra, dim)
-            d_k_win, d_v_win = work.get("d_k_win", window_shape), work.get("d_v_win", window_shape)
-            torch.matmul(d_scores.transpose(-1, -2), q_scaled, out=d_k_win)
-            torch.matmul(seen.transpose(-1, -2), do_c, out=d_v_win)
-            chunk.add_to_keys(dk, d_k_win[:, :, :span], block, span)
-            chunk.add_to_keys(dv, d_v_win[:, :, :span], block, span)
-            if extra:
-                dek[chunk.b, chunk.h0 : chunk.h1] += d_k_win[:, :, span:].sum(1)
-                dev[chunk.b, chunk.h0 : chunk.h1] += d_v_win[:, :, span:].sum(1)
-        return dq, dk, dv, dek, dev, None, None, None, None, None, None, None, None
+        index, disjoint = 0, -(-span // block)  # windows this many blocks apart share no key
+        for b in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                k_wins, dk_wins, dv_wins = (_windows(x[b, h], block, span) for x in (kp, dk, dv))
+                kt_wins, vt_wins = (_windows(x[b, h], block, span, transposed=True) for x in (kt, vt))
+                for c0, c1 in band.ranges:
+                    q_c, do_c, dq_c = (_blocks(x[b, h], block, c0, c1) for x in (q, grad_out, dq))
+                    probs = band.probs(b, h, c0, q_c, kt_wins[c0:c1], ekt[b, h])
+                    d_probs = work.get("d_probs", probs.shape)
+                    torch.bmm(do_c, vt_wins[c0:c1], out=d_probs[..., :span] if extra else d_probs)
+                    if extra:
+                        torch.bmm(do_c, evt[b, h].expand(c1 - c0, -1, -1), out=d_probs[..., span:])
+                    if dropout_p:
+                        keep = _dropout_scale(probs, dropout_p, seed, index, work)
+                        seen = probs * keep  # what multiplied the values in the forward
+                        d_probs.mul_(keep)
+                    else:
+                        seen = probs
+                    index += 1
+                    # dS = P ∘ (dP - rowsum(dP ∘ P)); with dropout rowsum(dP ∘ P) is still rowsum(dO ∘ O)
+                    d_scores = d_probs  # in place, as the softmax (a row's reduction comes before its writes)
+                    torch.ops.aten._softmax_backward_data.out(d_probs, probs, -1, probs.dtype, grad_input=d_scores)
+                    d_band, seen_band = (d_scores[..., :span], seen[..., :span]) if extra else (d_scores, seen)
+                    torch.bmm(d_band, k_wins[c0:c1], out=dq_c)
+                    _overlap_add_(dk_wins, d_band.transpose(-1, -2), q_c, c0, c1, disjoint)
+                    _overlap_add_(dv_wins, seen_band.transpose(-1, -2), do_c, c0, c1, disjoint)
+                    if extra:
+                        d_extra, seen_extra = d_scores[..., span:].flatten(0, 1), seen[..., span:].flatten(0, 1)
+                        dq_c.baddbmm_(d_scores[..., span:], ek_scaled[b, h].expand(c1 - c0, -1, -1))
+                        dek[b, h].addmm_(d_extra.T, q_c.flatten(0, 1))
+                        dev[b, h].addmm_(seen_extra.T, do_c.flatten(0, 1))
+        dk = dk[:, :, left : left + n].mul_(scale)
+        dv = dv[:, :, left : left + n]
+        return dq, dk, dv, dek.mul_(scale), dev, None, None, None, None, None, None, None, None
+
+
+def _overlap_add_(windows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c0: int, c1: int, disjoint: int) -> None:
+    """windows[c] += a[c - c0] @ b[c - c0] for c in c0:c1, where ``windows`` are overlapping views of one buffer
+    (consecutive key windows share keys, so their gradients must add up). One batched matmul per set of windows
+    ``disjoint`` blocks apart: within a set no two windows share memory, so the result does not depend on the
+    order (or the threads) in which a backend runs a batch; torch gives no such guarantee for overlapping outputs."""
+    for first in range(min(disjoint, c1 - c0)):
+        windows[c0 + first : c1 : disjoint].baddbmm_(a[first::disjoint], b[first::disjoint])
 
 
 def _clean_windows(key_bias: torch.Tensor, block: int, span: int) -> list[bool]:
@@ -306,38 +364,6 @@ def _band_strips(band_bias: torch.Tensor) -> list[tuple[int, int]]:
             strips.append((start, column))
             start = None
     return strips
-
-
-def _chunk_probs(chunk, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, span, scale, work, clean, strips):
-    """Softmax probabilities of one chunk (heads, blocks, rows, span + G), its key and value windows and its scaled
-    queries; all in ``work``'s buffers or views (valid until the next chunk)."""
-    heads, blocks, rows, dim, extra = chunk.heads, chunk.blocks, chunk.rows, q.shape[-1], ek.shape[2]
-    q_scaled = torch.mul(chunk.queries(q), scale, out=work.get("q_scaled", (heads, blocks, rows, dim)))
-    k_win, v_win = chunk.windows(k, block, span), chunk.windows(v, block, span)
-    if extra:  # the extra keys ride along at the end of every window
-        k_full = work.get("k_win", (heads, blocks, span + extra, dim))
-        v_full = work.get("v_win", (heads, blocks, span + extra, dim))
-        k_full[:, :, :span].copy_(k_win)
-        k_full[:, :, span:].copy_(ek[chunk.b, chunk.h0 : chunk.h1, None].expand(heads, blocks, extra, dim))
-        v_full[:, :, :span].copy_(v_win)
-        v_full[:, :, span:].copy_(ev[chunk.b, chunk.h0 : chunk.h1, None].expand(heads, blocks, extra, dim))
-        k_win, v_win = k_full, v_full
-    scores = work.get("scores", (heads, blocks, rows, span + extra))
-    torch.matmul(q_scaled, k_win.transpose(-1, -2), out=scores)
-    band = scores[..., :span] if extra else scores
-    band_rows = band_bias[:, :rows] if band_bias.shape[0] == 1 else band_bias[chunk.h0 : chunk.h1, :rows]
-    for lo, hi in strips:  # only the columns where the band's corners (or ALiBi) put a nonzero bias
-        band[..., lo:hi] += band_rows[..., lo:hi].unsqueeze(1)
-    if not all(clean[chunk.c0 : chunk.c1]):
-        keys = key_bias[chunk.b, chunk.c0 * block : (chunk.c1 - 1) * block + span].unfold(0, span, block)
-        band += keys[:, None, :]
-    if extra:
-        rows_bias = extra_bias[chunk.b, :, chunk.q0 : chunk.q1] if extra_bias.shape[1] == 1 else \
-            extra_bias[chunk.b, chunk.h0 : chunk.h1, chunk.q0 : chunk.q1]
-        scores[..., span:] += rows_bias.view(rows_bias.shape[0], blocks, rows, extra)
-    # in place: softmax reads each row before it writes it, and one buffer less keeps the chunk in cache
-    torch._softmax(scores, -1, False, out=scores)
-    return scores, k_win, v_win, q_scaled
 
 
 def _dropout_scale(probs: torch.Tensor, p: float, seed: int, chunk_id: int, work: _Workspace) -> torch.Tensor:
