@@ -115,7 +115,9 @@ def test_flops_match_torch_flop_counter(overrides):
 @pytest.mark.parametrize(
     "overrides",
     [dict(), dict(num_key_value_heads=1), dict(num_hidden_layers=4, num_hidden_groups=1, inner_group_num=2)]
-    + [dict(attention_type=name) for name in sorted(set(ATTENTION_FAMILIES) - {"full"})],
+    + [dict(attention_type=name) for name in sorted(set(ATTENTION_FAMILIES) - {"full"})]
+    + [dict(attention_type="performer", performer_feature_floor=0), dict(attention_type="performer",
+                                                                           performer_kernel="relu")],
     ids=str,
 )
 def test_kv_cache_bytes_match_a_filled_cache(overrides):
@@ -127,7 +129,8 @@ def test_kv_cache_bytes_match_a_filled_cache(overrides):
         model(random_ids(batch, length), cache=cache, use_cache=True)
     held = 0  # keys, values or recurrent states: (batch, heads, ...); not the 0-d/1-d bookkeeping of a layer
     for layer in cache.layers:
-        tensors = [t for t in vars(layer).values() if isinstance(t, torch.Tensor) and t.dim() >= 3]
+        values = [v for value in vars(layer).values() for v in (value if isinstance(value, tuple) else (value,))]
+        tensors = [t for t in values if isinstance(t, torch.Tensor) and t.dim() >= 3]
         held += sum(t.numel() * t.element_size() for t in tensors)
     assert summary(config, seq_len=length).kv_cache_bytes_per_token == pytest.approx(held / (batch * length))
 

@@ -89,11 +89,7 @@ MAPPING_NAMES = {
 # - test_model_rope_scaling_frequencies (overridden below to find our rotary module): in configurations without RoPE
 #   there is no rotary module to find;
 # - test_causal_lm_loss_honors_shift_labels / test_encoder_decoder_loss_no_double_shift: no causal / seq2seq head in
-#   that configuration;
-# - test_eager_matches_sdpa_inference_24_fp32_pad_left_output_attentions: the mixin asks whether `forward` can
-#   output attentions by finding an `output_attentions` parameter or an `Unpack[TransformersKwargs]` annotation on
-#   `**kwargs`; modeling_xarch.py's annotations are strings (`from __future__ import annotations`), so it cannot
-#   see one. test_attention_outputs covers attention outputs (eager), the other 24 parametrizations eager == sdpa.
+#   that configuration.
 SKIPS: dict[str, str] = {}
 _ROPE_ONLY = (
     "this configuration has no RoPE (position_embedding_type is not 'rope'): `rope_parameters` is an XArchConfig "

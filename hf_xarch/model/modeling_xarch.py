@@ -8,8 +8,6 @@ Everything this file imports from the package is a sibling (``from .x import Y``
 a self-contained set of files next to the weights (DESIGN.md, Hub rules).
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -26,7 +24,8 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import can_return_tuple, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -159,7 +158,7 @@ class XArchBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings=None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         if self.pre_norm:
             attended, _ = self.attention(self.attention_norm(hidden_states), attention_mask, position_embeddings, cache, **kwargs)
@@ -302,7 +301,7 @@ class XArchModel(XArchPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         global_attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; or give `inputs_embeds` instead.
@@ -437,7 +436,7 @@ class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""labels (`torch.LongTensor` of shape `(batch, seq)`): next-token targets (shifted inside; -100 ignored)."""
         outputs = self.model(
@@ -531,7 +530,7 @@ class XArchForMaskedLM(XArchPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         global_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         r"""labels (`torch.LongTensor` of shape `(batch, seq)`): targets at masked positions, -100 elsewhere."""
         outputs = self.model(
@@ -612,7 +611,7 @@ class XArchForSequenceClassification(XArchPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         global_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         r"""labels: class ids (single-label), floats (regression when num_labels == 1) or multi-hot floats."""
         kwargs.pop("use_cache", None)
@@ -662,7 +661,7 @@ class XArchForTokenClassification(XArchPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         global_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         r"""labels (`torch.LongTensor` of shape `(batch, seq)`): a class per token, -100 to ignore."""
         kwargs.pop("use_cache", None)
@@ -703,7 +702,7 @@ class XArchForQuestionAnswering(XArchPreTrainedModel):
         global_attention_mask: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         r"""start_positions / end_positions (`torch.LongTensor` of shape `(batch,)`): the answer span."""
         kwargs.pop("use_cache", None)
