@@ -299,7 +299,7 @@ def as_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
 
 def causal_block_features(q, k, vaug, phi: FeatureMap, part: slice, chunk: int, valid, frame, padded: bool):
     """φ(Q), φ(K) (in the block's frame), [V, 1] of one block as (BH, chunks, C, ·), the block's frame and its keys'
-    largest features (BH, block) (None for relu)."""
+    largest logits (BH, block) (None for relu)."""
     logits = phi.key_logits(k[:, part])
     frame, peaks = phi.key_frame(logits, slice_or_none(valid, part), frame)
     phi_q = as_chunks(phi.query(q[:, part]), chunk)
@@ -309,10 +309,10 @@ def causal_block_features(q, k, vaug, phi: FeatureMap, part: slice, chunk: int, 
 
 def causal_scan(q, k, vaug, phi: FeatureMap, chunk: int, state, frame, padded: bool, in_place: bool = False,
                 with_floor: bool = False):
-    """The forward: augmented numerators [num, den] (BH, N, e+1), log_mass (BH, N, 1), the keys' largest features
-    (BH, N) (None for relu), the final (state, frame), and every block's frame. N must be a multiple of chunk.
-    ``in_place`` updates ``state`` itself (inference: the caller owns it), which saves decoding several passes over
-    the (m × d) state per token. log_mass and the keys' largest logits only ``with_floor`` (else None)."""
+    """The forward: augmented numerators [num, den] (BH, N, e+1), log_mass (BH, N, 1) and the keys' largest logits
+    (BH, N) (both only ``with_floor``, else None), the final (state, frame), and every block's frame. N must be a
+    multiple of chunk. ``in_place`` updates ``state`` itself (inference: the caller owns it), which saves decoding
+    several passes over the (m × d) state per token."""
     valid = key_validity(vaug, padded)
     num_aug, frames = torch.empty_like(vaug), []
     mass = vaug.new_empty(*vaug.shape[:2], 1) if with_floor else None
@@ -450,8 +450,9 @@ def apply_feature_floor(out, mass, row_max, k, vaug, projection, scale, floor: f
 
     out (BH, N, e); mass (BH, N, 1); row_max (BH, N) each key's largest logit wᵀk − |k|²/2 as the kernel computed it
     (NO_KEY for padding); k (BH, N, d) the keys as the kernel saw them; vaug (BH, N, e+1) = [v, 1] (0 rows for
-    padding); projection (m, d) and scale: the kernel's feature map (keys scaled by ``scale``); start: a causal cache's (value sum (BH, 1, e+1), largest wᵀk
-    (BH, 1)). Returns out and the (value sum, largest wᵀk) after the last key."""
+    padding); projection (m, d) and scale: the kernel's feature map (keys scaled by ``scale``); start: a causal
+    cache's (value sum (BH, 1, e+1), largest wᵀk (BH, 1)). Returns out and the (value sum, largest wᵀk) after the
+    last key."""
     real = vaug[..., -1] != 0
     peak = torch.where(real, row_max + 0.5 * scale**2 * k.detach().square().sum(-1), -math.inf)  # max_i wᵢᵀk
     peak = KeyPeak.apply(k, peak, projection * scale)
