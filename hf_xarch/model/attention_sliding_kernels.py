@@ -169,8 +169,8 @@ def _transposed(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     faster than ``q @ kᵀ`` from the keys stored row by row: MKL packs a transposed right operand slowly, and each key
     is packed again for each of the span/block windows that hold it. A 2-d ``copy_`` takes torch's blocked transpose
     (a strided 4-d copy is several times slower). Head by head, into reused buffers: copies of all heads at once
-    are tens of MiB at 16k tokens, above glibc's largest mmap threshold, so every call would page-fault them in
-    afresh (measured: time(16k)/time(8k) 2.65 instead of ~2)."""
+    are tens of MiB at 16k tokens (above glibc's largest mmap threshold, so each call page-faults them in afresh)
+    and add to the peak memory."""
     return out.copy_(x.T)
 
 
