@@ -70,6 +70,28 @@ def test_fast_paths_equal_quadratic_reference_forward_and_backward(kernel, floor
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+def test_prefix_sum_equals_cumsum_values_and_gradients():
+    x = torch.randn(3, 96, 5, dtype=torch.float64, requires_grad=True)
+    fast, plain = performer.prefix_sum(x, chunk=32), x.cumsum(1)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(fast)
+    torch.testing.assert_close(torch.autograd.grad(fast, x, grad)[0], torch.autograd.grad(plain, x, grad)[0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_floor_at_lengths_of_whole_chunks_equals_the_reference(causal):
+    """The default chunking (prefix sums by blocks of 32 for the floor, 64-token causal chunks), fp64, padding."""
+    q, k, v = random_qkv(31, batch=2, heads=2, length=192, dim=16, value_dim=16, scale=1.2, dtype=torch.float64)
+    projection = draw_projection(32, 16, seed=31).double()
+    mask = left_padded_mask([192, 150], 192).bool()
+    out, _ = performer_attention(q, k, v, projection, causal=causal, key_mask=mask, feature_floor=0.02)
+    ref = performer_attention_reference(q, k, v, projection, causal=causal, key_mask=mask, feature_floor=0.02)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_fast_paths_in_float32_and_half_inputs(causal):
     """fp32 with the default chunking matches the fp64 reference; bf16 inputs are computed in fp32 and returned bf16."""
