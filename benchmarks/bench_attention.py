@@ -26,6 +26,7 @@ declares its useful work (``Case.flops``) and that as a fraction of the matmul r
     python benchmarks/bench_attention.py --sizes 1024 2048 --modes fwd --cases banded sdpa --output scratch
     python benchmarks/bench_attention.py --modules sliding      # the cases of cases_sliding.py only
     python benchmarks/bench_attention.py --list
+    python benchmarks/bench_attention.py --malloc reuse ...           # heap reuse: no page faults of >= 32 MiB blocks
 
 Results: ``benchmarks/results/<output>.{md,json,png}`` (default ``bench_attention``).
 """
@@ -45,6 +46,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # `common` and the case modules beside this file
 
 from common import (
+    HEAP_REUSE_MALLOC_ENV,
     RESULTS_DIR,
     current_rss_mib,
     markdown_table,
@@ -134,7 +136,7 @@ def repeats_for(seconds_hint: float | None, default: int) -> int:
     return max(1, min(default, int(30 // max(seconds_hint, 1e-3))))
 
 
-def run(cases, sizes, modes, repeats, verbose=True) -> list[dict]:
+def run(cases, sizes, modes, repeats, verbose=True, env=None) -> list[dict]:
     rows = []
     last_time: dict[tuple[str, str], float] = {}
     for n in sizes:
@@ -148,7 +150,7 @@ def run(cases, sizes, modes, repeats, verbose=True) -> list[dict]:
                 try:
                     result = run_in_fresh_process(
                         HERE, "measure", dict(module=module, case=case.name, n=n, mode=mode, repeats=count),
-                        timeout=case.timeout, threads=1,
+                        timeout=case.timeout, threads=1, env=env,
                     )
                 except Exception as error:  # a peer that fails or runs out of time is reported, not fatal
                     result = {"error": str(error).strip().splitlines()[-1][:200] if str(error).strip() else "failed"}
@@ -263,7 +265,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="bench_attention")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--malloc", choices=("default", "reuse"), default="default",
+                        help="glibc's defaults, or heap reuse without mmap (common.HEAP_REUSE_MALLOC_ENV): the steady "
+                             "state of a long run, without the page faults of fresh >= 32 MiB blocks")
     args = parser.parse_args(argv)
+    env = HEAP_REUSE_MALLOC_ENV if args.malloc == "reuse" else None
     cases = discover()
     if args.modules:
         cases = [(m, c) for m, c in cases if any(s in m for s in args.modules)]
@@ -275,9 +281,13 @@ def main(argv=None) -> int:
         return 0
     rate = run_in_fresh_process(HERE, "matmul_rate", {}, threads=1)["gflops"]
     print(f"fp32 matmul rate, 1 thread: {rate:.1f} GFLOP/s", flush=True)
-    rows = run(cases, args.sizes, args.modes, args.repeats)
+    rows = run(cases, args.sizes, args.modes, args.repeats, env=env)
     modes = [m for m in args.modes if any(r["mode"] == m for r in rows)]
     markdown, data = report(cases, rows, rate, args.sizes, modes)
+    if env:
+        markdown = (f"Allocator: heap reuse without mmap ({' '.join(f'{k}={v}' for k, v in env.items())}).\n\n"
+                    + markdown)
+        data["malloc_env"] = env
     print("\n" + markdown)
     write_results(args.output, markdown, data)
     plot_modes = [m for m in modes if m != "train"] or modes

@@ -115,6 +115,12 @@ def _proc_status() -> dict[str, float]:
 # such a block is freed: later tensors then land in the heap, whose free pages linger, and the peak RSS of identical
 # runs wanders by tens of MiB. A fixed threshold keeps every tensor-sized block in mmap, so RSS follows live memory.
 STEADY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# The opposite: no mmap at all and no trimming, so freed memory is always reused from the heap. glibc cannot raise its
+# mmap threshold above 32 MiB, so with its defaults every tensor of 32 MiB or more (one (1, 8, 16384, 64) fp32
+# activation) is a fresh mapping whose pages fault in on first touch, each step; at 8k the same tensors are 16 MiB
+# and get reused. That makes time(16k)/time(8k) of any step with such temporaries superlinear under the defaults.
+# Long-running processes that use jemalloc or tcmalloc (PyTorch's CPU tuning guide suggests them) behave like this.
+HEAP_REUSE_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def run_in_fresh_process(
