@@ -95,14 +95,13 @@ def performer_attention_cost(config: XArchConfig, layer: int, seq_len: int) -> A
     # The cache is the state (m x (d+1) per head) and one stabilising frame value per head (PerformerStateLayer); it
     # covers every query head (keys are repeated before the state), so GQA does not shrink it. With the feature floor
     # (on by default for the softmax kernel) it also keeps the running sum of [v, 1] and the largest w^T k per head.
-    from hf_xarch.model.attention_performer import DEFAULT_FEATURE_FLOOR, default_nb_features
+    from hf_xarch.model.attention_performer import default_nb_features, feature_floor_of
 
     m = config.performer_nb_features or default_nb_features(config.head_dim)
     d, heads = config.head_dim, config.num_attention_heads
     per_token = heads * (2 * 2 * m * d + 2 * 2 * m * (d + 1))
-    floor = config.performer_feature_floor
-    floor = DEFAULT_FEATURE_FLOOR if floor is None and config.performer_kernel == "softmax" else floor
-    cache = heads * (m * (d + 1) + 1 + ((d + 1) + 1 if floor else 0)) if config.is_decoder else 0
+    floor_state = (d + 1) + 1 if feature_floor_of(config) else 0
+    cache = heads * (m * (d + 1) + 1 + floor_state) if config.is_decoder else 0
     return AttentionCoreCost(per_token, per_token, cache)
 
 

@@ -62,6 +62,15 @@ CAUSAL_BLOCK_ELEMENTS = 2**19
 BIDIRECTIONAL_CHUNK_ELEMENTS = 2**18
 
 
+def feature_floor_of(config) -> float:
+    """The feature floor a config's Performer layers use: ``performer_feature_floor``, where None means
+    DEFAULT_FEATURE_FLOOR for the softmax kernel and none for relu (which adds its own ε)."""
+    floor = config.performer_feature_floor
+    if floor is None:
+        return DEFAULT_FEATURE_FLOOR if config.performer_kernel == "softmax" else 0.0
+    return float(floor)
+
+
 def tokens_per_block(batch_heads: int, features: int, budget: int, multiple: int) -> int:
     """How many tokens make ``budget`` feature elements over all heads: a multiple of ``multiple``, at most 4096."""
     tokens = budget // max(1, batch_heads * features)
@@ -502,7 +511,7 @@ def apply_feature_floor(out, mass, row_max, k, vaug, projection, scale, floor: f
     padding); projection (m, d) and scale: the kernel's feature map (keys scaled by ``scale``); start: a causal
     cache's (value sum (BH, 1, e+1), largest wᵀk (BH, 1)). Returns out and the (value sum, largest wᵀk) after the
     last key."""
-    real = vaug[..., -1] != 0
+    real = key_validity(vaug, True)
     norm = torch.linalg.vector_norm(k.detach(), dim=-1)
     peak = torch.where(real, row_max + 0.5 * scale**2 * norm.square_(), -math.inf)  # max_i wᵢᵀk
     peak = KeyPeak.apply(k, peak, projection * scale)
@@ -648,8 +657,7 @@ class PerformerAttention(XArchAttention):
         self.nb_features = config.performer_nb_features or default_nb_features(self.head_dim)
         self.kernel = config.performer_kernel
         self.redraw_interval = config.performer_redraw_interval
-        floor = config.performer_feature_floor
-        self.feature_floor = float(DEFAULT_FEATURE_FLOOR if floor is None and self.kernel == "softmax" else floor or 0)
+        self.feature_floor = feature_floor_of(config)
         self.register_buffer("projection", torch.empty(self.nb_features, self.head_dim))
         self.register_buffer("feature_seed", torch.zeros((), dtype=torch.long))
         self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))  # counted only when redrawing
