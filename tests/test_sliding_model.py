@@ -170,6 +170,52 @@ def test_generate_matches_greedy_full_forward():
     assert torch.equal(logits[:, 10:-1].argmax(-1), generated[:, 11:])
 
 
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_assisted_generation_with_a_different_draft_model_equals_greedy(sinks, monkeypatch):
+    """Assisted decoding rolls rejected draft tokens back with ``cache.crop``: with a different (random) assistant
+    many drafts are rejected, and the output still equals plain greedy decoding, past the window."""
+    from transformers.cache_utils import Cache
+
+    removed = []
+    crop = Cache.crop
+    monkeypatch.setattr(Cache, "crop", lambda self, tokens: (removed.append(-tokens), crop(self, tokens))[1])
+    # a large init spreads the logits, so the two random models disagree often (small ones repeat one token)
+    config = tiny_config(attention_type="sliding_window", attention_window=4, attention_sink_size=sinks,
+                         position_embedding_type="rope", max_position_embeddings=128, initializer_range=0.5)
+    torch.manual_seed(7)
+    model, assistant = XArchForCausalLM(config).eval(), XArchForCausalLM(config).eval()
+    ids = random_ids(1, 6)
+    greedy = model.generate(ids, max_new_tokens=30, do_sample=False)
+    removed.clear()
+    assisted = model.generate(ids, assistant_model=assistant, max_new_tokens=30, do_sample=False)
+    assert sum(removed) > 10  # drafts were rejected and rolled back, beyond the window of 4
+    assert torch.equal(assisted, greedy)
+
+
+def test_sink_cache_crop_rolls_back_exactly_and_refuses_what_it_cannot_restore():
+    torch.manual_seed(8)
+    config = tiny_config(attention_type="sliding_window", attention_window=4, attention_sink_size=2,
+                         max_position_embeddings=64)
+    model = XArchForCausalLM(config).eval()
+    ids = random_ids(1, 24)
+    full = model(ids).logits
+    out = model(ids[:, :10], use_cache=True)
+    cache = out.cache
+    cache.activate_past_recording()
+    model(random_ids(1, 5), cache=cache, use_cache=True)  # five draft tokens, all rejected
+    cache.crop(-5)
+    layer = cache.layers[0]
+    assert layer.get_seq_length() == 10 and layer.keys.shape[-2] <= config.sliding_window - 1 + 2
+    steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(10, 24)]
+    assert (torch.cat(steps, 1) - full[:, 10:]).abs().max() < 1e-4
+    # without recording, the window's older slots are gone: rolling back past them is refused, not guessed
+    cache = model(ids[:, :10], use_cache=True).cache
+    with pytest.raises(ValueError, match="activate_past_recording"):
+        cache.layers[0].crop(-2)
+    with pytest.raises(ValueError, match="negative"):
+        cache.layers[0].crop(3)
+
+
 def test_eager_returns_the_local_attention_weights():
     config = tiny_config(attention_type="sliding_window", attention_window=2)
     model = XArchModel._from_config(config, attn_implementation="eager")

@@ -268,7 +268,9 @@ class SlidingWindowAttention(XArchAttention):
             if layer.is_initialized or not isinstance(layer, DynamicLayer):
                 raise ValueError("cache: attention_sink_size needs a fresh DynamicCache(config=config)")
             window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
-            layer = layers[layer_idx] = SinkSlidingWindowLayer(window or self.config.sliding_window)
+            sink_layer = SinkSlidingWindowLayer(window or self.config.sliding_window)
+            sink_layer.record_past = getattr(layer, "record_past", False)  # assisted decoding turns it on up front
+            layer = layers[layer_idx] = sink_layer
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, SinkSlidingWindowLayer):
             raise ValueError(
                 f"cache: sliding_window layers need dynamic cache layers (DynamicCache), got {type(layer).__name__}"

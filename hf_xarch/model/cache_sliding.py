@@ -6,7 +6,8 @@ keeps every slot before a *sink horizon* (the slot after each row's k-th real to
 as the last ``sliding_window - 1`` slots. Memory stays bounded: horizon + window - 1 keys per layer.
 
 Because the kept slots are not contiguous, the layer records them (``slots``); ``SlidingWindowAttention`` builds
-its mask from them. ``SlidingWindowAttention.update_cache`` swaps this layer in for a fresh sliding layer of a
+its mask from them. Assisted decoding works as with transformers' own sliding layers: ``generate`` turns on past
+recording, so nothing is evicted until ``crop(-n)`` has removed the ``n`` rejected draft tokens. ``SlidingWindowAttention.update_cache`` swaps this layer in for a fresh sliding layer of a
 ``DynamicCache(config=...)``, since transformers' cache factory only knows its own layer types.
 """
 
@@ -24,6 +25,7 @@ class SinkSlidingWindowLayer(DynamicSlidingWindowLayer):
         super().__init__(sliding_window=sliding_window)
         self.slots = torch.zeros(0, dtype=torch.long)
         self.kept = torch.zeros(0, dtype=torch.long)
+        self.sink_slots = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, sink_slots: int = 0, **kwargs):
         if not self.is_initialized:
@@ -35,9 +37,15 @@ class SinkSlidingWindowLayer(DynamicSlidingWindowLayer):
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         self.slots = torch.cat([self.kept, new_slots])
-        keep = (self.slots < sink_slots) | (self.slots >= self.cumulative_length - (self.sliding_window - 1))
-        self.keys, self.values, self.kept = keys[:, :, keep], values[:, :, keep], self.slots[keep]
+        self.sink_slots = sink_slots
+        self.keys, self.values, self.kept = keys, values, self.slots
+        if not self.record_past:  # while recording, eviction waits for the next `crop`
+            self._evict()
         return keys, values
+
+    def _evict(self) -> None:
+        keep = (self.kept < self.sink_slots) | (self.kept >= self.cumulative_length - (self.sliding_window - 1))
+        self.keys, self.values, self.kept = self.keys[:, :, keep], self.values[:, :, keep], self.kept[keep]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # kept slots are not contiguous, so transformers' (length, offset) masks cannot describe them; our attention
@@ -48,6 +56,31 @@ class SinkSlidingWindowLayer(DynamicSlidingWindowLayer):
         super().reset()
         self.slots = torch.zeros(0, dtype=torch.long)
         self.kept = torch.zeros(0, dtype=torch.long)
+        self.sink_slots = 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("SinkSlidingWindowLayer cannot be cropped (assisted decoding is not supported)")
+        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: 0 or negative), then evict what
+        the window and the sinks no longer need. Tokens can only be removed while every slot they leave to the
+        window is still cached: with past recording on (as ``generate`` does for assisted decoding), or before any
+        eviction."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass 0 or a negative number, the count of tokens to remove (transformers' "
+                "convention for cache layers)"
+            )
+        remove = -tokens_to_remove
+        if remove and self.is_initialized:
+            end = self.cumulative_length - remove
+            needed_from = max(end - (self.sliding_window - 1), self.sink_slots)  # slots the window needs after it
+            cached = set(self.kept.tolist())
+            if remove > self.kept.shape[0] or any(slot not in cached for slot in range(needed_from, end)):
+                raise ValueError(
+                    f"crop({tokens_to_remove}): the slots the window would need again were already evicted; call "
+                    "cache.activate_past_recording() before the tokens that may be rolled back (generate does this "
+                    "for assisted decoding)"
+                )
+            keep = self.kept < end
+            self.keys, self.values, self.kept = self.keys[:, :, keep], self.values[:, :, keep], self.kept[keep]
+            self.cumulative_length = end
+        if self.is_initialized:
+            self._evict()
