@@ -70,12 +70,13 @@ def test_fast_paths_equal_quadratic_reference_forward_and_backward(kernel, floor
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
-def test_prefix_sum_equals_cumsum_values_and_gradients():
-    x = torch.randn(3, 96, 5, dtype=torch.float64, requires_grad=True)
-    fast, plain = performer.prefix_sum(x, chunk=32), x.cumsum(1)
-    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(fast)
-    torch.testing.assert_close(torch.autograd.grad(fast, x, grad)[0], torch.autograd.grad(plain, x, grad)[0])
+def test_running_sum_equals_cumsum_both_ways():
+    """The chunked prefix sums the floor uses (its value sums forward, their gradients in reverse), with a carry."""
+    x, carry = torch.randn(3, 96, 5, dtype=torch.float64), torch.randn(3, 1, 5, dtype=torch.float64)
+    chunks = x.view(3, 3, 32, 5)
+    torch.testing.assert_close(performer.running_sum(chunks, carry), x.cumsum(1) + carry, rtol=1e-12, atol=1e-12)
+    suffix = x.flip(1).cumsum(1).flip(1) + carry
+    torch.testing.assert_close(performer.running_sum(chunks, carry, reverse=True), suffix, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])
