@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from bench_attention import Case
 
-from hf_xarch.model.attention_performer import CAUSAL_CHUNK, DEFAULT_FEATURE_FLOOR, draw_projection, performer_attention
+from hf_xarch.model.attention_performer import DEFAULT_FEATURE_FLOOR, draw_projection, performer_attention
+from hf_xarch.model.attention_performer_kernels import CAUSAL_CHUNK
 
 try:  # lucidrains' performer-pytorch: `pip install performer-pytorch` (the `bench` extra)
     from performer_pytorch import FastAttention

@@ -10,6 +10,7 @@ import torch
 from transformers import BertConfig, BertModel, DynamicCache
 
 import hf_xarch.model.attention_performer as performer
+import hf_xarch.model.attention_performer_kernels as kernels
 from hf_xarch import ATTENTION_FAMILIES, XArchConfig, XArchForCausalLM, XArchModel
 from hf_xarch.model.attention_performer import (
     PerformerAttention,
@@ -51,7 +52,7 @@ def exact_softmax(q, k, v, causal: bool) -> torch.Tensor:
 def test_fast_paths_equal_quadratic_reference_forward_and_backward(kernel, floor, causal, masked, monkeypatch):
     """Chunked (several chunks and, for causal, several blocks, with a ragged end) == φ(Q)φ(K)ᵀV, values and grads;
     with a feature floor the reference adds the floor to every visible key's features, written out."""
-    monkeypatch.setattr(performer, "CAUSAL_BLOCK", 12)  # so that 37 tokens span 4 blocks of 3 chunks of 4
+    monkeypatch.setattr(kernels, "CAUSAL_BLOCK", 12)  # so that 37 tokens span 4 blocks of 3 chunks of 4
     seed = 100 + 8 * (kernel == "relu") + 4 * causal + 2 * masked + 16 * bool(floor)
     q, k, v = random_qkv(seed, batch=2, heads=3, length=37, dim=16, value_dim=11, scale=0.8, dtype=torch.float64)
     projection = draw_projection(23, 16, seed=seed).double()
@@ -74,9 +75,9 @@ def test_running_sum_equals_cumsum_both_ways():
     """The chunked prefix sums the floor uses (its value sums forward, their gradients in reverse), with a carry."""
     x, carry = torch.randn(3, 96, 5, dtype=torch.float64), torch.randn(3, 1, 5, dtype=torch.float64)
     chunks = x.view(3, 3, 32, 5)
-    torch.testing.assert_close(performer.running_sum(chunks, carry), x.cumsum(1) + carry, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kernels.running_sum(chunks, carry), x.cumsum(1) + carry, rtol=1e-12, atol=1e-12)
     suffix = x.flip(1).cumsum(1).flip(1) + carry
-    torch.testing.assert_close(performer.running_sum(chunks, carry, reverse=True), suffix, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kernels.running_sum(chunks, carry, reverse=True), suffix, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])

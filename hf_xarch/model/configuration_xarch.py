@@ -109,10 +109,10 @@ class XArchConfig(PreTrainedConfig):
             forwards (never in eval mode; 0 = never). Redraws are reproducible: the projection and its seed are saved.
         performer_feature_floor (`float`, *optional*): softmax kernel only. Every key feature gets this fraction of the
             largest exp(wᵀk) the query sees added, which mixes the estimate with uniform attention exactly where a few
-            huge features make it noisy (large logits, few features) and leaves it unchanged otherwise (see
-            "the feature floor" in `attention_performer_kernels.py`). Defaults to 1e-3 for `softmax` (measured in `benchmarks/bench_performer.py`: never
-            worse than performer-pytorch's 1e-4 floor, and up to 2.4x better at logit std 0.5); 0 gives the unbiased
-            FAVOR+ estimate. Not allowed with `relu`, which adds its own 1e-3.
+            huge features make it noisy (large logits, few features) and leaves it unchanged otherwise (see "the
+            feature floor" in `attention_performer_kernels.py`). Defaults to 1e-3 for `softmax` (measured in
+            `benchmarks/bench_performer.py`: never worse than performer-pytorch's 1e-4 floor, and up to 2.4x better
+            at logit std 0.5); 0 gives the unbiased FAVOR+ estimate. Not allowed with `relu`, which adds its own 1e-3.
         Performer cannot take an additive score bias (ALiBi); its `attention_dropout` is unused (no weights exist).
 
     Training:
