@@ -104,3 +104,38 @@ def test_sampling_and_beam_search():
         return logits.gather(-1, seq[:, 5:, None]).sum((1, 2))
 
     assert torch.all(log_prob(beams[::2]) >= log_prob(greedy) - 1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides, cache_layers",
+    [
+        (dict(position_embedding_type="rope"), ["StaticLayer"] * 2),
+        (dict(position_embedding_type="alibi"), ["StaticLayer"] * 2),
+        (dict(attention_type="performer", performer_nb_features=16), ["PerformerStateLayer"] * 2),
+        (dict(layer_types=["full_attention", "performer"], performer_nb_features=16),
+         ["StaticLayer", "PerformerStateLayer"]),
+    ],
+    ids=["full-rope", "full-alibi", "performer", "full+performer"],
+)
+def test_static_cache_generate_equals_the_dynamic_cache(overrides, cache_layers):
+    """generate(cache_implementation="static"): full layers get transformers' StaticLayer (masks sized to the static
+    cache), Performer layers keep their recurrent state; the logits of every step equal the default dynamic cache's,
+    on a left-padded batch."""
+    model = build(**overrides)
+    ids, mask = random_ids(2, 7, seed=17), left_padded_mask([7, 4], 7)
+    runs = {
+        implementation: model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                       cache_implementation=implementation, return_dict_in_generate=True,
+                                       output_logits=True)
+        for implementation in (None, "static")
+    }
+    assert [type(layer).__name__ for layer in runs["static"].cache.layers] == cache_layers
+    assert torch.equal(runs["static"].sequences, runs[None].sequences)
+    torch.testing.assert_close(torch.stack(runs["static"].logits), torch.stack(runs[None].logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_static_cache_with_sliding_window_layers_is_refused_clearly(sinks):
+    model = build(attention_type="sliding_window", attention_window=4, attention_sink_size=sinks)
+    with pytest.raises(ValueError, match="cache_implementation=None"):
+        model.generate(random_ids(1, 5, seed=18), max_new_tokens=3, do_sample=False, cache_implementation="static")

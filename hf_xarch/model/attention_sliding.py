@@ -266,14 +266,19 @@ class SlidingWindowAttention(XArchAttention):
         layer = layers[layer_idx]
         if self.sink_size and not isinstance(layer, SinkSlidingWindowLayer):
             if layer.is_initialized or not isinstance(layer, DynamicLayer):
-                raise ValueError("cache: attention_sink_size needs a fresh DynamicCache(config=config)")
+                raise ValueError(
+                    f"cache: attention_sink_size needs a fresh DynamicCache(config=config), got a "
+                    f"{type(layer).__name__}; generate() builds one with its default cache_implementation=None"
+                )
             window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
             sink_layer = SinkSlidingWindowLayer(window or self.config.sliding_window)
             sink_layer.record_past = getattr(layer, "record_past", False)  # assisted decoding turns it on up front
             layer = layers[layer_idx] = sink_layer
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, SinkSlidingWindowLayer):
             raise ValueError(
-                f"cache: sliding_window layers need dynamic cache layers (DynamicCache), got {type(layer).__name__}"
+                f"cache: sliding_window layers need dynamic cache layers (DynamicCache; generate()'s default "
+                f"cache_implementation=None), got {type(layer).__name__}: their keys are kept by slot, which a static "
+                "cache's rotating buffer does not record"
             )
         end = mask.q_start + key.shape[2]
         if isinstance(layer, SinkSlidingWindowLayer):

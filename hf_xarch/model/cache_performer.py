@@ -13,13 +13,15 @@ it does not count tokens, so ``Cache.get_seq_length()`` raises for a model whose
 ``get_recurrent_state`` only returns a state once a convolution state was written too (Mamba's layout). This layer is a
 ``CacheLayerMixin`` that counts tokens like a ``DynamicLayer`` and stores the Performer state; setting ``_layer_type``
 registers it with transformers (``DYNAMIC_LAYER_TYPE_MAPPING["performer_attention"]``) the moment this file is
-imported, so ``DynamicCache(config=...)``, and therefore ``generate()``, build it for every Performer layer.
+imported, so ``DynamicCache(config=...)``, and therefore ``generate()``, build it for every Performer layer. A
+recurrent state is static already, so it is registered for ``StaticCache`` too (as transformers does with its
+``LinearAttentionLayer``): ``generate(cache_implementation="static")`` pairs it with static full-attention layers.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, CacheLayerMixin
 
 PERFORMER_LAYER_TYPE = "performer_attention"
 
@@ -109,3 +111,6 @@ class PerformerStateLayer(CacheLayerMixin):
     def prefetch(self) -> None:
         if self.tensors is not None and self.device is not None and self.tensors[0].device != self.device:
             self.tensors = tuple(t.to(self.device, non_blocking=True) for t in self.tensors)
+
+
+STATIC_LAYER_TYPE_MAPPING.setdefault(PERFORMER_LAYER_TYPE, PerformerStateLayer)

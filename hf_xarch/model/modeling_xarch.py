@@ -390,6 +390,14 @@ class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
     _auto_class = "AutoModelForCausalLM"
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
 
+    @staticmethod
+    def create_masks_for_generate(config, inputs_embeds, attention_mask, cache=None, position_ids=None, **kwargs):
+        """`generate()` calls this to prebuild 4-d masks per layer type when the cache is compileable (a static cache
+        of full-attention layers). XArch's attention families build their own masks from the 2-d padding mask in every
+        forward (the full layers through transformers' masking utilities, which size them to the static cache), so
+        the 2-d mask is passed through unchanged."""
+        return attention_mask
+
     def __init__(self, config: XArchConfig):
         if not config.is_decoder:
             logger.info("XArchForCausalLM: setting config.is_decoder=True (a causal LM is always a decoder)")
