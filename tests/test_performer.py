@@ -309,6 +309,62 @@ def test_generate_greedy_and_beam_search_match_uncached():
     assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, use_cache=False, **beams))
 
 
+@pytest.mark.parametrize("overrides", [{}, {"performer_kernel": "relu"}, {"layer_types": ["full", "performer"]}],
+                         ids=["softmax-floor", "relu", "with-full"])
+def test_crop_takes_draft_tokens_back_exactly(overrides):
+    """Assisted decoding's rollback: under past recording, draft tokens absorbed into the running sums are taken back
+    by replaying the kept ones onto the recorded state; decoding on equals the full forward (left-padded batch)."""
+    model = XArchForCausalLM(performer_config(is_decoder=True, position_embedding_type="rope", **overrides)).eval()
+    ids, drafts = random_ids(2, 16, seed=30), random_ids(2, 2, seed=31)
+    mask = left_padded_mask([16, 13], 16)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = DynamicCache(config=model.config)
+        cache.activate_past_recording()
+        steps = [model(ids[:, :7], attention_mask=mask[:, :7], cache=cache, use_cache=True).logits]
+        # three forwards before one crop: the prompt, 3 right tokens and 2 wrong ones; the crop takes back the wrong
+        # ones and the last 2 right ones, so it replays the prompt and 1 of the 3 onto the empty state
+        steps.append(model(ids[:, 7:10], attention_mask=mask[:, :10], cache=cache, use_cache=True).logits[:, :1])
+        draft_mask = torch.cat([mask[:, :10], torch.ones(2, 2, dtype=mask.dtype)], 1)
+        model(drafts[:, :2], attention_mask=draft_mask, cache=cache, use_cache=True)
+        cache.crop(-4)
+        assert cache.get_seq_length() == 8
+        for t in range(8, 16):
+            steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True).logits)
+            cache.crop(0)  # confirms
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-5)
+
+
+def test_assisted_generation_with_a_different_draft_model_equals_greedy(monkeypatch):
+    from transformers.cache_utils import Cache
+
+    removed = []
+    crop = Cache.crop
+    monkeypatch.setattr(Cache, "crop", lambda self, tokens: (removed.append(-tokens), crop(self, tokens))[1])
+    # a large init spreads the logits, so the two random models disagree often
+    config = performer_config(is_decoder=True, position_embedding_type="rope", initializer_range=0.5,
+                              max_position_embeddings=64)
+    torch.manual_seed(7)
+    model, assistant = XArchForCausalLM(config).eval(), XArchForCausalLM(config).eval()
+    prompt = random_ids(1, 6, seed=32)
+    greedy = model.generate(prompt, max_new_tokens=30, do_sample=False)
+    removed.clear()
+    assisted = model.generate(prompt, assistant_model=assistant, max_new_tokens=30, do_sample=False)
+    assert sum(removed) > 10  # drafts were rejected and taken back
+    assert torch.equal(assisted, greedy)
+
+
+def test_crop_without_recording_raises():
+    model = XArchForCausalLM(performer_config(is_decoder=True)).eval()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(random_ids(1, 6, seed=33), cache=cache, use_cache=True)
+    cache.crop(0)  # nothing to take back: fine
+    with pytest.raises(ValueError, match="activate_past_recording"):
+        cache.crop(-2)
+
+
 def test_save_and_reload_give_identical_outputs(tmp_path):
     model = XArchForCausalLM(performer_config(is_decoder=True, performer_kernel="relu")).eval()
     ids = random_ids(2, 11, seed=12)

@@ -140,6 +140,13 @@ class PerformerAttention(XArchAttention):
             )
         return layers[layer_idx]
 
+    def absorb(self, key, value, key_mask, state):
+        """The causal state after ``key``/``value`` (already rotated and repeated, as the forward passed them), from
+        ``state`` (None: empty): what ``PerformerStateLayer.crop`` replays to take draft tokens back."""
+        key_mask = None if key_mask is None else key_mask[:, : key.shape[2]]
+        return performer_attention(key, key, value, self.projection, self.kernel, causal=True, key_mask=key_mask,
+                                   scaling=self.scaling, state=state, feature_floor=self.feature_floor)[1]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -165,6 +172,9 @@ class PerformerAttention(XArchAttention):
         key = repeat_kv(key, self.num_key_value_groups)
         value = repeat_kv(value, self.num_key_value_groups)
         layer = self.state_layer(cache, layer_idx) if cache is not None and self.is_causal else None
+        if layer is not None and layer.record_past:  # assisted decoding: crop may take some of these tokens back
+            layer.record(length, lambda tensors, count: self.absorb(key[:, :, :count], value[:, :, :count],
+                                                                    key_mask, tensors))
         output, state = performer_attention(
             query,
             key,

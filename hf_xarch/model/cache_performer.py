@@ -20,6 +20,8 @@ recurrent state is static already, so it is registered for ``StaticCache`` too (
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, CacheLayerMixin
 
@@ -33,7 +35,6 @@ class PerformerStateLayer(CacheLayerMixin):
 
     _layer_type = PERFORMER_LAYER_TYPE
     is_sliding = False
-    is_croppable = False  # a sum cannot forget its last terms exactly, so assisted decoding's rollback is refused
     supports_early_init = False  # the state's shape depends on the feature count, not on (heads, head_dim)
 
     def __init__(self, **kwargs):
@@ -41,6 +42,27 @@ class PerformerStateLayer(CacheLayerMixin):
         self.tensors: tuple[torch.Tensor, ...] | None = None
         self.seen_tokens = 0
         self.device = None
+        # assisted decoding: a sum cannot forget its last terms, so while recording the layer keeps the state from
+        # before the unconfirmed tokens and, per forward since, a function that absorbs its first n tokens again
+        self.record_past = False
+        self.snapshot: tuple[torch.Tensor, ...] | None = None
+        self.replays: list[tuple[int, Callable]] = []
+
+    def activate_past_recording(self) -> None:
+        """Keep what ``crop`` needs to take tokens back (``generate`` turns this on for assisted decoding)."""
+        self.record_past = True
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.record_past
+
+    def record(self, num_tokens: int, replay: Callable) -> None:
+        """Before a forward absorbs ``num_tokens`` (while recording): keep the state they start from (once per
+        unconfirmed stretch; decoding updates the state in place, hence the copy) and ``replay(tensors, n)``, which
+        returns ``tensors`` after the first n of them."""
+        if not self.replays:
+            self.snapshot = None if self.tensors is None else tuple(t.clone() for t in self.tensors)
+        self.replays.append((num_tokens, replay))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -85,15 +107,32 @@ class PerformerStateLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.tensors = None
         self.seen_tokens = 0
+        self.snapshot, self.replays = None, []
         self.is_initialized = False
         if hasattr(self, "batch_size"):
             del self.batch_size
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
+        """Take back the last ``-tokens_to_remove`` tokens (transformers' convention: 0 or negative) by replaying the
+        kept ones onto the recorded state; ``crop(0)`` confirms every token so far."""
+        if tokens_to_remove != 0 and (tokens_to_remove > 0 or not self.replays):
             raise ValueError(
-                f"crop({tokens_to_remove}): a Performer layer's cache is a running sum, from which tokens cannot be removed"
+                f"crop({tokens_to_remove}): a Performer layer's cache is a running sum; it can only take back tokens "
+                "absorbed while recording (cache.activate_past_recording(), as generate() does for assisted "
+                "decoding), by a negative count"
             )
+        remove = -tokens_to_remove
+        recorded = sum(count for count, _ in self.replays)
+        if remove > recorded:
+            raise ValueError(f"crop({tokens_to_remove}): only {recorded} tokens were absorbed since the last crop")
+        if remove:
+            tensors, keep = self.snapshot, recorded - remove
+            for count, replay in self.replays:
+                if keep > 0:
+                    tensors = replay(tensors, min(count, keep))
+                keep -= count
+            self.tensors, self.seen_tokens = tensors, self.seen_tokens - remove
+        self.snapshot, self.replays = None, []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
