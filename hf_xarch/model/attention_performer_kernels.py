@@ -167,7 +167,7 @@ def with_ones(v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return torch.cat((v, ones), dim=-1)
 
 
-# ---- the output rows and the feature floor ----------------------------------------------------------------------------
+# ---- the output rows and the feature floor ---------------------------------------------------------------------------
 # The kernels write each chunk's output rows straight into the output tensor (no whole-sequence [num, den] or unfloored
 # copy: at 16k tokens each would be a fresh 32 MiB block, page-faulted in on every call), and their backwards rebuild
 # the gradient of [num, den] chunk by chunk from the output itself.
@@ -483,7 +483,7 @@ class CausalFavor(torch.autograd.Function):
         return grad_q, grad_k, grad_v, *([None] * (6 + len(ctx.start)))
 
 
-# ---- the entry points: fast path and reference -------------------------------------------------------------------------
+# ---- the entry points: fast path and reference -----------------------------------------------------------------------
 def prepare_inputs(query, key, value, key_mask):
     """Append the ones column to V; padded keys get zero keys and zero [v, 1] rows, so they add nothing to any sum
     (NaN-safe: where, not multiply)."""

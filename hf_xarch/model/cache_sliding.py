@@ -6,9 +6,11 @@ keeps every slot before a *sink horizon* (the slot after each row's k-th real to
 as the last ``sliding_window - 1`` slots. Memory stays bounded: horizon + window - 1 keys per layer.
 
 Because the kept slots are not contiguous, the layer records them (``slots``); ``SlidingWindowAttention`` builds
-its mask from them. Assisted decoding works as with transformers' own sliding layers: ``generate`` turns on past
-recording, so nothing is evicted until ``crop(-n)`` has removed the ``n`` rejected draft tokens. ``SlidingWindowAttention.update_cache`` swaps this layer in for a fresh sliding layer of a
+its mask from them. ``SlidingWindowAttention.update_cache`` swaps this layer in for a fresh sliding layer of a
 ``DynamicCache(config=...)``, since transformers' cache factory only knows its own layer types.
+
+Assisted decoding works as with transformers' own sliding layers: ``generate`` turns on past recording, so nothing
+is evicted until ``crop(-n)`` has removed the ``n`` rejected draft tokens.
 """
 
 from __future__ import annotations
