@@ -71,3 +71,22 @@ def run_without_hf_xarch(script: str, timeout: int = 300) -> subprocess.Complete
 
 
 __all__ = ["tiny_config", "random_ids", "left_padded_mask", "run_without_hf_xarch", "hf_xarch"]
+
+
+def assisted_and_greedy(config: XArchConfig, monkeypatch, new_tokens: int = 30):
+    """Greedy generation with and without a different random assistant (``generate(assistant_model=...)``), and the
+    number of draft tokens the assisted run took back through ``Cache.crop``: (assisted, greedy, taken_back)."""
+    from transformers.cache_utils import Cache
+
+    from hf_xarch import XArchForCausalLM
+
+    removed = []
+    crop = Cache.crop
+    monkeypatch.setattr(Cache, "crop", lambda self, tokens: (removed.append(-tokens), crop(self, tokens))[1])
+    torch.manual_seed(7)
+    model, assistant = XArchForCausalLM(config).eval(), XArchForCausalLM(config).eval()
+    prompt = random_ids(1, 6, seed=32)
+    greedy = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+    removed.clear()
+    assisted = model.generate(prompt, assistant_model=assistant, max_new_tokens=new_tokens, do_sample=False)
+    return assisted, greedy, sum(removed)

@@ -21,7 +21,7 @@ from hf_xarch.model.attention_performer import (
 )
 from hf_xarch.model.cache_performer import PerformerStateLayer
 
-from .helpers import left_padded_mask, random_ids, run_without_hf_xarch, tiny_config
+from .helpers import assisted_and_greedy, left_padded_mask, random_ids, run_without_hf_xarch, tiny_config
 
 
 def performer_config(**overrides) -> XArchConfig:
@@ -337,21 +337,11 @@ def test_crop_takes_draft_tokens_back_exactly(overrides):
 
 
 def test_assisted_generation_with_a_different_draft_model_equals_greedy(monkeypatch):
-    from transformers.cache_utils import Cache
-
-    removed = []
-    crop = Cache.crop
-    monkeypatch.setattr(Cache, "crop", lambda self, tokens: (removed.append(-tokens), crop(self, tokens))[1])
     # a large init spreads the logits, so the two random models disagree often
     config = performer_config(is_decoder=True, position_embedding_type="rope", initializer_range=0.5,
                               max_position_embeddings=64)
-    torch.manual_seed(7)
-    model, assistant = XArchForCausalLM(config).eval(), XArchForCausalLM(config).eval()
-    prompt = random_ids(1, 6, seed=32)
-    greedy = model.generate(prompt, max_new_tokens=30, do_sample=False)
-    removed.clear()
-    assisted = model.generate(prompt, assistant_model=assistant, max_new_tokens=30, do_sample=False)
-    assert sum(removed) > 10  # drafts were rejected and taken back
+    assisted, greedy, taken_back = assisted_and_greedy(config, monkeypatch)
+    assert taken_back > 10  # drafts were rejected and taken back
     assert torch.equal(assisted, greedy)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from hf_xarch import XArchForCausalLM, XArchForMaskedLM, XArchModel
 from hf_xarch.model.attention_sliding import SlidingWindowAttention
-from tests.helpers import left_padded_mask, random_ids, tiny_config
+from tests.helpers import assisted_and_greedy, left_padded_mask, random_ids, tiny_config
 
 
 def naive_longformer_layer(layer, hidden, valid, global_tokens):
@@ -174,21 +174,11 @@ def test_generate_matches_greedy_full_forward():
 def test_assisted_generation_with_a_different_draft_model_equals_greedy(sinks, monkeypatch):
     """Assisted decoding rolls rejected draft tokens back with ``cache.crop``: with a different (random) assistant
     many drafts are rejected, and the output still equals plain greedy decoding, past the window."""
-    from transformers.cache_utils import Cache
-
-    removed = []
-    crop = Cache.crop
-    monkeypatch.setattr(Cache, "crop", lambda self, tokens: (removed.append(-tokens), crop(self, tokens))[1])
     # a large init spreads the logits, so the two random models disagree often (small ones repeat one token)
     config = tiny_config(attention_type="sliding_window", attention_window=4, attention_sink_size=sinks,
                          position_embedding_type="rope", max_position_embeddings=128, initializer_range=0.5)
-    torch.manual_seed(7)
-    model, assistant = XArchForCausalLM(config).eval(), XArchForCausalLM(config).eval()
-    ids = random_ids(1, 6)
-    greedy = model.generate(ids, max_new_tokens=30, do_sample=False)
-    removed.clear()
-    assisted = model.generate(ids, assistant_model=assistant, max_new_tokens=30, do_sample=False)
-    assert sum(removed) > 10  # drafts were rejected and rolled back, beyond the window of 4
+    assisted, greedy, taken_back = assisted_and_greedy(config, monkeypatch)
+    assert taken_back > 10  # drafts were rejected and rolled back, beyond the window of 4
     assert torch.equal(assisted, greedy)
 
 

@@ -74,8 +74,8 @@ class SinkSlidingWindowLayer(DynamicSlidingWindowLayer):
         if remove and self.is_initialized:
             end = self.cumulative_length - remove
             needed_from = max(end - (self.sliding_window - 1), self.sink_slots)  # slots the window needs after it
-            cached = set(self.kept.tolist())
-            if remove > self.kept.shape[0] or any(slot not in cached for slot in range(needed_from, end)):
+            needed = torch.arange(needed_from, end, device=self.kept.device)
+            if remove > self.kept.shape[0] or not bool(torch.isin(needed, self.kept).all()):
                 raise ValueError(
                     f"crop({tokens_to_remove}): the slots the window would need again were already evicted; call "
                     "cache.activate_past_recording() before the tokens that may be rolled back (generate does this "
