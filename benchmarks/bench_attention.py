@@ -20,13 +20,21 @@ thread is the wall time of an idle machine) is what the ratios use; the wall tim
 length run one after the other, in alternating order, so drift in the machine's speed hits them alike.
 
 Also reported: the machine's measured fp32 matmul rate (a 2048² GEMM, 1 thread), each case's useful FLOP/s where it
-declares its useful work (``Case.flops``) and that as a fraction of the matmul rate, and time(2N)/time(N).
+declares its useful work (``Case.flops``) and that as a fraction of the matmul rate, and time(2N)/time(N) for
+each pair of lengths and as fitted over all lengths from 2048 up (``fitted_doubling``).
 
     python benchmarks/bench_attention.py                                  # everything (long: dense SDPA at 16k)
     python benchmarks/bench_attention.py --sizes 1024 2048 --modes fwd --cases banded sdpa --output scratch
     python benchmarks/bench_attention.py --modules sliding      # the cases of cases_sliding.py only
     python benchmarks/bench_attention.py --list
     python benchmarks/bench_attention.py --malloc reuse ...           # heap reuse: no page faults of >= 32 MiB blocks
+    python benchmarks/bench_attention.py --rounds 3 ...               # the whole sweep 3 times, medians of the rounds
+
+Rounds: one fresh process per (case, length, mode) gives one cell, and on a shared machine a cell moves by several
+percent between processes (where the allocator and the OS place its memory, neighbours' load), so one run's
+time(2N)/time(N) moves by about ±0.2. ``--rounds R`` repeats the whole sweep R times (each round visits every length,
+so drift hits all lengths alike), takes each cell's median over the rounds, and prints the range of the per-round
+ratios beside the ratio of the medians.
 
 Results: ``benchmarks/results/<output>.{md,json,png}`` (default ``bench_attention``).
 """
@@ -35,6 +43,7 @@ Results: ``benchmarks/results/<output>.{md,json,png}`` (default ``bench_attentio
 # module, where a dataclass cannot resolve string annotations
 import argparse
 import importlib
+import math
 import statistics
 import sys
 import time
@@ -58,6 +67,7 @@ from common import (
 )
 
 SIZES = (1024, 2048, 4096, 8192, 16384)
+FIT_FROM = 2048  # the scaling fit starts here (the goals' "from 2048 up"; 1k steps are dominated by fixed costs)
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -167,6 +177,54 @@ def run(cases, sizes, modes, repeats, verbose=True, env=None) -> list[dict]:
     return rows
 
 
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (case, length, mode) from the rows of several rounds: the median CPU and wall time and peak
+    memory over the rounds that measured it, with every round's values under ``*_rounds``. A cell that failed in
+    every round keeps the first round's error."""
+    if len(rounds) == 1:
+        return rounds[0]
+    cells: dict[tuple, list[dict]] = {}
+    for rows in rounds:
+        for row in rows:
+            cells.setdefault((row["case"], row["n"], row["mode"]), []).append(row)
+    combined = []
+    for measured in cells.values():
+        good = [r for r in measured if "cpu_ms" in r]
+        if not good:
+            combined.append(measured[0])
+            continue
+        row = dict(good[0])
+        for key in ("cpu_ms", "wall_ms", "peak_mib", "useful_gflops"):
+            if key in row:
+                values = [r[key] for r in good]
+                row[key], row[f"{key}_rounds"] = statistics.median(values), values
+        row["rounds"] = len(good)
+        combined.append(row)
+    return combined
+
+
+def scaling_cell(r: dict | None, half: dict | None) -> str:
+    """time(N)/time(N/2) of two combined rows, with the range of the per-round ratios when there were rounds."""
+    if not (r and half and "cpu_ms" in r and "cpu_ms" in half):
+        return "-"
+    text = f"{r['cpu_ms'] / half['cpu_ms']:.2f}"
+    full, halves = r.get("cpu_ms_rounds"), half.get("cpu_ms_rounds")
+    if full and halves and len(full) == len(halves):
+        ratios = [a / b for a, b in zip(full, halves)]
+        text += f" (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+    return text
+
+
+def fitted_doubling(points: list[tuple[int, float]]) -> float | None:
+    """2 to the least-squares slope of log2(time) against log2(N): the time(2N)/time(N) that best fits all lengths
+    at once. A single ratio divides two noisy cells (each moves by several percent between processes on a shared
+    machine); the fit uses every cell, so one slow or fast cell moves it much less."""
+    if len(points) < 3:
+        return None
+    xs, ys = [math.log2(n) for n, _ in points], [math.log2(t) for _, t in points]
+    return 2 ** statistics.linear_regression(xs, ys).slope
+
+
 def report(cases, rows, rate, sizes, modes) -> tuple[str, dict]:
     """Markdown: per group and mode a table of ms / MiB per length, ratios against the reference case, scaling of
     our cases, and their efficiency."""
@@ -210,11 +268,16 @@ def report(cases, rows, rate, sizes, modes) -> tuple[str, dict]:
                 scaling, efficiency = [], []
                 for n in lengths:
                     r, half = by_key.get((case.name, n, mode)), by_key.get((case.name, n // 2, mode))
-                    ok = r and half and "cpu_ms" in r and "cpu_ms" in half
-                    scaling.append(f"{r['cpu_ms'] / half['cpu_ms']:.2f}" if ok else "-")
+                    scaling.append(scaling_cell(r, half))
                     useful = r.get("useful_gflops") if r else None
                     efficiency.append(f"{useful:.1f} ({100 * useful / rate:.0f}%)" if useful else "-")
-                lines += [f"{case.name}: time(N)/time(N/2): " + ", ".join(f"{n}: {s}" for n, s in zip(lengths, scaling)),
+                points = [(n, by_key[(case.name, n, mode)]["cpu_ms"]) for n in lengths
+                          if n >= FIT_FROM and "cpu_ms" in by_key.get((case.name, n, mode), {})]
+                fit = fitted_doubling(points)
+                fitted = (f"; fitted over {points[0][0]}-{points[-1][0]}: {fit:.2f} per doubling"
+                          if fit is not None else "")
+                lines += [f"{case.name}: time(N)/time(N/2): " + ", ".join(f"{n}: {s}" for n, s in zip(lengths, scaling))
+                          + fitted,
                           "",
                           f"{case.name}: useful GFLOP/s (share of the matmul rate): "
                           + ", ".join(f"{n}: {e}" for n, e in zip(lengths, efficiency)), ""]
@@ -263,6 +326,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", default=None, help="substrings of case names to keep")
     parser.add_argument("--modules", nargs="+", default=None, help="substrings of case-module names to keep")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole sweep this many times; cells are the medians over the rounds")
     parser.add_argument("--output", default="bench_attention")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--malloc", choices=("default", "reuse"), default="default",
@@ -281,9 +346,21 @@ def main(argv=None) -> int:
         return 0
     rate = run_in_fresh_process(HERE, "matmul_rate", {}, threads=1)["gflops"]
     print(f"fp32 matmul rate, 1 thread: {rate:.1f} GFLOP/s", flush=True)
-    rows = run(cases, args.sizes, args.modes, args.repeats, env=env)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: need at least 1")
+    rounds = []
+    for index in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {index + 1} of {args.rounds}", flush=True)
+        rounds.append(run(cases, args.sizes, args.modes, args.repeats, env=env))
+    rows = combine_rounds(rounds)
     modes = [m for m in args.modes if any(r["mode"] == m for r in rows)]
     markdown, data = report(cases, rows, rate, args.sizes, modes)
+    if args.rounds > 1:
+        markdown = (f"Rounds: {args.rounds} (the whole sweep, one after the other); every cell is the median over the "
+                    "rounds, and each time(N)/time(N/2) is followed by the range of the rounds' own ratios.\n\n"
+                    + markdown)
+        data["rounds"] = args.rounds
     if env:
         markdown = (f"Allocator: heap reuse without mmap ({' '.join(f'{k}={v}' for k, v in env.items())}).\n\n"
                     + markdown)

@@ -1,0 +1,48 @@
+"""The statistics ``benchmarks/bench_attention.py`` reports: medians over rounds and the fitted scaling factor."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_attention
+
+
+@pytest.mark.parametrize("exponent", [1.0, 1.13, 2.0])
+def test_fitted_doubling_recovers_a_power_law(exponent):
+    sizes = [2048, 4096, 8192, 16384]
+    points = [(n, 3.0 * n**exponent) for n in sizes]
+    assert bench_attention.fitted_doubling(points) == pytest.approx(2**exponent, rel=1e-12)
+
+
+def test_fitted_doubling_is_less_moved_by_one_slow_cell_than_its_ratio():
+    points = [(n, n / 1000) for n in (2048, 4096, 8192)] + [(16384, 16.384 * 1.15)]  # the last cell 15% slow
+    last_ratio = points[-1][1] / points[-2][1]
+    fit = bench_attention.fitted_doubling(points)
+    assert last_ratio == pytest.approx(2.3)
+    assert 2.0 < fit < 2.1
+    assert bench_attention.fitted_doubling(points[:2]) is None  # two points: no fit
+
+
+def test_combine_rounds_takes_medians_and_keeps_every_round():
+    def row(case, n, cpu, peak):
+        return {"case": case, "n": n, "mode": "fwd", "group": "g", "cpu_ms": cpu, "wall_ms": cpu + 1, "peak_mib": peak}
+
+    rounds = [
+        [row("a", 1024, 10.0, 5.0), row("a", 2048, 25.0, 9.0), {"case": "b", "n": 1024, "mode": "fwd", "error": "x"}],
+        [row("a", 1024, 12.0, 6.0), row("a", 2048, 21.0, 9.0), {"case": "b", "n": 1024, "mode": "fwd", "error": "y"}],
+        [row("a", 1024, 11.0, 4.0), row("a", 2048, 20.0, 8.0), row("b", 1024, 7.0, 1.0)],
+    ]
+    for index, rows in enumerate(rounds):  # a case that fails in every round keeps the first round's error
+        rows.append({"case": "c", "n": 1024, "mode": "fwd", "error": f"failed {index}"})
+    combined = {(r["case"], r["n"]): r for r in bench_attention.combine_rounds(rounds)}
+    first = combined[("a", 1024)]
+    assert (first["cpu_ms"], first["wall_ms"], first["peak_mib"]) == (11.0, 12.0, 5.0)
+    assert first["cpu_ms_rounds"] == [10.0, 12.0, 11.0] and first["rounds"] == 3
+    assert combined[("b", 1024)]["cpu_ms"] == 7.0 and combined[("b", 1024)]["rounds"] == 1  # failed rounds skipped
+    assert combined[("c", 1024)] == {"case": "c", "n": 1024, "mode": "fwd", "error": "failed 0"}
+    cell = bench_attention.scaling_cell(combined[("a", 2048)], first)
+    ratios = [25 / 10, 21 / 12, 20 / 11]
+    assert cell == f"{21 / 11:.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+    assert bench_attention.combine_rounds(rounds[:1]) is rounds[0]
