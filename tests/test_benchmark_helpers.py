@@ -46,3 +46,14 @@ def test_combine_rounds_takes_medians_and_keeps_every_round():
     ratios = [25 / 10, 21 / 12, 20 / 11]
     assert cell == f"{21 / 11:.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})"
     assert bench_attention.combine_rounds(rounds[:1]) is rounds[0]
+
+
+def test_scaling_summary_of_interleaved_steps():
+    import bench_scaling
+
+    times = {1024: [10.0, 11.0, 30.0], 2048: [21.0, 20.0, 22.0], 4096: [40.0, 44.0, 41.0], 8192: [80.0, 90.0, 84.0]}
+    cells, record = bench_scaling.summarise("case", "fwd", times)
+    assert record["median_ms"] == {1024: 11.0, 2048: 21.0, 4096: 41.0, 8192: 84.0}  # the 30 ms outlier is ignored
+    assert record["ratios"] == {2048: 21 / 11, 4096: 41 / 21, 8192: 84 / 41}
+    assert record["fitted"] == pytest.approx(bench_attention.fitted_doubling([(2048, 21), (4096, 41), (8192, 84)]))
+    assert cells[:4] == ["11.0", "21.0", "41.0", "84.0"] and cells[4] == f"{21 / 11:.2f}" and len(cells) == 8

@@ -1,0 +1,134 @@
+"""How our attention cases scale with the sequence length, measured so that the machine's drift cancels.
+
+``bench_attention.py`` measures every (case, length, mode) in its own fresh process, one after the other, which is
+right for peak memory and for comparing peers at one length. For time(2N)/time(N) it is noisy here: the machine's
+speed changes under its neighbours' load (one process's repeats spread by ±15%), so two cells measured minutes apart
+differ by several percent for reasons that have nothing to do with N. This script builds one case's steps at every
+length in **one** process and runs them in turns (1k, 2k, ..., 16k, then back down, ``--rounds`` times): a slow
+minute slows every length alike, and each length's median is taken over the same stretch of time.
+
+The allocator is shared by the lengths too, like in a real program: the short steps' freed blocks are there for the
+long ones (a fresh process that only ever frees small and >= 32 MiB blocks keeps glibc's trimming thresholds low,
+which a training job does not; see the README's allocator paragraph).
+
+Reports, per case and mode: each length's median CPU time, time(N)/time(N/2), the fitted time(2N)/time(N) over
+2048 and up (``bench_attention.fitted_doubling``), and a plot of the time per token (flat = linear).
+
+    python benchmarks/bench_scaling.py                                   # our attention cases (xarch*), fwd and fwd+bwd
+    python benchmarks/bench_scaling.py --cases "xarch performer" --rounds 5 --output scratch_scaling
+
+Results: ``benchmarks/results/<output>.{md,json,png}`` (default ``bench_scaling``).
+"""
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+
+# matmul_rate runs in a child that loads this file by path (run_in_fresh_process), so it must be importable from here
+from bench_attention import FIT_FROM, MODES, SIZES, discover, fitted_doubling, matmul_rate  # noqa: F401
+from common import RESULTS_DIR, markdown_table, run_in_fresh_process, write_results
+
+
+def measure_interleaved(module: str, case: str, sizes: list[int], mode: str, rounds: int) -> dict:
+    """Runs in a fresh child: the case's step at every length, one warm-up each, then ``rounds`` passes over the
+    lengths (ascending, then descending, alternately). Returns the CPU milliseconds of every step, per length."""
+    import torch
+
+    torch.set_num_threads(1)
+    chosen = next(c for c in importlib.import_module(module).CASES if c.name == case)
+    steps = {n: chosen.build(n, mode) for n in sizes}
+    for step in steps.values():
+        step()
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for index in range(rounds):
+        for n in sizes if index % 2 == 0 else sizes[::-1]:
+            start = time.process_time()
+            steps[n]()
+            times[n].append(1000 * (time.process_time() - start))
+    return {"cpu_ms": {str(n): t for n, t in times.items()}}
+
+
+def summarise(name: str, mode: str, times: dict[int, list[float]]) -> tuple[list[str], dict]:
+    """Table row cells (median ms per length, then ratios) and the JSON record of one case and mode."""
+    sizes = sorted(times)
+    medians = {n: statistics.median(times[n]) for n in sizes}
+    ratios = {n: medians[n] / medians[n // 2] for n in sizes if n // 2 in medians}
+    fit = fitted_doubling([(n, medians[n]) for n in sizes if n >= FIT_FROM])
+    record = {"case": name, "mode": mode, "median_ms": medians, "ratios": ratios, "fitted": fit, "cpu_ms": times}
+    return [f"{medians[n]:.1f}" for n in sizes] + [f"{ratios[n]:.2f}" for n in sizes if n in ratios] + [
+        f"{fit:.2f}" if fit is not None else "-"], record
+
+
+def plot(path: Path, records: list[dict]) -> None:
+    """Time per token against N, one panel per mode: a linear method draws a flat line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.3), squeeze=False)
+    for axis, mode in zip(axes[0], modes):
+        for record in (r for r in records if r["mode"] == mode):
+            sizes = sorted(record["median_ms"])
+            axis.plot(sizes, [1000 * record["median_ms"][n] / n for n in sizes], marker="o", label=record["case"])
+        axis.set(xscale="log", xlabel="sequence length", ylabel="µs per token (CPU time)",
+                 title=f"{mode}: time per token (flat = linear)")
+        axis.set_ylim(bottom=0)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--cases", nargs="+", default=["xarch"], help="substrings of case names to keep")
+    parser.add_argument("--rounds", type=int, default=9, help="passes over the lengths (each step once per pass)")
+    parser.add_argument("--output", default="bench_scaling")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: need at least 1")
+    sizes = sorted(args.sizes)
+    cases = [(m, c) for m, c in discover() if c.ours and any(s.lower() in c.name.lower() for s in args.cases)]
+    if not cases:
+        parser.error(f"--cases {args.cases}: no case of ours matches")
+    rate = run_in_fresh_process(HERE, "matmul_rate", {}, threads=1)["gflops"]
+    print(f"fp32 matmul rate, 1 thread: {rate:.1f} GFLOP/s", flush=True)
+    rows, records = [], []
+    for mode in args.modes:
+        for module, case in cases:
+            lengths = [n for n in sizes if n in case.sizes]
+            if mode not in case.modes or len(lengths) < 2:
+                continue
+            arguments = {"module": module, "case": case.name, "sizes": lengths, "mode": mode, "rounds": args.rounds}
+            result = run_in_fresh_process(HERE, "measure_interleaved", arguments, threads=1,
+                                          timeout=case.timeout * args.rounds)
+            times = {int(n): t for n, t in result["cpu_ms"].items()}
+            cells, record = summarise(case.name, mode, times)
+            records.append(record)
+            rows.append([case.name, mode, *cells])
+            print(f"{mode:7s} {case.name:40s} " + " ".join(cells), flush=True)
+    header = (["case", "mode"] + [f"{n} ms" for n in sizes] + [f"{n}/{n // 2}" for n in sizes[1:]]
+              + [f"fitted ({FIT_FROM}+)"])
+    intro = (f"Machine fp32 matmul rate (1 thread, 2048³): {rate:.1f} GFLOP/s. One process per case and mode; its "
+             f"steps at every length run in turns, {args.rounds} passes (up, down, up, ...); CPU-time medians (ms), "
+             f"time(N)/time(N/2), and the time(2N)/time(N) fitted over all lengths from {FIT_FROM} up.")
+    markdown = "\n".join([intro, "", markdown_table(header, rows)])
+    print("\n" + markdown)
+    write_results(args.output, markdown, {"matmul_gflops": rate, "rounds": args.rounds, "records": records})
+    plot(RESULTS_DIR / f"{args.output}.png", records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
