@@ -334,6 +334,8 @@ def main(argv=None) -> int:
                         help="glibc's defaults, or heap reuse without mmap (common.HEAP_REUSE_MALLOC_ENV): the steady "
                              "state of a long run, without the page faults of fresh >= 32 MiB blocks")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: need at least 1")
     env = HEAP_REUSE_MALLOC_ENV if args.malloc == "reuse" else None
     cases = discover()
     if args.modules:
@@ -346,8 +348,6 @@ def main(argv=None) -> int:
         return 0
     rate = run_in_fresh_process(HERE, "matmul_rate", {}, threads=1)["gflops"]
     print(f"fp32 matmul rate, 1 thread: {rate:.1f} GFLOP/s", flush=True)
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: need at least 1")
     rounds = []
     for index in range(args.rounds):
         if args.rounds > 1:

@@ -80,6 +80,29 @@ def test_running_sum_equals_cumsum_both_ways():
     torch.testing.assert_close(kernels.running_sum(chunks, carry, reverse=True), suffix, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunks", [1, 3, kernels.SCAN_MATMUL_FROM, kernels.SCAN_MATMUL_FROM + 1, 40])
+def test_chunk_scans_equal_cumsum_both_ways(chunks):
+    """The exclusive scans over a block's chunks (adds for a few chunks, a triangular matmul for many) with a carry."""
+    x, carry = torch.randn(2, chunks, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    before = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1].cumsum(1)), dim=1) + carry[:, None]
+    after = torch.cat((x[:, 1:].flip(1).cumsum(1).flip(1), torch.zeros_like(x[:, :1])), dim=1) + carry[:, None]
+    torch.testing.assert_close(kernels.exclusive_prefix(x, carry), before, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kernels.exclusive_suffix(x, carry), after, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_blocks_of_many_chunks_equal_the_reference(monkeypatch):
+    """Blocks of more than SCAN_MATMUL_FROM chunks (the matmul scans), forward and backward, with the floor."""
+    monkeypatch.setattr(kernels, "CAUSAL_BLOCK", 2 * (kernels.SCAN_MATMUL_FROM + 4))
+    q, k, v = random_qkv(7, batch=1, heads=2, length=53, dim=8, value_dim=5, scale=0.8, dtype=torch.float64)
+    projection = draw_projection(11, 8, seed=7).double()
+    out, _ = performer_attention(q, k, v, projection, causal=True, chunk_size=2, feature_floor=0.05)
+    ref = performer_attention_reference(q, k, v, projection, causal=True, feature_floor=0.05)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_floor_at_lengths_of_whole_chunks_equals_the_reference(causal):
     """The default chunking (prefix sums by blocks of 32 for the floor, 64-token causal chunks), fp64, padding."""

@@ -313,10 +313,24 @@ class BidirectionalFavor(torch.autograd.Function):
 # chunks: the state before each chunk, an exclusive prefix sum of the chunks' φ(K)ᵀ[V, 1] plus the state carried from
 # the previous block. Each block has one key frame (the running maximum up to its end); the carried state is rescaled
 # into it. Memory per block is fixed (block·m + chunks·m·d), so it never grows with N.
-# The scans over a block's chunks are one add per chunk, in order: torch's cumsum along a middle dimension runs 2-3x
-# slower on CPU (and the suffix would need two flipped copies), and a block has a few chunks (4 at 8 heads, m = 256).
+# The scans over a block's chunks: one add per chunk, in order, for a few chunks (4 at 8 heads and m = 256), else one
+# (chunks × chunks) triangular matmul. torch's cumsum along a middle dimension runs 2-3x slower on CPU than either
+# (and the suffix would need two flipped copies); the adds cost a call each, which the matmul saves for many small
+# chunks (1 head, small m: 64 chunks per block).
+SCAN_MATMUL_FROM = 16
+
+
+def _scan_matmul(per_chunk: torch.Tensor, carry: torch.Tensor, reverse: bool) -> torch.Tensor:
+    chunks = per_chunk.shape[1]
+    ones = torch.ones(chunks, chunks, dtype=per_chunk.dtype, device=per_chunk.device)
+    strict = ones.triu_(1) if reverse else ones.tril_(-1)  # after / before each chunk, not itself
+    return (strict @ per_chunk.flatten(2)).view_as(per_chunk).add_(carry[:, None])
+
+
 def exclusive_prefix(per_chunk: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
     """(BH, chunks, m, e) -> the sum of everything before each chunk: carry + Σ_{c' < c} per_chunk[c']."""
+    if per_chunk.shape[1] > SCAN_MATMUL_FROM:
+        return _scan_matmul(per_chunk, carry, reverse=False)
     before = torch.empty_like(per_chunk)
     before[:, 0] = carry
     for c in range(1, per_chunk.shape[1]):
@@ -326,6 +340,8 @@ def exclusive_prefix(per_chunk: torch.Tensor, carry: torch.Tensor) -> torch.Tens
 
 def exclusive_suffix(per_chunk: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
     """(BH, chunks, m, e) -> the sum of everything after each chunk: carry + Σ_{c' > c} per_chunk[c']."""
+    if per_chunk.shape[1] > SCAN_MATMUL_FROM:
+        return _scan_matmul(per_chunk, carry, reverse=True)
     after = torch.empty_like(per_chunk)
     after[:, -1] = carry
     for c in range(per_chunk.shape[1] - 2, -1, -1):
