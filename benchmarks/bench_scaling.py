@@ -12,7 +12,9 @@ long ones (a fresh process that only ever frees small and >= 32 MiB blocks keeps
 which a training job does not; see the README's allocator paragraph).
 
 Reports, per case and mode: each length's median CPU time, time(N)/time(N/2), the fitted time(2N)/time(N) over
-2048 and up (``bench_attention.fitted_doubling``), and a plot of the time per token (flat = linear).
+2048 and up (``bench_attention.fitted_doubling``), and a plot of the time per token (flat = linear). Cases that
+declare their useful work also get it as a share of the machine's matmul rate, the rate measured in the same process
+between the passes (so a slow stretch of the machine lowers both alike).
 
     python benchmarks/bench_scaling.py                                   # our attention cases (xarch*), fwd and fwd+bwd
     python benchmarks/bench_scaling.py --cases "xarch performer" --rounds 5 --output scratch_scaling
@@ -34,10 +36,14 @@ sys.path.insert(0, str(HERE.parent))
 from bench_attention import FIT_FROM, MODES, SIZES, discover, fitted_doubling, matmul_rate  # noqa: F401
 from common import RESULTS_DIR, markdown_table, run_in_fresh_process, write_results
 
+MATMUL_SIZE = 2048  # the yardstick of bench_attention.matmul_rate
+
 
 def measure_interleaved(module: str, case: str, sizes: list[int], mode: str, rounds: int) -> dict:
     """Runs in a fresh child: the case's step at every length, one warm-up each, then ``rounds`` passes over the
-    lengths (ascending, then descending, alternately). Returns the CPU milliseconds of every step, per length."""
+    lengths (ascending, then descending, alternately), each pass after one 2048³ matmul (the efficiency yardstick,
+    measured in the same stretch of time as the steps). Returns the CPU milliseconds of every step, per length, and
+    of every matmul."""
     import torch
 
     torch.set_num_threads(1)
@@ -45,13 +51,27 @@ def measure_interleaved(module: str, case: str, sizes: list[int], mode: str, rou
     steps = {n: chosen.build(n, mode) for n in sizes}
     for step in steps.values():
         step()
+    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    a @ b
     times: dict[int, list[float]] = {n: [] for n in sizes}
+    matmul_ms = []
     for index in range(rounds):
+        start = time.process_time()
+        a @ b
+        matmul_ms.append(1000 * (time.process_time() - start))
         for n in sizes if index % 2 == 0 else sizes[::-1]:
             start = time.process_time()
             steps[n]()
             times[n].append(1000 * (time.process_time() - start))
-    return {"cpu_ms": {str(n): t for n, t in times.items()}}
+    return {"cpu_ms": {str(n): t for n, t in times.items()}, "matmul_ms": matmul_ms}
+
+
+def share_cells(case, mode: str, record: dict, matmul_ms: list[float]) -> list[str]:
+    """The case's useful FLOP/s at each length as a share of the matmul rate of the same passes (medians of both)."""
+    rate = 2 * MATMUL_SIZE**3 / (statistics.median(matmul_ms) / 1000)
+    record["matmul_gflops"] = rate / 1e9
+    record["share"] = {n: case.flops(n, mode) / (ms / 1000) / rate for n, ms in record["median_ms"].items()}
+    return [f"{rate / 1e9:.0f}"] + [f"{100 * share:.0f}%" for share in record["share"].values()]
 
 
 def summarise(name: str, mode: str, times: dict[int, list[float]]) -> tuple[list[str], dict]:
@@ -104,7 +124,7 @@ def main(argv=None) -> int:
         parser.error(f"--cases {args.cases}: no case of ours matches")
     rate = run_in_fresh_process(HERE, "matmul_rate", {}, threads=1)["gflops"]
     print(f"fp32 matmul rate, 1 thread: {rate:.1f} GFLOP/s", flush=True)
-    rows, records = [], []
+    rows, records, shares = [], [], []
     for mode in args.modes:
         for module, case in cases:
             lengths = [n for n in sizes if n in case.sizes]
@@ -117,6 +137,8 @@ def main(argv=None) -> int:
             cells, record = summarise(case.name, mode, times)
             records.append(record)
             rows.append([case.name, mode, *cells])
+            if case.flops is not None and len(lengths) == len(sizes):
+                shares.append([case.name, mode, *share_cells(case, mode, record, result["matmul_ms"])])
             print(f"{mode:7s} {case.name:40s} " + " ".join(cells), flush=True)
     header = (["case", "mode"] + [f"{n} ms" for n in sizes] + [f"{n}/{n // 2}" for n in sizes[1:]]
               + [f"fitted ({FIT_FROM}+)"])
@@ -124,6 +146,11 @@ def main(argv=None) -> int:
              f"steps at every length run in turns, {args.rounds} passes (up, down, up, ...); CPU-time medians (ms), "
              f"time(N)/time(N/2), and the time(2N)/time(N) fitted over all lengths from {FIT_FROM} up.")
     markdown = "\n".join([intro, "", markdown_table(header, rows)])
+    if shares:
+        share_intro = ("Useful FLOP/s (the case's declared useful work over its median time) as a share of the matmul "
+                       "rate measured in the same passes (one 2048³ matmul before each pass, median):")
+        share_table = markdown_table(["case", "mode", "matmul GFLOP/s"] + [str(n) for n in sizes], shares)
+        markdown += f"\n\n{share_intro}\n\n{share_table}"
     print("\n" + markdown)
     write_results(args.output, markdown, {"matmul_gflops": rate, "rounds": args.rounds, "records": records})
     plot(RESULTS_DIR / f"{args.output}.png", records)
