@@ -66,23 +66,27 @@ def measure_interleaved(module: str, case: str, sizes: list[int], mode: str, rou
     return {"cpu_ms": {str(n): t for n, t in times.items()}, "matmul_ms": matmul_ms}
 
 
-def share_cells(case, mode: str, record: dict, matmul_ms: list[float]) -> list[str]:
-    """The case's useful FLOP/s at each length as a share of the matmul rate of the same passes (medians of both)."""
+def share_cells(case, mode: str, record: dict, matmul_ms: list[float], columns: list[int]) -> list[str]:
+    """The case's useful FLOP/s at each of ``columns`` as a share of the matmul rate of the same passes (medians of
+    both; "-" where the case has no such length)."""
     rate = 2 * MATMUL_SIZE**3 / (statistics.median(matmul_ms) / 1000)
     record["matmul_gflops"] = rate / 1e9
     record["share"] = {n: case.flops(n, mode) / (ms / 1000) / rate for n, ms in record["median_ms"].items()}
-    return [f"{rate / 1e9:.0f}"] + [f"{100 * share:.0f}%" for share in record["share"].values()]
+    return [f"{rate / 1e9:.0f}"] + [f"{100 * record['share'][n]:.0f}%" if n in record["share"] else "-"
+                                    for n in columns]
 
 
-def summarise(name: str, mode: str, times: dict[int, list[float]]) -> tuple[list[str], dict]:
-    """Table row cells (median ms per length, then ratios) and the JSON record of one case and mode."""
+def summarise(name: str, mode: str, times: dict[int, list[float]], columns: list[int]) -> tuple[list[str], dict]:
+    """Table row cells (median ms at each of ``columns``, then time(N)/time(N/2) for each of them whose half is a
+    column too, then the fit; "-" where this case has no such length) and the JSON record of one case and mode."""
     sizes = sorted(times)
     medians = {n: statistics.median(times[n]) for n in sizes}
     ratios = {n: medians[n] / medians[n // 2] for n in sizes if n // 2 in medians}
     fit = fitted_doubling([(n, medians[n]) for n in sizes if n >= FIT_FROM])
     record = {"case": name, "mode": mode, "median_ms": medians, "ratios": ratios, "fitted": fit, "cpu_ms": times}
-    return [f"{medians[n]:.1f}" for n in sizes] + [f"{ratios[n]:.2f}" for n in sizes if n in ratios] + [
-        f"{fit:.2f}" if fit is not None else "-"], record
+    cells = [f"{medians[n]:.1f}" if n in medians else "-" for n in columns]
+    cells += [f"{ratios[n]:.2f}" if n in ratios else "-" for n in columns if n // 2 in columns]
+    return [*cells, f"{fit:.2f}" if fit is not None else "-"], record
 
 
 def plot(path: Path, records: list[dict]) -> None:
@@ -134,13 +138,13 @@ def main(argv=None) -> int:
             result = run_in_fresh_process(HERE, "measure_interleaved", arguments, threads=1,
                                           timeout=case.timeout * args.rounds)
             times = {int(n): t for n, t in result["cpu_ms"].items()}
-            cells, record = summarise(case.name, mode, times)
+            cells, record = summarise(case.name, mode, times, sizes)
             records.append(record)
             rows.append([case.name, mode, *cells])
-            if case.flops is not None and len(lengths) == len(sizes):
-                shares.append([case.name, mode, *share_cells(case, mode, record, result["matmul_ms"])])
+            if case.flops is not None:
+                shares.append([case.name, mode, *share_cells(case, mode, record, result["matmul_ms"], sizes)])
             print(f"{mode:7s} {case.name:40s} " + " ".join(cells), flush=True)
-    header = (["case", "mode"] + [f"{n} ms" for n in sizes] + [f"{n}/{n // 2}" for n in sizes[1:]]
+    header = (["case", "mode"] + [f"{n} ms" for n in sizes] + [f"{n}/{n // 2}" for n in sizes if n // 2 in sizes]
               + [f"fitted ({FIT_FROM}+)"])
     intro = (f"Machine fp32 matmul rate (1 thread, 2048³): {rate:.1f} GFLOP/s. One process per case and mode; its "
              f"steps at every length run in turns, {args.rounds} passes (up, down, up, ...); CPU-time medians (ms), "

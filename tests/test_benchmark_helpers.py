@@ -52,11 +52,14 @@ def test_scaling_summary_of_interleaved_steps():
     import bench_scaling
 
     times = {1024: [10.0, 11.0, 30.0], 2048: [21.0, 20.0, 22.0], 4096: [40.0, 44.0, 41.0], 8192: [80.0, 90.0, 84.0]}
-    cells, record = bench_scaling.summarise("case", "fwd", times)
+    cells, record = bench_scaling.summarise("case", "fwd", times, [1024, 2048, 4096, 8192])
     assert record["median_ms"] == {1024: 11.0, 2048: 21.0, 4096: 41.0, 8192: 84.0}  # the 30 ms outlier is ignored
     assert record["ratios"] == {2048: 21 / 11, 4096: 41 / 21, 8192: 84 / 41}
     assert record["fitted"] == pytest.approx(bench_attention.fitted_doubling([(2048, 21), (4096, 41), (8192, 84)]))
     assert cells[:4] == ["11.0", "21.0", "41.0", "84.0"] and cells[4] == f"{21 / 11:.2f}" and len(cells) == 8
+    # columns this case lacks (and a column whose half is no column) stay aligned with "-"
+    cells, _ = bench_scaling.summarise("case", "fwd", times, [1000, 1024, 2048, 16384])
+    assert cells == ["-", "11.0", "21.0", "-", f"{21 / 11:.2f}", f"{record['fitted']:.2f}"]
 
 
 def test_scaling_share_divides_useful_work_by_the_same_passes_matmul_rate():
@@ -65,8 +68,8 @@ def test_scaling_share_divides_useful_work_by_the_same_passes_matmul_rate():
     case = bench_attention.Case("case", None, flops=lambda n, mode: 1e9 * n / 1024 * (3 if mode == "fwd+bwd" else 1))
     record = {"median_ms": {1024: 20.0, 2048: 50.0}}
     matmul_ms = [100.0, 80.0, 400.0]  # median 100 ms: 2·2048³ FLOP / 0.1 s
-    cells = bench_scaling.share_cells(case, "fwd+bwd", record, matmul_ms)
+    cells = bench_scaling.share_cells(case, "fwd+bwd", record, matmul_ms, [1024, 2048, 4096])
     rate = 2 * 2048**3 / 0.1
     assert record["matmul_gflops"] == pytest.approx(rate / 1e9)
     assert record["share"] == {1024: pytest.approx(3e9 / 0.02 / rate), 2048: pytest.approx(6e9 / 0.05 / rate)}
-    assert cells == [f"{rate / 1e9:.0f}", f"{100 * 3e9 / 0.02 / rate:.0f}%", f"{100 * 6e9 / 0.05 / rate:.0f}%"]
+    assert cells == [f"{rate / 1e9:.0f}", f"{100 * 3e9 / 0.02 / rate:.0f}%", f"{100 * 6e9 / 0.05 / rate:.0f}%", "-"]
