@@ -24,10 +24,13 @@ Global tokens' *own* rows (they attend to every token) are full attention and li
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 import torch.nn.functional as F
+
+from .attention_sliding_native import Head, native_kernel, native_supported, pointer, run_heads
 
 try:  # flex attention is optional (torch >= 2.5); the banded kernel needs nothing beyond plain torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -338,6 +341,103 @@ class _BandedCore(torch.autograd.Function):
         return dq, dk, dv, dek.mul_(scale), dev, None, None, None, None, None, None, None, None
 
 
+class _NativeBandedCore(torch.autograd.Function):
+    """``_BandedCore``'s rule and arguments, run by the C kernel of ``attention_sliding_native.py`` block by block
+    (CPU, float32, no dropout). Per head, only the keys (and in the backward the values) are copied, transposed; the
+    forward saves each row's softmax max and 1/sum, so that the backward recomputes the forward's probabilities
+    without a second max and sum."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed):
+        if dropout_p:
+            raise ValueError(f"the native banded kernel has no dropout (got dropout={dropout_p}); use _BandedCore")
+        batch, heads, n, _ = q.shape
+        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale)
+        out = torch.empty_like(q)
+        row_max, row_inv_sum = q.new_empty(batch, heads, n), q.new_empty(batch, heads, n)
+        library = native_kernel()
+
+        def head(b, h, work):
+            args = geometry.head(b, h, work)
+            args.out, args.out_stride = out[b, h].data_ptr(), out.stride(2)
+            args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
+            if library.xarch_banded_forward(ctypes.byref(args)) != 0:
+                raise RuntimeError("the native banded kernel has no BLAS")
+
+        run_heads(head, batch, heads, q, _Workspace)
+        ctx.save_for_backward(q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum)
+        ctx.settings = (block, left, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum = ctx.saved_tensors
+        block, left, scale = ctx.settings
+        batch, heads = q.shape[:2]
+        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale)
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        dq = torch.empty_like(q)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # the kernel adds each window's share into them
+        dek, dev = torch.zeros_like(geometry.ek), torch.zeros_like(geometry.ev)
+        library = native_kernel()
+
+        def head(b, h, work):
+            args = geometry.head(b, h, work, backward=True)
+            args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
+            args.grad_scores = work.get("grad_scores", (geometry.scratch,)).data_ptr()
+            args.grad_out, args.grad_out_stride = grad_out[b, h].data_ptr(), grad_out.stride(2)
+            args.grad_q, args.grad_q_stride = dq[b, h].data_ptr(), dq.stride(2)
+            args.grad_k, args.grad_k_stride = dk[b, h].data_ptr(), dk.stride(2)
+            args.grad_v, args.grad_v_stride = dv[b, h].data_ptr(), dv.stride(2)
+            args.grad_ek, args.grad_ev = pointer(dek[b, h]), pointer(dev[b, h])
+            if library.xarch_banded_backward(ctypes.byref(args)) != 0:
+                raise RuntimeError("the native banded kernel has no BLAS")
+
+        run_heads(head, batch, heads, q, _Workspace)
+        return dq, dk, dv, dek, dev, None, None, None, None, None, None, None, None
+
+
+class _NativeGeometry:
+    """What both passes of ``_NativeBandedCore`` hand the C kernel: q, k, v and their strides, contiguous biases,
+    the clean windows and bias strips, and per head a ``Head`` with the transposed keys (and values) in the
+    workspace."""
+
+    def __init__(self, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale):
+        self.q, self.k, self.v = q, k, v
+        self.block, self.left, self.scale = block, left, scale
+        self.span, self.extra = band_bias.shape[-1], ek.shape[2]
+        self.key_bias, self.band_bias = key_bias.contiguous(), band_bias.contiguous()
+        self.extra_bias = extra_bias.contiguous()
+        self.ek, self.ev = ek.contiguous(), ev.contiguous()
+        self.clean = torch.tensor(_clean_windows(key_bias, block, self.span), dtype=torch.uint8)
+        self.strips = torch.tensor(_band_strips(band_bias), dtype=torch.int64).reshape(-1, 2)
+        self.t_stride = _padded_length(q.shape[2])  # an odd number of cache lines: see _padded_length
+        self.scratch = block * (self.span + self.extra)
+
+    def head(self, b, h, work, backward: bool = False) -> Head:
+        """Head ``h`` of batch row ``b``, its keys (and in the backward its values) transposed into ``work``."""
+        q, k, v = self.q[b, h], self.k[b, h], self.v[b, h]
+        n, dim = q.shape
+        kt = work.get("kt", (dim, self.t_stride))
+        kt[:, :n].copy_(k.T)
+        args = Head(n=n, dim=dim, block=self.block, span=self.span, left=self.left, extra=self.extra,
+                    n_strips=len(self.strips), scale=self.scale)
+        args.q, args.k, args.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+        args.q_stride, args.k_stride, args.v_stride = q.stride(0), k.stride(0), v.stride(0)
+        args.kt, args.t_stride = kt.data_ptr(), self.t_stride
+        if backward:
+            vt = work.get("vt", (dim, self.t_stride))
+            vt[:, :n].copy_(v.T)
+            args.vt = vt.data_ptr()
+        args.ek, args.ev = pointer(self.ek[b, h]), pointer(self.ev[b, h])
+        args.band_bias = self.band_bias[h if self.band_bias.shape[0] > 1 else 0].data_ptr()
+        args.strips, args.clean = pointer(self.strips), self.clean.data_ptr()
+        args.key_bias = self.key_bias[b].data_ptr()
+        args.extra_bias = pointer(self.extra_bias[b, h if self.extra_bias.shape[1] > 1 else 0])
+        args.scores = work.get("scores", (self.scratch,)).data_ptr()
+        return args
+
+
 def _overlap_add_(windows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c0: int, c1: int, disjoint: int) -> None:
     """windows[c] += a[c - c0] @ b[c - c0] for c in c0:c1, where ``windows`` are overlapping views of one buffer
     (consecutive key windows share keys, so their gradients must add up). One batched matmul per set of windows
@@ -437,11 +537,14 @@ def banded_attention(
     alibi_slopes: torch.Tensor | None = None,
     dropout: float = 0.0,
     block_size: int | None = None,
+    native: bool = True,
 ) -> torch.Tensor:
     """Sliding-window self-attention in O(N·w) time and memory; the rule of ``sliding_visibility``.
 
     query (B, H, N, D), key/value (B, KV, N, D) at the same slots 0..N-1; dilation: one int per head;
-    key_valid / global_keys / sink_keys: (B, N) bool; alibi_slopes: (H,). Returns (B, H, N, D).
+    key_valid / global_keys / sink_keys: (B, N) bool; alibi_slopes: (H,); native: run the fused C kernel of
+    ``attention_sliding_native.py`` where it can (CPU float32 without dropout, and a C compiler here), False forces
+    the torch path (the tests compare the two). Returns (B, H, N, D).
     """
     batch, heads, n, dim = query.shape
     key, value = repeat_heads(key, heads), repeat_heads(value, heads)
@@ -497,8 +600,9 @@ def banded_attention(
             ek = ev = query.new_zeros(rows_b, h_d, 0, dim)
             eb = query.new_zeros(rows_b, 1, nd, 0)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
-        result = _BandedCore.apply(q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, block, left, float(scaling),
-                                   float(dropout), seed)
+        core = _NativeBandedCore if native and native_supported(q_d, dropout) else _BandedCore
+        result = core.apply(q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, block, left, float(scaling),
+                            float(dropout), seed)
         result = _undilate(result, d, n)
         if out is None:
             return result

@@ -1,0 +1,423 @@
+"""The banded sliding-window kernel fused per block of queries: C compiled on first use, the torch path as fallback.
+
+``_BandedCore`` (``attention_sliding_kernels.py``) runs every op over a chunk of ~1 MiB of scores, so that Python's
+per-op cost is paid once per chunk. That working set spills a core's L2 and every op streams it again: its forward
+reaches about 40-45% of the machine's matmul rate on the band's useful work, its forward + backward about 30-35%.
+The C kernel below runs each op on one block of queries, with MKL's ``sgemm`` (from the torch library already
+loaded) for the matmuls, so that a block's scores stay in cache from the matmul that writes them to the ones that
+read them, and no Python runs per block.
+
+- ``native_kernel()``: the compiled library, or None where it cannot be had (no C compiler, no ``sgemm_`` in torch's
+  library, ``HF_XARCH_NATIVE_KERNEL=0``). Compiled once per machine and source into ``~/.cache/hf_xarch/kernels``
+  (or ``$HF_XARCH_KERNEL_CACHE``): plain C without torch headers, well under a second.
+- ``native_supported(query, dropout)``: whether a call can take it (CPU, float32, no dropout).
+- ``Head``: one head's pointers and sizes, as the C functions take them; ``run_heads`` runs a function of (batch
+  row, head, workspace) over all heads, on ``torch.get_num_threads()`` threads (the C calls release the GIL).
+
+``_NativeBandedCore`` in ``attention_sliding_kernels.py`` is the autograd function built on these.
+
+The C source travels inside this Python file, not as a ``.c`` beside it: a saved model's code is copied to the Hub
+as Python files, and a model loaded with ``trust_remote_code=True`` compiles and uses the same kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+
+# Compiled with -O3 -march=native (the library is built on, and cached for, the machine that runs it) and
+# -fopenmp-simd for the reductions' `#pragma omp simd` (no OpenMP runtime is linked).
+COMPILE_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno", "-fPIC",
+                 "-shared")
+DISABLE_ENV = "HF_XARCH_NATIVE_KERNEL"
+CACHE_ENV = "HF_XARCH_KERNEL_CACHE"
+
+KERNEL_SOURCE = r"""/* The banded sliding-window attention kernel, fused per block of queries (fp32, one head per call).
+
+   The torch path in attention_sliding_kernels.py (_BandedCore) runs each op over a chunk of many blocks, so that
+   Python's per-op cost is paid once per ~1 MiB of scores. That working set (scores, their gradient, five key and
+   value windows) spills the 2 MiB L2 of a core, and every op streams it again. Here every op runs on one block: its
+   scores (block x (span + G) floats, ~70 KB for w = 512) stay in cache between the matmul that writes them, the
+   softmax and the matmuls that read them, and consecutive windows share 94% of their keys, so the keys stay in L2
+   too. The matmuls are MKL's sgemm, from the torch library already loaded (handed over by xarch_set_blas).
+
+   Rows, windows and biases follow _BandedCore (see its docstring): block c holds queries c*block ..., its window
+   holds the span keys from slot c*block - left (key_bias is indexed by padded slot, slot + left), and the G extra
+   keys (global tokens, sinks) come after the band. Where a window reaches past either end of the sequence, the
+   matmuls run on the part inside it, and the columns outside get the score a zero key would (0 plus the biases,
+   which mask them), as in _BandedCore's zero-padded copies; nothing is copied here. A row's softmax is
+   exp(s - max) / sum with the max and 1 / sum saved, so that the backward recomputes the forward's probabilities
+   with one exp pass. */
+#include <stdint.h>
+#include <string.h>
+
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+typedef int (*threads_fn)(int);
+
+static sgemm_fn SGEMM = 0;
+static threads_fn SET_THREADS_LOCAL = 0;
+
+int xarch_set_blas(void *sgemm, void *set_threads_local) {
+    SGEMM = (sgemm_fn)sgemm;
+    SET_THREADS_LOCAL = (threads_fn)set_threads_local;
+    return 0;
+}
+
+/* Row-major C (m x n) = alpha op(A) op(B) + beta C, through column-major sgemm (C^T = op(B)^T op(A)^T).
+   ta == 'T': A is stored as (k x m); tb == 'T': B is stored as (n x k). */
+static void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+                 const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+    if (m <= 0 || n <= 0 || k <= 0) return; /* k <= 0 never happens: a window holds at least its block's keys */
+    int im = (int)m, in = (int)n, ik = (int)k, ila = (int)lda, ilb = (int)ldb, ilc = (int)ldc;
+    SGEMM(&tb, &ta, &in, &im, &ik, &alpha, b, &ilb, a, &ila, &beta, c, &ilc);
+}
+
+/* exp(x) for x <= 0 (softmax arguments: a score minus its row's max), Cephes' single-precision polynomial (within
+   about 1 ulp); 0 below the log of the smallest normal float. Plain arithmetic, so that the loops calling it
+   vectorise. */
+static inline float exp_nonpositive(float x) {
+    const float lowest = -87.3365447504f;
+    float xc = x < lowest ? lowest : (x > 0.f ? 0.f : x);
+    float fx = xc * 1.44269504088896341f;
+    fx = (fx + 12582912.f) - 12582912.f; /* round to nearest: |fx| < 2^22 */
+    float r = xc - fx * 0.693359375f;
+    r = r - fx * -2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * (r * r) + r + 1.f;
+    int32_t bits = ((int32_t)fx + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < lowest ? 0.f : y * scale;
+}
+
+/* One head. Row strides are in floats; every row has unit stride. */
+typedef struct {
+    int64_t n, dim, block, span, left, extra, n_strips;
+    double scale;            /* of the scores: q k^T * scale */
+    const float *q, *k, *v;  /* (n, dim) each */
+    int64_t q_stride, k_stride, v_stride;
+    const float *kt, *vt;    /* keys and values transposed, (dim, t_stride); vt only for the backward. q kt runs
+                                faster than q k^T: MKL packs a transposed operand slowly, and every key is packed
+                                again for each of the windows that hold it */
+    int64_t t_stride;
+    const float *ek, *ev;    /* (extra, dim): extra keys and values */
+    const float *band_bias;  /* (block, span): row r's bias over its window's columns */
+    const int64_t *strips;   /* n_strips column ranges [lo, hi) outside which band_bias is zero */
+    const float *key_bias;   /* per padded key slot */
+    const uint8_t *clean;    /* per block: 1 when no key of its window has a key_bias */
+    const float *extra_bias; /* (n, extra) */
+    float *out;              /* (n, dim): written by the forward */
+    int64_t out_stride;
+    float *row_max, *row_inv_sum; /* (n): written by the forward, read by the backward */
+    float *scores, *grad_scores;  /* scratch, block * (span + extra) floats each */
+    const float *grad_out;   /* backward: (n, dim) */
+    int64_t grad_out_stride;
+    float *grad_q;           /* backward: (n, dim), written */
+    int64_t grad_q_stride;
+    float *grad_k, *grad_v;  /* backward: (n, dim), accumulated (zeroed by the caller) */
+    int64_t grad_k_stride, grad_v_stride;
+    float *grad_ek, *grad_ev; /* backward: (extra, dim), accumulated (zeroed by the caller) */
+} Head;
+
+/* Block c: its queries q0 ... q0 + rows - 1, and the keys lo ... hi - 1 of its window that lie in the sequence,
+   at columns j0 ... j0 + (hi - lo) - 1 of its scores. */
+typedef struct {
+    int64_t q0, rows, lo, hi, j0;
+} Block;
+
+static Block block_at(const Head *h, int64_t c) {
+    Block b;
+    b.q0 = c * h->block;
+    b.rows = h->n - b.q0 < h->block ? h->n - b.q0 : h->block;
+    int64_t start = b.q0 - h->left; /* the slot of the window's first column */
+    b.lo = start < 0 ? 0 : start;
+    b.hi = start + h->span < h->n ? start + h->span : h->n;
+    b.j0 = b.lo - start;
+    return b;
+}
+
+/* Zero the columns of a block's rows outside the sequence (what zero-padded keys or values would give). */
+static void zero_outside(const Head *h, const Block *b, float *s, int64_t ld) {
+    const int64_t tail = b->j0 + (b->hi - b->lo);
+    if (b->j0 == 0 && tail == h->span) return;
+    for (int64_t r = 0; r < b->rows; r++) {
+        memset(s + r * ld, 0, sizeof(float) * b->j0);
+        memset(s + r * ld + tail, 0, sizeof(float) * (h->span - tail));
+    }
+}
+
+/* Block c's scores (rows x (span + extra), leading dimension span + extra) with every bias added. */
+static void block_scores(const Head *h, int64_t c, const Block *b, float *s) {
+    const int64_t span = h->span, g = h->extra, ld = span + g, dim = h->dim;
+    const float *q = h->q + b->q0 * h->q_stride;
+    zero_outside(h, b, s, ld);
+    gemm('N', 'N', b->rows, b->hi - b->lo, dim, (float)h->scale, q, h->q_stride, h->kt + b->lo, h->t_stride, 0.f,
+         s + b->j0, ld);
+    if (g) gemm('N', 'T', b->rows, g, dim, (float)h->scale, q, h->q_stride, h->ek, dim, 0.f, s + span, ld);
+    for (int64_t r = 0; r < b->rows; r++) {
+        float *row = s + r * ld;
+        const float *bias = h->band_bias + r * span;
+        for (int64_t t = 0; t < h->n_strips; t++) /* without ALiBi, only the window's two corners */
+            for (int64_t j = h->strips[2 * t]; j < h->strips[2 * t + 1]; j++) row[j] += bias[j];
+        if (!h->clean[c]) {
+            const float *kb = h->key_bias + b->q0;
+            for (int64_t j = 0; j < span; j++) row[j] += kb[j];
+        }
+        if (g) {
+            const float *eb = h->extra_bias + (b->q0 + r) * g;
+            for (int64_t j = 0; j < g; j++) row[span + j] += eb[j];
+        }
+    }
+}
+
+static int begin(void) { return SET_THREADS_LOCAL ? SET_THREADS_LOCAL(1) : 0; }
+static void end(int previous) { if (SET_THREADS_LOCAL) SET_THREADS_LOCAL(previous); }
+
+/* out = softmax(scores) [v window | extra values], block by block. The exponentials multiply the values unscaled
+   and each output row is divided by its sum afterwards: a pass over dim numbers instead of span + extra. */
+int xarch_banded_forward(Head *h) {
+    if (!SGEMM) return -1;
+    int previous = begin();
+    const int64_t span = h->span, g = h->extra, ld = span + g, dim = h->dim;
+    for (int64_t c = 0; c * h->block < h->n; c++) {
+        const Block b = block_at(h, c);
+        float *s = h->scores;
+        block_scores(h, c, &b, s);
+        for (int64_t r = 0; r < b.rows; r++) {
+            float *row = s + r * ld;
+            float max = row[0], sum = 0.f;
+#pragma omp simd reduction(max : max)
+            for (int64_t j = 0; j < ld; j++) max = row[j] > max ? row[j] : max;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < ld; j++) {
+                row[j] = exp_nonpositive(row[j] - max);
+                sum += row[j];
+            }
+            h->row_max[b.q0 + r] = max;
+            h->row_inv_sum[b.q0 + r] = 1.f / sum;
+        }
+        float *o = h->out + b.q0 * h->out_stride;
+        gemm('N', 'N', b.rows, dim, b.hi - b.lo, 1.f, s + b.j0, ld, h->v + b.lo * h->v_stride, h->v_stride, 0.f, o,
+             h->out_stride);
+        if (g) gemm('N', 'N', b.rows, dim, g, 1.f, s + span, ld, h->ev, dim, 1.f, o, h->out_stride);
+        for (int64_t r = 0; r < b.rows; r++) {
+            const float inv = h->row_inv_sum[b.q0 + r];
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) o[r * h->out_stride + d] *= inv;
+        }
+    }
+    end(previous);
+    return 0;
+}
+
+/* Gradients of one head: dS = P o (dP - rowsum(dP o P)), dQ = dS K, dK += dS^T Q, dV += P^T dO (the scale of the
+   scores folded into the matmuls). The windows of consecutive blocks overlap; the blocks run in order, so each
+   key's gradient adds up in a fixed order, whatever the threads. */
+int xarch_banded_backward(Head *h) {
+    if (!SGEMM) return -1;
+    int previous = begin();
+    const int64_t span = h->span, g = h->extra, ld = span + g, dim = h->dim;
+    const float scale = (float)h->scale;
+    for (int64_t c = 0; c * h->block < h->n; c++) {
+        const Block b = block_at(h, c);
+        const int64_t w = b.hi - b.lo;
+        float *p = h->scores, *dp = h->grad_scores;
+        block_scores(h, c, &b, p);
+        for (int64_t r = 0; r < b.rows; r++) {
+            float *row = p + r * ld;
+            const float max = h->row_max[b.q0 + r], inv = h->row_inv_sum[b.q0 + r];
+#pragma omp simd
+            for (int64_t j = 0; j < ld; j++) row[j] = exp_nonpositive(row[j] - max) * inv;
+        }
+        const float *q = h->q + b.q0 * h->q_stride, *go = h->grad_out + b.q0 * h->grad_out_stride;
+        zero_outside(h, &b, dp, ld);
+        gemm('N', 'N', b.rows, w, dim, 1.f, go, h->grad_out_stride, h->vt + b.lo, h->t_stride, 0.f, dp + b.j0, ld);
+        if (g) gemm('N', 'T', b.rows, g, dim, 1.f, go, h->grad_out_stride, h->ev, dim, 0.f, dp + span, ld);
+        for (int64_t r = 0; r < b.rows; r++) {
+            float *dprow = dp + r * ld;
+            const float *prow = p + r * ld;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < ld; j++) dot += dprow[j] * prow[j];
+#pragma omp simd
+            for (int64_t j = 0; j < ld; j++) dprow[j] = prow[j] * (dprow[j] - dot);
+        }
+        float *dq = h->grad_q + b.q0 * h->grad_q_stride;
+        gemm('N', 'N', b.rows, dim, w, scale, dp + b.j0, ld, h->k + b.lo * h->k_stride, h->k_stride, 0.f, dq,
+             h->grad_q_stride);
+        gemm('T', 'N', w, dim, b.rows, scale, dp + b.j0, ld, q, h->q_stride, 1.f, h->grad_k + b.lo * h->grad_k_stride,
+             h->grad_k_stride);
+        gemm('T', 'N', w, dim, b.rows, 1.f, p + b.j0, ld, go, h->grad_out_stride, 1.f,
+             h->grad_v + b.lo * h->grad_v_stride, h->grad_v_stride);
+        if (g) {
+            gemm('N', 'N', b.rows, dim, g, scale, dp + span, ld, h->ek, dim, 1.f, dq, h->grad_q_stride);
+            gemm('T', 'N', g, dim, b.rows, scale, dp + span, ld, q, h->q_stride, 1.f, h->grad_ek, dim);
+            gemm('T', 'N', g, dim, b.rows, 1.f, p + span, ld, go, h->grad_out_stride, 1.f, h->grad_ev, dim);
+        }
+    }
+    end(previous);
+    return 0;
+}
+"""
+
+
+class Head(ctypes.Structure):
+    """The C ``Head``: one head's sizes and pointers (see KERNEL_SOURCE for each field)."""
+
+    _fields_ = [
+        *[(name, ctypes.c_int64) for name in ("n", "dim", "block", "span", "left", "extra", "n_strips")],
+        ("scale", ctypes.c_double),
+        *[(name, ctypes.c_void_p) for name in ("q", "k", "v")],
+        *[(name, ctypes.c_int64) for name in ("q_stride", "k_stride", "v_stride")],
+        ("kt", ctypes.c_void_p), ("vt", ctypes.c_void_p), ("t_stride", ctypes.c_int64),
+        ("ek", ctypes.c_void_p), ("ev", ctypes.c_void_p),
+        *[(name, ctypes.c_void_p) for name in ("band_bias", "strips", "key_bias", "clean", "extra_bias")],
+        ("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64),
+        *[(name, ctypes.c_void_p) for name in ("row_max", "row_inv_sum", "scores", "grad_scores")],
+        ("grad_out", ctypes.c_void_p), ("grad_out_stride", ctypes.c_int64),
+        ("grad_q", ctypes.c_void_p), ("grad_q_stride", ctypes.c_int64),
+        ("grad_k", ctypes.c_void_p), ("grad_v", ctypes.c_void_p),
+        ("grad_k_stride", ctypes.c_int64), ("grad_v_stride", ctypes.c_int64),
+        ("grad_ek", ctypes.c_void_p), ("grad_ev", ctypes.c_void_p),
+    ]
+
+
+_LOCK = threading.Lock()
+_KERNEL: list = []  # [library or None], filled on first use
+
+
+def _torch_blas() -> tuple[int, int]:
+    """Addresses of ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` (the C entry; the lower-case one takes a pointer) in the torch library already loaded (0 if absent:
+    torch builds without MKL, e.g. on macOS or ARM, have no such symbols and the torch path runs instead)."""
+    library = Path(torch.__file__).parent / "lib" / ("libtorch_cpu" + (".dylib" if sys.platform == "darwin" else ".so"))
+    handle = ctypes.CDLL(str(library))
+    sgemm = ctypes.cast(getattr(handle, "sgemm_"), ctypes.c_void_p).value
+    try:
+        threads = ctypes.cast(getattr(handle, "MKL_Set_Num_Threads_Local"), ctypes.c_void_p).value
+    except AttributeError:
+        threads = 0
+    return sgemm, threads or 0
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hf_xarch", "kernels")
+    return Path(root)
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library for this source, compiler and machine: built once, then found in the cache. The key
+    includes the CPU (``-march=native`` code must not run on another machine sharing the cache)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    cpu = platform.machine() + platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as info:
+            cpu += next((line for line in info if line.startswith(("flags", "Features"))), "")
+    key = hashlib.sha256("\0".join([KERNEL_SOURCE, version, cpu, *COMPILE_FLAGS]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    target = folder / f"banded_kernel_{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        source = Path(scratch) / "banded_kernel.c"
+        source.write_text(KERNEL_SOURCE)
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", str(built)], capture_output=True, text=True,
+                       check=True)
+        os.replace(built, target)  # atomic: another process building the same key meanwhile is harmless
+    return target
+
+
+def native_kernel():
+    """The compiled kernel library (a ``ctypes.CDLL``), or None where it cannot be had; the reason is kept in
+    ``native_kernel_error()``. Built and loaded once per process."""
+    with _LOCK:
+        if not _KERNEL:
+            _KERNEL.append(_load())
+    return _KERNEL[0][0]
+
+
+def native_kernel_error() -> str | None:
+    """Why ``native_kernel()`` is None (None when it loaded)."""
+    native_kernel()
+    return _KERNEL[0][1]
+
+
+def _load():
+    if os.environ.get(DISABLE_ENV, "1").lower() in ("0", "false", "no", "off"):
+        return None, f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return None, "no C compiler found (set CC)"
+    try:
+        sgemm, threads = _torch_blas()
+    except (OSError, AttributeError) as error:
+        return None, f"torch's library has no sgemm_ ({error})"
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        return None, f"compiling the kernel failed: {detail.strip()[-500:]}"
+    library.xarch_set_blas(ctypes.c_void_p(sgemm), ctypes.c_void_p(threads))
+    for name in ("xarch_banded_forward", "xarch_banded_backward"):
+        getattr(library, name).argtypes = [ctypes.POINTER(Head)]
+        getattr(library, name).restype = ctypes.c_int
+    return library, None
+
+
+def native_supported(query: torch.Tensor, dropout: float) -> bool:
+    """Whether ``banded_attention`` can run the C kernel: CPU float32 without dropout (the torch path draws dropout
+    masks per chunk), and the library could be built here."""
+    return query.device.type == "cpu" and query.dtype == torch.float32 and not dropout and native_kernel() is not None
+
+
+def pointer(x: torch.Tensor | None) -> int | None:
+    return x.data_ptr() if x is not None and x.numel() else None
+
+
+_POOL: list = []
+
+
+def run_heads(fn, batch: int, heads: int, like: torch.Tensor, workspace_type) -> None:
+    """``fn(b, h, workspace)`` for every (batch row, head), on up to ``torch.get_num_threads()`` threads, each with
+    its own workspace (``workspace_type(like)``), without autograd. Heads are independent: each writes only its own
+    rows."""
+    jobs = [(b, h) for b in range(batch) for h in range(heads)]
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers <= 1:
+        work = workspace_type(like)
+        for b, h in jobs:
+            fn(b, h, work)
+        return
+    with _LOCK:
+        if not _POOL or _POOL[0]._max_workers < workers:
+            _POOL[:] = [ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xarch-banded")]
+    local = threading.local()
+
+    def job(b, h):
+        if not hasattr(local, "work"):
+            local.work = workspace_type(like)
+        with torch.no_grad():  # grad mode is per thread: the autograd function's forward turned it off only here
+            fn(b, h, local.work)
+
+    for future in [_POOL[0].submit(job, b, h) for b, h in jobs]:
+        future.result()
