@@ -114,7 +114,8 @@ typedef struct {
     double scale;            /* of the scores: q k^T * scale */
     const float *q, *k, *v;  /* (n, dim) each */
     int64_t q_stride, k_stride, v_stride;
-    const float *kt, *vt;    /* keys and values transposed, (dim, t_stride); vt only for the backward. q kt runs
+    float *kt, *vt;          /* scratch for the keys and values transposed, (dim, t_stride); vt only for the
+                                backward. q kt runs
                                 faster than q k^T: MKL packs a transposed operand slowly, and every key is packed
                                 again for each of the windows that hold it */
     int64_t t_stride;
@@ -132,7 +133,7 @@ typedef struct {
     int64_t grad_out_stride;
     float *grad_q;           /* backward: (n, dim), written */
     int64_t grad_q_stride;
-    float *grad_k, *grad_v;  /* backward: (n, dim), accumulated (zeroed by the caller) */
+    float *grad_k, *grad_v;  /* backward: (n, dim), written (each row zeroed when a window first reaches it) */
     int64_t grad_k_stride, grad_v_stride;
     float *grad_ek, *grad_ev; /* backward: (extra, dim), accumulated (zeroed by the caller) */
 } Head;
@@ -188,6 +189,20 @@ static void block_scores(const Head *h, int64_t c, const Block *b, float *s) {
     }
 }
 
+/* dst (cols x rows, row stride dst_stride) = src^T, src (rows x cols, row stride src_stride), in 16 x 16 tiles
+   (a tile's reads and writes stay in L1). */
+static void transpose(const float *src, int64_t rows, int64_t cols, int64_t src_stride, float *dst,
+                      int64_t dst_stride) {
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+        const int64_t i1 = i0 + 16 < rows ? i0 + 16 : rows;
+        for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+            const int64_t j1 = j0 + 16 < cols ? j0 + 16 : cols;
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t i = i0; i < i1; i++) dst[j * dst_stride + i] = src[i * src_stride + j];
+        }
+    }
+}
+
 static int begin(void) { return SET_THREADS_LOCAL ? SET_THREADS_LOCAL(1) : 0; }
 static void end(int previous) { if (SET_THREADS_LOCAL) SET_THREADS_LOCAL(previous); }
 
@@ -197,6 +212,7 @@ int xarch_banded_forward(Head *h) {
     if (!SGEMM) return -1;
     int previous = begin();
     const int64_t span = h->span, g = h->extra, ld = span + g, dim = h->dim;
+    transpose(h->k, h->n, dim, h->k_stride, h->kt, h->t_stride);
     for (int64_t c = 0; c * h->block < h->n; c++) {
         const Block b = block_at(h, c);
         float *s = h->scores;
@@ -236,9 +252,16 @@ int xarch_banded_backward(Head *h) {
     int previous = begin();
     const int64_t span = h->span, g = h->extra, ld = span + g, dim = h->dim;
     const float scale = (float)h->scale;
+    transpose(h->k, h->n, dim, h->k_stride, h->kt, h->t_stride);
+    transpose(h->v, h->n, dim, h->v_stride, h->vt, h->t_stride);
+    int64_t written = 0; /* key rows [0, written) of grad_k and grad_v hold sums; the windows only move forward */
     for (int64_t c = 0; c * h->block < h->n; c++) {
         const Block b = block_at(h, c);
         const int64_t w = b.hi - b.lo;
+        for (; written < b.hi; written++) { /* rows first reached by this window start from zero */
+            memset(h->grad_k + written * h->grad_k_stride, 0, sizeof(float) * dim);
+            memset(h->grad_v + written * h->grad_v_stride, 0, sizeof(float) * dim);
+        }
         float *p = h->scores, *dp = h->grad_scores;
         block_scores(h, c, &b, p);
         for (int64_t r = 0; r < b.rows; r++) {
