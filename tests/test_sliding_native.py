@@ -1,0 +1,155 @@
+"""The fused C banded kernel (``attention_sliding_native.py``) against the dense reference and the torch path: random
+sizes, windows, dilations, padding, global tokens, sinks, ALiBi, batch > 1, strided inputs, one or more threads; and
+its loader's fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from .test_sliding_kernels import banded, random_case, reference
+
+import hf_xarch.model.attention_sliding_kernels as kernels
+import hf_xarch.model.attention_sliding_native as native
+
+pytestmark = pytest.mark.skipif(native.native_kernel() is None,
+                                reason=f"no native banded kernel here: {native.native_kernel_error()}")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls that took the native kernel (so that a test cannot pass on the torch path)."""
+    count = {"native": 0}
+    original = kernels._NativeBandedCore
+
+    class Counting(original):
+        @classmethod
+        def apply(cls, *args):
+            count["native"] += 1
+            return original.apply(*args)
+
+    monkeypatch.setattr(kernels, "_NativeBandedCore", Counting)
+    return count
+
+
+def as_float32(case):
+    out = dict(case)
+    for name in "qkv":
+        out[name] = case[name].detach().float().requires_grad_()
+    if case["slopes"] is not None:
+        out["slopes"] = case["slopes"].float()
+    return out
+
+
+def grads(out, case, weight):
+    return torch.autograd.grad(out, (case["q"], case["k"], case["v"]), weight)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_native_equals_dense_reference_forward_and_backward(seed, calls):
+    """float32 kernel against the float64 dense reference on the same numbers: outputs and all three gradients."""
+    case = random_case(5000 + seed + int(torch.randint(0, 10**6, (1,))))
+    case32 = as_float32(case)
+    out, ref = banded(case32), reference(case)
+    assert calls["native"] >= 1
+    real = case["valid"][:, None, :, None]  # rows of padding queries are unspecified
+    assert ((out.double() - ref) * real).abs().max() < 2e-5
+    weight = torch.randn(out.shape, dtype=torch.float64) * real
+    for got, want in zip(grads(out, case32, weight.float()), grads(ref, case, weight)):
+        assert (got.double() - want).abs().max() < 5e-5 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_equals_torch_path_at_a_realistic_shape(threads, calls):
+    """Batch 2, GQA, a (B, N, H, D) projection layout (strided rows), padding, global tokens, ALiBi, a partial last
+    block: the native kernel and ``_BandedCore`` agree to float32 rounding, on one thread or several."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(11)
+        n, heads, dim = 333, 4, 32
+        q = torch.randn(2, n, heads, dim, generator=gen).transpose(1, 2).requires_grad_()
+        k, v = (torch.randn(2, 2, n, dim, generator=gen).requires_grad_() for _ in range(2))
+        valid = torch.arange(n)[None] < torch.tensor([[n], [250]])
+        global_keys = torch.zeros(2, n, dtype=torch.bool).index_fill(1, torch.tensor([0, 7, 200]), True)
+        slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+        args = (q, k, v, 48, 48, [1, 1, 2, 1], 0.17, valid, global_keys, None, slopes)
+        fast = kernels.banded_attention(*args)
+        plain = kernels.banded_attention(*args, native=False)
+        assert calls["native"] >= 1
+        real = valid[:, None, :, None]
+        assert ((fast - plain) * real).abs().max() < 1e-5
+        weight = torch.randn(fast.shape, generator=gen) * real
+        for a, b in zip(torch.autograd.grad(fast, (q, k, v), weight), torch.autograd.grad(plain, (q, k, v), weight)):
+            assert (a - b).abs().max() < 1e-4
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_native_is_deterministic_across_thread_counts():
+    """Heads run on different threads, but each head's sums run in one fixed order: bit-identical results."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 200, 16, generator=gen).requires_grad_() for _ in range(3))
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = kernels.banded_attention(q, k, v, 20, 20, [1, 1, 1], 0.25)
+            results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n, left, right, block", [(1, 4, 4, None), (5, 16, 16, 8), (40, 3, 0, 4), (64, 63, 0, 16),
+                                                   (70, 100, 100, 32)])
+def test_native_at_the_edges(n, left, right, block, calls):
+    """A single token, windows longer than the sequence, causal windows, partial blocks: every window that reaches
+    past an end is cut there."""
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    case = dict(q=q.requires_grad_(), k=k.requires_grad_(), v=v.requires_grad_(), left=left, right=right,
+                dilation=[1, 1], valid=torch.ones(1, n, dtype=torch.bool), global_keys=None, sink_keys=None,
+                slopes=None, block=block)
+    case32 = as_float32(case)
+    out, ref = banded(case32), reference(case)
+    assert calls["native"] == 1
+    assert (out.double() - ref).abs().max() < 2e-6
+    weight = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for got, want in zip(grads(out, case32, weight.float()), grads(ref, case, weight)):
+        assert (got.double() - want).abs().max() < 2e-5
+
+
+def test_torch_path_runs_where_the_native_kernel_cannot(calls):
+    """float64, dropout, or native=False take ``_BandedCore``."""
+    case = random_case(9)
+    banded(case)
+    banded(as_float32(case), native=False)
+    banded(as_float32(case), dropout=0.1)
+    assert calls["native"] == 0
+    assert not native.native_supported(case["q"], 0.0) and not native.native_supported(case["q"].float(), 0.1)
+    assert native.native_supported(case["q"].float(), 0.0)
+
+
+def test_loader_falls_back_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    library, reason = native._load()
+    assert library is None and native.DISABLE_ENV in reason
+    monkeypatch.delenv(native.DISABLE_ENV)
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    library, reason = native._load()
+    assert library is None and "compiling the kernel failed" in reason
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_loader_builds_into_the_cache_and_reuses_it(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    library, reason = native._load()
+    assert reason is None and library is not None
+    built = list(tmp_path.glob("banded_kernel_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert native._load()[1] is None
+    assert built[0].stat().st_mtime_ns == stamp  # found, not rebuilt
