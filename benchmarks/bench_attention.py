@@ -55,7 +55,8 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # `common` and the case modules beside this file
 
 from common import (
-    HEAP_REUSE_MALLOC_ENV,
+    MALLOC_CHOICES,
+    MALLOC_HELP,
     RESULTS_DIR,
     current_rss_mib,
     markdown_table,
@@ -330,13 +331,11 @@ def main(argv=None) -> int:
                         help="repeat the whole sweep this many times; cells are the medians over the rounds")
     parser.add_argument("--output", default="bench_attention")
     parser.add_argument("--list", action="store_true")
-    parser.add_argument("--malloc", choices=("default", "reuse"), default="default",
-                        help="glibc's defaults, or heap reuse without mmap (common.HEAP_REUSE_MALLOC_ENV): the steady "
-                             "state of a long run, without the page faults of fresh >= 32 MiB blocks")
+    parser.add_argument("--malloc", choices=tuple(MALLOC_CHOICES), default="default", help=MALLOC_HELP)
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: need at least 1")
-    env = HEAP_REUSE_MALLOC_ENV if args.malloc == "reuse" else None
+    env = MALLOC_CHOICES[args.malloc]
     cases = discover()
     if args.modules:
         cases = [(m, c) for m, c in cases if any(s in m for s in args.modules)]

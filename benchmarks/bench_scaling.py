@@ -18,6 +18,7 @@ between the passes (so a slow stretch of the machine lowers both alike).
 
     python benchmarks/bench_scaling.py                                   # our attention cases (xarch*), fwd and fwd+bwd
     python benchmarks/bench_scaling.py --cases "xarch performer" --rounds 5 --output scratch_scaling
+    python benchmarks/bench_scaling.py --cases "xarch banded" --malloc thp --output scratch_thp   # huge pages
 
 Results: ``benchmarks/results/<output>.{md,json,png}`` (default ``bench_scaling``).
 """
@@ -34,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 
 # matmul_rate runs in a child that loads this file by path (run_in_fresh_process), so it must be importable from here
 from bench_attention import FIT_FROM, MODES, SIZES, discover, fitted_doubling, matmul_rate  # noqa: F401
-from common import RESULTS_DIR, markdown_table, run_in_fresh_process, write_results
+from common import MALLOC_CHOICES, MALLOC_HELP, RESULTS_DIR, markdown_table, run_in_fresh_process, write_results
 
 MATMUL_SIZE = 2048  # the yardstick of bench_attention.matmul_rate
 
@@ -119,7 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", default=["xarch"], help="substrings of case names to keep")
     parser.add_argument("--rounds", type=int, default=9, help="passes over the lengths (each step once per pass)")
     parser.add_argument("--output", default="bench_scaling")
+    parser.add_argument("--malloc", choices=tuple(MALLOC_CHOICES), default="default", help=MALLOC_HELP)
     args = parser.parse_args(argv)
+    env = MALLOC_CHOICES[args.malloc]
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: need at least 1")
     sizes = sorted(args.sizes)
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
                 continue
             arguments = {"module": module, "case": case.name, "sizes": lengths, "mode": mode, "rounds": args.rounds}
             result = run_in_fresh_process(HERE, "measure_interleaved", arguments, threads=1,
-                                          timeout=case.timeout * args.rounds)
+                                          timeout=case.timeout * args.rounds, env=env)
             times = {int(n): t for n, t in result["cpu_ms"].items()}
             cells, record = summarise(case.name, mode, times, sizes)
             records.append(record)
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
               + [f"fitted ({FIT_FROM}+)"])
     intro = (f"Machine fp32 matmul rate (1 thread, 2048³): {rate:.1f} GFLOP/s. One process per case and mode; its "
              f"steps at every length run in turns, {args.rounds} passes (up, down, up, ...); CPU-time medians (ms), "
-             f"time(N)/time(N/2), and the time(2N)/time(N) fitted over all lengths from {FIT_FROM} up.")
+             f"time(N)/time(N/2), and the time(2N)/time(N) fitted over all lengths from {FIT_FROM} up. Allocator: "
+             f"{args.malloc} ({env or 'glibc defaults'}).")
     markdown = "\n".join([intro, "", markdown_table(header, rows)])
     if shares:
         share_intro = ("Useful FLOP/s (the case's declared useful work over its median time) as a share of the matmul "
@@ -156,7 +160,8 @@ def main(argv=None) -> int:
         share_table = markdown_table(["case", "mode", "matmul GFLOP/s"] + [str(n) for n in sizes], shares)
         markdown += f"\n\n{share_intro}\n\n{share_table}"
     print("\n" + markdown)
-    write_results(args.output, markdown, {"matmul_gflops": rate, "rounds": args.rounds, "records": records})
+    write_results(args.output, markdown, {"matmul_gflops": rate, "rounds": args.rounds, "malloc_env": env,
+                                          "records": records})
     plot(RESULTS_DIR / f"{args.output}.png", records)
     return 0
 

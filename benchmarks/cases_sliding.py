@@ -1,6 +1,7 @@
-"""Sliding-window attention cases for ``bench_attention.py``: ours against dense SDPA, SDPA with a boolean sliding
-mask, transformers' ``LongformerSelfAttention``, lucidrains' ``local-attention`` and compiled flex attention; and whole
-encoders at 4096 tokens (XArch sliding window vs ``LongformerModel`` vs ``BertModel`` with SDPA).
+"""Sliding-window attention cases for ``bench_attention.py``: ours (the native C kernel, its torch-ops fallback, and
+our layer) against dense SDPA, SDPA with a boolean sliding mask, transformers' ``LongformerSelfAttention``,
+lucidrains' ``local-attention`` and compiled flex attention; and whole encoders at 4096 tokens (XArch sliding window
+vs ``LongformerModel`` vs ``BertModel`` with SDPA).
 
 One layer: batch 1, 8 heads of 64 (hidden 512), fp32, window 512 (Longformer's meaning: 256 keys on each side).
 Kernel-level cases take q, k, v (like SDPA); layer-level cases take hidden states and include the projections
@@ -62,6 +63,13 @@ def step_of(forward, mode: str, inputs):
 def build_banded(n, mode):
     q, k, v = qkv(n, mode)
     return step_of(lambda: banded_attention(q, k, v, HALF, HALF, [1] * HEADS, HEAD_DIM**-0.5), mode, [q, k, v])
+
+
+def build_banded_torch_ops(n, mode):
+    # the fallback where the native C kernel cannot be built (no C compiler, a torch without MKL's sgemm)
+    q, k, v = qkv(n, mode)
+    return step_of(lambda: banded_attention(q, k, v, HALF, HALF, [1] * HEADS, HEAD_DIM**-0.5, native=False), mode,
+                   [q, k, v])
 
 
 def build_dense_sdpa(n, mode):
@@ -167,7 +175,10 @@ CASES = [
     Case("local-attention (256, 1 block each side)", build_local_attention),
     Case("flex attention, compiled (fwd only)", build_flex_compiled, modes=("fwd",), sizes=(4096, 16384),
          note="CPU flex has no backward; compiling takes minutes", timeout=3600),
-    Case("xarch banded kernel", build_banded, flops=band_flops, ours=True),
+    Case("xarch banded kernel", build_banded, flops=band_flops, ours=True,
+         note="the native C kernel (attention_sliding_native.py)"),
+    Case("xarch banded kernel, torch ops", build_banded_torch_ops, flops=band_flops, ours=True,
+         note="the fallback without a C compiler"),
     Case("LongformerSelfAttention (layer)", build_longformer_layer),
     Case("xarch SlidingWindowAttention (layer)", build_xarch_layer, ours=True),
     Case("BertModel SDPA encoder", build_bert_encoder, group="encoder", modes=("train",), sizes=ENCODER_SIZES,

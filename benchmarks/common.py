@@ -121,6 +121,15 @@ STEADY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_"
 # and get reused. That makes time(16k)/time(8k) of any step with such temporaries superlinear under the defaults.
 # Long-running processes that use jemalloc or tcmalloc (PyTorch's CPU tuning guide suggests them) behave like this.
 HEAP_REUSE_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+# torch's own switch: its CPU allocator aligns blocks of 2 MiB or more to 2 MiB and asks for transparent huge pages
+# (madvise), so a fresh 32 MiB mapping faults in 16 huge pages instead of 8192 small ones (~2.5 against ~7.5-12 ms
+# measured here). glibc's defaults otherwise; needs THP in "madvise" or "always" mode.
+THP_MALLOC_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+# --malloc choices of the benchmark scripts: name -> environment of the measuring children (None: glibc's defaults)
+MALLOC_CHOICES = {"default": None, "reuse": HEAP_REUSE_MALLOC_ENV, "thp": THP_MALLOC_ENV}
+MALLOC_HELP = ("glibc's defaults; 'reuse': heap reuse without mmap (HEAP_REUSE_MALLOC_ENV), the steady state of "
+               "a long run; 'thp': torch's huge-page allocations (THP_MEM_ALLOC_ENABLE=1). The last two remove "
+               "most of the page faults of fresh >= 32 MiB blocks")
 
 
 def run_in_fresh_process(
@@ -255,6 +264,9 @@ __all__ = [
     "release_freed_memory",
     "run_in_fresh_process",
     "STEADY_MALLOC_ENV",
+    "THP_MALLOC_ENV",
+    "MALLOC_CHOICES",
+    "MALLOC_HELP",
     "environment",
     "markdown_table",
     "write_results",
