@@ -1,4 +1,9 @@
-"""How close can the banded sliding-window kernel get to the machine's matmul rate? Its per-block pipeline, op by op.
+"""How close can the banded kernel's torch-ops path get to the machine's matmul rate? Its per-block pipeline, op by op.
+
+The torch-ops path (``_BandedCore``, the fallback where the native C kernel cannot be built) runs each op over a chunk
+of many query blocks. The native C kernel (``attention_sliding_native.py``) runs the same ops one block at a time,
+without Python, copies or a chunk-sized working set between them; its measured share is printed beside the torch
+path's, as what removing those costs gave.
 
 ``bench_attention.py`` reports the kernel's useful FLOP/s as a share of a large GEMM's rate (the issue's goal is 50%
 at N >= 4096). This script times, on in-cache data shaped like one chunk of the kernel (``CHUNK_BYTES`` of scores,
@@ -29,6 +34,7 @@ from cases_sliding import HALF, HEAD_DIM, HEADS, WINDOW, band_flops
 from common import environment, markdown_table, write_results
 
 from hf_xarch.model.attention_sliding_kernels import CHUNK_BYTES, banded_attention, default_block_size
+from hf_xarch.model.attention_sliding_native import native_kernel, native_kernel_error
 
 
 def seconds(fn, repeats: int) -> float:
@@ -72,16 +78,17 @@ def op_times(block: int, repeats: int) -> dict[str, float]:
     return {name: seconds(fn, repeats) / blocks for name, fn in ops.items()}
 
 
-def kernel_share(n: int, rate: float, repeats: int) -> dict[str, float]:
-    """The kernel's measured useful GFLOP/s share at ``n`` tokens, forward and forward + backward."""
+def kernel_share(n: int, rate: float, repeats: int, native: bool) -> dict[str, float]:
+    """The kernel's measured useful GFLOP/s share at ``n`` tokens, forward and forward + backward: the torch-ops
+    path whose op structure this script times, or (``native``) the C kernel."""
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, requires_grad=True) for _ in range(3))
 
     def forward():
         with torch.no_grad():
-            banded_attention(q, k, v, HALF, HALF, [1] * HEADS, HEAD_DIM**-0.5)
+            banded_attention(q, k, v, HALF, HALF, [1] * HEADS, HEAD_DIM**-0.5, native=native)
 
     def forward_backward():
-        banded_attention(q, k, v, HALF, HALF, [1] * HEADS, HEAD_DIM**-0.5).sum().backward()
+        banded_attention(q, k, v, HALF, HALF, [1] * HEADS, HEAD_DIM**-0.5, native=native).sum().backward()
 
     return {mode: band_flops(n, mode) / seconds(fn, repeats) / 1e9 / rate
             for mode, fn in (("fwd", forward), ("fwd+bwd", forward_backward))}
@@ -102,7 +109,8 @@ def main(argv=None) -> int:
                 + 2 * ops["dK or dV (per-window addmm)"])
     per_block = {"fwd": forward, "fwd+bwd": forward + backward}
     useful = {mode: band_flops(block, mode) / HEADS for mode in per_block}  # one block of one head
-    measured = kernel_share(args.n, rate, max(3, args.repeats // 10))
+    measured = kernel_share(args.n, rate, max(3, args.repeats // 10), native=False)
+    native = kernel_share(args.n, rate, max(3, args.repeats // 10), native=True) if native_kernel() else None
     rows = [[name, f"{1e6 * t:.1f}", f"{2 * block * (WINDOW + block) * HEAD_DIM / t / 1e9:.0f}"
              if "softmax" not in name else "-"] for name, t in ops.items()]
     lines = [f"Machine fp32 matmul rate (1 thread, 2048³): {rate:.1f} GFLOP/s. Block {block} queries, window "
@@ -111,14 +119,16 @@ def main(argv=None) -> int:
     summary = []
     for mode, t in per_block.items():
         ceiling = useful[mode] / t / 1e9 / rate
-        summary.append([mode, f"{1e6 * t:.1f}", f"{ceiling:.0%}", f"{measured[mode]:.0%}"])
+        summary.append([mode, f"{1e6 * t:.1f}", f"{ceiling:.0%}", f"{measured[mode]:.0%}",
+                        f"{native[mode]:.0%}" if native else f"- ({native_kernel_error()})"])
     lines += [markdown_table(["mode", "op-time sum per block (µs)", "ceiling share of the matmul rate",
-                              f"kernel's measured share at {args.n}"], summary)]
+                              f"torch-ops kernel's measured share at {args.n}",
+                              f"native C kernel's measured share at {args.n}"], summary)]
     markdown = "\n".join(lines)
     print(markdown)
     write_results(args.output, markdown, {"matmul_gflops": rate, "block": block, "ops_us": {
         k: 1e6 * v for k, v in ops.items()}, "per_block_us": {k: 1e6 * v for k, v in per_block.items()},
-        "measured_share": measured, "environment": environment()})
+        "measured_share": measured, "native_share": native, "environment": environment()})
     return 0
 
 

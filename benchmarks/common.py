@@ -29,8 +29,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -255,20 +256,20 @@ def bar_plot(
 
 
 __all__ = [
-    "RESULTS_DIR",
-    "interleaved_timings",
-    "median_ms",
-    "current_rss_mib",
-    "peak_rss_mib",
-    "reset_peak_rss",
-    "release_freed_memory",
-    "run_in_fresh_process",
-    "STEADY_MALLOC_ENV",
-    "THP_MALLOC_ENV",
     "MALLOC_CHOICES",
     "MALLOC_HELP",
-    "environment",
-    "markdown_table",
-    "write_results",
+    "RESULTS_DIR",
+    "STEADY_MALLOC_ENV",
+    "THP_MALLOC_ENV",
     "bar_plot",
+    "current_rss_mib",
+    "environment",
+    "interleaved_timings",
+    "markdown_table",
+    "median_ms",
+    "peak_rss_mib",
+    "release_freed_memory",
+    "reset_peak_rss",
+    "run_in_fresh_process",
+    "write_results",
 ]

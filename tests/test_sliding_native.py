@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .test_sliding_kernels import banded, random_case, reference
 
 import hf_xarch.model.attention_sliding_kernels as kernels
 import hf_xarch.model.attention_sliding_native as native
+
+from .test_sliding_kernels import banded, random_case, reference
 
 pytestmark = pytest.mark.skipif(native.native_kernel() is None,
                                 reason=f"no native banded kernel here: {native.native_kernel_error()}")
@@ -109,9 +110,9 @@ def test_native_at_the_edges(n, left, right, block, calls):
     past an end is cut there."""
     gen = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, 2, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-    case = dict(q=q.requires_grad_(), k=k.requires_grad_(), v=v.requires_grad_(), left=left, right=right,
-                dilation=[1, 1], valid=torch.ones(1, n, dtype=torch.bool), global_keys=None, sink_keys=None,
-                slopes=None, block=block)
+    case = {"q": q.requires_grad_(), "k": k.requires_grad_(), "v": v.requires_grad_(), "left": left, "right": right,
+            "dilation": [1, 1], "valid": torch.ones(1, n, dtype=torch.bool), "global_keys": None, "sink_keys": None,
+            "slopes": None, "block": block}
     case32 = as_float32(case)
     out, ref = banded(case32), reference(case)
     assert calls["native"] == 1

@@ -267,22 +267,19 @@ int xarch_banded_backward(Head *h) {
         }
         float *p = h->scores, *dp = h->grad_scores;
         block_scores(h, c, &b, p);
-        for (int64_t r = 0; r < b.rows; r++) {
-            float *row = p + r * ld;
-            const float max = h->row_max[b.q0 + r], inv = h->row_inv_sum[b.q0 + r];
-#pragma omp simd
-            for (int64_t j = 0; j < ld; j++) row[j] = exp_nonpositive(row[j] - max) * inv;
-        }
         const float *q = h->q + b.q0 * h->q_stride, *go = h->grad_out + b.q0 * h->grad_out_stride;
         zero_outside(h, &b, dp, ld);
         gemm('N', 'N', b.rows, w, dim, 1.f, go, h->grad_out_stride, h->vt + b.lo, h->t_stride, 0.f, dp + b.j0, ld);
         if (g) gemm('N', 'T', b.rows, g, dim, 1.f, go, h->grad_out_stride, h->ev, dim, 0.f, dp + span, ld);
-        for (int64_t r = 0; r < b.rows; r++) {
-            float *dprow = dp + r * ld;
-            const float *prow = p + r * ld;
+        for (int64_t r = 0; r < b.rows; r++) { /* P from the saved max and 1 / sum, and rowsum(dP o P), in one pass */
+            float *prow = p + r * ld, *dprow = dp + r * ld;
+            const float max = h->row_max[b.q0 + r], inv = h->row_inv_sum[b.q0 + r];
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t j = 0; j < ld; j++) dot += dprow[j] * prow[j];
+            for (int64_t j = 0; j < ld; j++) {
+                prow[j] = exp_nonpositive(prow[j] - max) * inv;
+                dot += dprow[j] * prow[j];
+            }
 #pragma omp simd
             for (int64_t j = 0; j < ld; j++) dprow[j] = prow[j] * (dprow[j] - dot);
         }
@@ -331,13 +328,14 @@ _KERNEL: list = []  # [library or None], filled on first use
 
 
 def _torch_blas() -> tuple[int, int]:
-    """Addresses of ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` (the C entry; the lower-case one takes a pointer) in the torch library already loaded (0 if absent:
-    torch builds without MKL, e.g. on macOS or ARM, have no such symbols and the torch path runs instead)."""
+    """Addresses of ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` in the torch library already loaded (the latter 0 if
+    absent). Torch builds without MKL (macOS, ARM) have no ``sgemm_`` there: the torch path runs instead. (MKL's
+    lower-case ``mkl_set_num_threads_local`` is the Fortran entry, which takes a pointer.)"""
     library = Path(torch.__file__).parent / "lib" / ("libtorch_cpu" + (".dylib" if sys.platform == "darwin" else ".so"))
     handle = ctypes.CDLL(str(library))
-    sgemm = ctypes.cast(getattr(handle, "sgemm_"), ctypes.c_void_p).value
+    sgemm = ctypes.cast(handle.sgemm_, ctypes.c_void_p).value
     try:
-        threads = ctypes.cast(getattr(handle, "MKL_Set_Num_Threads_Local"), ctypes.c_void_p).value
+        threads = ctypes.cast(handle.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value
     except AttributeError:
         threads = 0
     return sgemm, threads or 0
@@ -421,10 +419,11 @@ def native_supported(query: torch.Tensor, dropout: float) -> bool:
 
 
 def pointer(x: torch.Tensor | None) -> int | None:
+    """The address of ``x``'s first element, or None (a NULL pointer) for a missing or empty tensor."""
     return x.data_ptr() if x is not None and x.numel() else None
 
 
-_POOL: list = []
+_POOL: list = []  # [(workers, ThreadPoolExecutor)], grown when more threads are asked for
 
 
 def run_heads(fn, batch: int, heads: int, like: torch.Tensor, workspace_type) -> None:
@@ -439,8 +438,11 @@ def run_heads(fn, batch: int, heads: int, like: torch.Tensor, workspace_type) ->
             fn(b, h, work)
         return
     with _LOCK:
-        if not _POOL or _POOL[0]._max_workers < workers:
-            _POOL[:] = [ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xarch-banded")]
+        if not _POOL or _POOL[0][0] < workers:
+            if _POOL:
+                _POOL[0][1].shutdown(wait=False)
+            _POOL[:] = [(workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xarch-banded"))]
+        pool = _POOL[0][1]
     local = threading.local()
 
     def job(b, h):
@@ -449,5 +451,5 @@ def run_heads(fn, batch: int, heads: int, like: torch.Tensor, workspace_type) ->
         with torch.no_grad():  # grad mode is per thread: the autograd function's forward turned it off only here
             fn(b, h, local.work)
 
-    for future in [_POOL[0].submit(job, b, h) for b, h in jobs]:
+    for future in [pool.submit(job, b, h) for b, h in jobs]:
         future.result()
