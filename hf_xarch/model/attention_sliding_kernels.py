@@ -17,7 +17,9 @@ Global tokens' *own* rows (they attend to every token) are full attention and li
   global keys and sinks appended to every window. A custom autograd function keeps only q, k, v (flash-attention
   style: the backward recomputes each block's scores), so time and memory grow like N·w. Dilation ``d`` is turned
   into ``d`` interleaved undilated sequences (slot ``i`` belongs to sequence ``i mod d``), so the kernel never
-  computes the ``d-1`` of every ``d`` keys a dilated window skips.
+  computes the ``d-1`` of every ``d`` keys a dilated window skips. On CPU in float32 without dropout it runs the
+  fused C kernel of ``attention_sliding_native.py`` (``_NativeBandedCore``, one block at a time); elsewhere, or
+  where that kernel cannot be built, the same blocks through torch ops (``_BandedCore``, chunks of blocks).
 - ``flex_sliding_attention``: torch's flex attention with a BlockMask built from the band's geometry (never by
   evaluating an N×N grid).
 """
