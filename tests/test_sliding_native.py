@@ -4,6 +4,7 @@ its loader's fallbacks."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,14 +124,86 @@ def test_native_at_the_edges(n, left, right, block, calls):
 
 
 def test_torch_path_runs_where_the_native_kernel_cannot(calls):
-    """float64, dropout, or native=False take ``_BandedCore``."""
+    """float64 or native=False take ``_BandedCore``."""
     case = random_case(9)
     banded(case)
     banded(as_float32(case), native=False)
-    banded(as_float32(case), dropout=0.1)
     assert calls["native"] == 0
-    assert not native.native_supported(case["q"], 0.0) and not native.native_supported(case["q"].float(), 0.1)
-    assert native.native_supported(case["q"].float(), 0.0)
+    assert not native.native_supported(case["q"]) and native.native_supported(case["q"].float())
+
+
+def keep_mask(seed: int, stream: int, queries: np.ndarray, keys: np.ndarray, p: float) -> np.ndarray:
+    """The C kernel's dropout rule, written again with numpy's wrapping uint32 arithmetic: (queries, keys) bool."""
+    u32 = np.uint32
+
+    def mix(x):
+        x = x ^ (x >> u32(16))
+        x = x * u32(0x7FEB352D)
+        x = x ^ (x >> u32(15))
+        x = x * u32(0x846CA68B)
+        return x ^ (x >> u32(16))
+
+    with np.errstate(over="ignore"):
+        inner = mix(u32(stream) ^ mix(queries.astype(np.uint32)))
+        row = mix(u32(seed & 0xFFFFFFFF) ^ mix(u32(seed >> 32) ^ inner))
+        hashed = mix(row[:, None] ^ (keys.astype(np.uint32)[None, :] * u32(0x9E3779B9)))
+    return hashed >= u32(int(p * 2**32))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_native_dropout_equals_the_reference_with_the_same_mask(seed, calls):
+    """Dropout (p = 0.3) against the dense float64 reference whose weights are masked with ``keep_mask`` (a band key
+    named by its slot, the g-th global token or sink by 2^31 + g): output and gradients. The backward draws the
+    forward's mask again, so the gradients are exact for it."""
+    p = 0.3
+    case = random_case(7000 + seed)
+    heads = case["q"].shape[1]
+    case["dilation"] = [1] * heads  # one kernel call for all heads: streams are batch row * heads + head
+    case32 = as_float32(case)
+    torch.manual_seed(seed)
+    call_seed = int(torch.randint(0, 2**62, (1,)).item())  # what banded_attention draws
+    torch.manual_seed(seed)
+    out = banded(case32, dropout=p)
+    assert calls["native"] == 1
+
+    n = case["q"].shape[2]
+    extras = kernels.extra_key_slots(case["global_keys"], case["sink_keys"])
+    mask = torch.zeros(case["q"].shape[0], heads, n, n, dtype=torch.bool)
+    for b in range(case["q"].shape[0]):
+        names = np.arange(n, dtype=np.int64)
+        if extras is not None:
+            slots, present = extras[0][b], extras[1][b]
+            for g in range(slots.shape[0]):
+                if present[g]:
+                    names[int(slots[g])] = 2**31 + g
+        for h in range(heads):
+            mask[b, h] = torch.from_numpy(keep_mask(call_seed, b * heads + h, np.arange(n), names, p))
+    slots = torch.arange(n)
+    visible = kernels.sliding_visibility(slots, slots, case["left"], case["right"], torch.tensor(case["dilation"]),
+                                         case["valid"], case["global_keys"], case["sink_keys"])
+    bias = kernels.alibi_bias(case["slopes"], slots, slots) if case["slopes"] is not None else None
+    weights = kernels.dense_sliding_attention(case["q"], case["k"], case["v"], visible, 0.3, bias)[1]
+    ref = torch.matmul(weights * mask / (1 - p), kernels.repeat_heads(case["v"], heads))
+
+    real = case["valid"][:, None, :, None]
+    assert ((out.double() - ref) * real).abs().max() < 2e-5
+    weight = torch.randn(out.shape, dtype=torch.float64) * real
+    for got, want in zip(grads(out, case32, weight.float()), grads(ref, case, weight)):
+        assert (got.double() - want).abs().max() < 5e-5 * max(1.0, want.abs().max().item())
+
+
+def test_native_dropout_drops_at_its_rate_and_differs_per_call():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 600, 16, generator=gen) for _ in range(3))
+    kept = keep_mask(123456789123, 3, np.arange(600), np.arange(600), 0.3)
+    assert abs(kept.mean() - 0.7) < 0.01
+    first = kernels.banded_attention(q, k, v, 32, 32, [1] * 4, 0.25, dropout=0.3)
+    second = kernels.banded_attention(q, k, v, 32, 32, [1] * 4, 0.25, dropout=0.3)
+    plain = kernels.banded_attention(q, k, v, 32, 32, [1] * 4, 0.25)
+    assert not torch.allclose(first, second) and not torch.allclose(first, plain)
+    # the mean over dropout draws approaches the plain output (dropout is unbiased)
+    mean = torch.stack([kernels.banded_attention(q, k, v, 32, 32, [1] * 4, 0.25, dropout=0.3) for _ in range(40)])
+    assert (mean.mean(0) - plain).abs().mean() < 0.25 * (first - plain).abs().mean()
 
 
 def test_loader_falls_back_with_a_reason(monkeypatch, tmp_path):

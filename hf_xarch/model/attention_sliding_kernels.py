@@ -17,7 +17,7 @@ Global tokens' *own* rows (they attend to every token) are full attention and li
   global keys and sinks appended to every window. A custom autograd function keeps only q, k, v (flash-attention
   style: the backward recomputes each block's scores), so time and memory grow like N·w. Dilation ``d`` is turned
   into ``d`` interleaved undilated sequences (slot ``i`` belongs to sequence ``i mod d``), so the kernel never
-  computes the ``d-1`` of every ``d`` keys a dilated window skips. On CPU in float32 without dropout it runs the
+  computes the ``d-1`` of every ``d`` keys a dilated window skips. On CPU in float32 it runs the
   fused C kernel of ``attention_sliding_native.py`` (``_NativeBandedCore``, one block at a time); elsewhere, or
   where that kernel cannot be built, the same blocks through torch ops (``_BandedCore``, chunks of blocks).
 - ``flex_sliding_attention``: torch's flex attention with a BlockMask built from the band's geometry (never by
@@ -345,16 +345,16 @@ class _BandedCore(torch.autograd.Function):
 
 class _NativeBandedCore(torch.autograd.Function):
     """``_BandedCore``'s rule and arguments, run by the C kernel of ``attention_sliding_native.py`` block by block
-    (CPU, float32, no dropout). Per head, only the keys (and in the backward the values) are copied, transposed; the
+    (CPU, float32). Dropout draws its mask from a hash of (seed, head, query, key) instead of torch's generator, in
+    the forward and again in the backward. Per head, only the keys (and in the backward the values) are copied, transposed; the
     forward saves each row's softmax max and 1/sum, so that the backward recomputes the forward's probabilities
     without a second max and sum."""
 
     @staticmethod
     def forward(ctx, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed):
-        if dropout_p:
-            raise ValueError(f"the native banded kernel has no dropout (got dropout={dropout_p}); use _BandedCore")
         batch, heads, n, _ = q.shape
-        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale)
+        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p,
+                                   seed)
         out = torch.empty_like(q)
         row_max, row_inv_sum = q.new_empty(batch, heads, n), q.new_empty(batch, heads, n)
         library = native_kernel()
@@ -368,15 +368,14 @@ class _NativeBandedCore(torch.autograd.Function):
 
         run_heads(head, batch, heads, q, _Workspace)
         ctx.save_for_backward(q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum)
-        ctx.settings = (block, left, scale)
+        ctx.settings = (block, left, scale, dropout_p, seed)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum = ctx.saved_tensors
-        block, left, scale = ctx.settings
         batch, heads = q.shape[:2]
-        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale)
+        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, *ctx.settings)
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         dq = torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)  # the kernel zeroes each row when a window first reaches it
@@ -404,9 +403,9 @@ class _NativeGeometry:
     the clean windows and bias strips, and per head a ``Head`` with the transposed keys (and values) in the
     workspace."""
 
-    def __init__(self, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale):
+    def __init__(self, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout, seed):
         self.q, self.k, self.v = q, k, v
-        self.block, self.left, self.scale = block, left, scale
+        self.block, self.left, self.scale, self.dropout, self.seed = block, left, scale, dropout, seed
         self.span, self.extra = band_bias.shape[-1], ek.shape[2]
         self.key_bias, self.band_bias = key_bias.contiguous(), band_bias.contiguous()
         self.extra_bias = extra_bias.contiguous()
@@ -424,7 +423,8 @@ class _NativeGeometry:
         kt = work.get("kt", (dim, self.t_stride))  # the kernel transposes the keys into it (torch's copy_ of a
         # strided transpose runs elementwise, ~4x slower)
         args = Head(n=n, dim=dim, block=self.block, span=self.span, left=self.left, extra=self.extra,
-                    n_strips=len(self.strips), scale=self.scale)
+                    n_strips=len(self.strips), scale=self.scale, dropout=self.dropout, seed=self.seed,
+                    stream=b * self.q.shape[1] + h)
         args.q, args.k, args.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
         args.q_stride, args.k_stride, args.v_stride = q.stride(0), k.stride(0), v.stride(0)
         args.kt, args.t_stride = kt.data_ptr(), self.t_stride
@@ -544,7 +544,7 @@ def banded_attention(
 
     query (B, H, N, D), key/value (B, KV, N, D) at the same slots 0..N-1; dilation: one int per head;
     key_valid / global_keys / sink_keys: (B, N) bool; alibi_slopes: (H,); native: run the fused C kernel of
-    ``attention_sliding_native.py`` where it can (CPU float32 without dropout, and a C compiler here), False forces
+    ``attention_sliding_native.py`` where it can (CPU float32, and a C compiler here), False forces
     the torch path (the tests compare the two). Returns (B, H, N, D).
     """
     batch, heads, n, dim = query.shape
@@ -601,7 +601,7 @@ def banded_attention(
             ek = ev = query.new_zeros(rows_b, h_d, 0, dim)
             eb = query.new_zeros(rows_b, 1, nd, 0)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
-        core = _NativeBandedCore if native and native_supported(q_d, dropout) else _BandedCore
+        core = _NativeBandedCore if native and native_supported(q_d) else _BandedCore
         result = core.apply(q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, block, left, float(scaling),
                             float(dropout), seed)
         result = _undilate(result, d, n)

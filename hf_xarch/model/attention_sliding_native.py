@@ -10,7 +10,8 @@ read them, and no Python runs per block.
 - ``native_kernel()``: the compiled library, or None where it cannot be had (no C compiler, no ``sgemm_`` in torch's
   library, ``HF_XARCH_NATIVE_KERNEL=0``). Compiled once per machine and source into ``~/.cache/hf_xarch/kernels``
   (or ``$HF_XARCH_KERNEL_CACHE``): plain C without torch headers, well under a second.
-- ``native_supported(query, dropout)``: whether a call can take it (CPU, float32, no dropout).
+- ``native_supported(query)``: whether a call can take it (CPU, float32; dropout included, its mask a hash of
+  (seed, head, query, key), drawn again identically by the backward).
 - ``Head``: one head's pointers and sizes, as the C functions take them; ``run_heads`` runs a function of (batch
   row, head, workspace) over all heads, on ``torch.get_num_threads()`` threads (the C calls release the GIL).
 
@@ -115,6 +116,8 @@ static inline float exp_nonpositive(float x) {
 typedef struct {
     int64_t n, dim, block, span, left, extra, n_strips;
     double scale;            /* of the scores: q k^T * scale */
+    double dropout;          /* probability of dropping a probability (0: none) */
+    int64_t seed, stream;    /* dropout's hash inputs: the call's seed, and this head's index (batch row * heads + h) */
     const float *q, *k, *v;  /* (n, dim) each */
     int64_t q_stride, k_stride, v_stride;
     float *kt, *vt;          /* scratch for the keys and values transposed, (dim, t_stride); vt only for the
@@ -206,6 +209,39 @@ static void transpose(const float *src, int64_t rows, int64_t cols, int64_t src_
     }
 }
 
+/* Dropout keeps a probability when a hash of (seed, head, query, key) clears p * 2^32. Pure function of those, so
+   the backward draws the forward's mask again without storing it, whatever the blocks or threads. A band key is
+   named by its slot, extra key g by EXTRA_KEY + g. The hash is the "lowbias32" integer finaliser (C. Wellons). */
+#define EXTRA_KEY 0x80000000u
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline uint32_t row_hash(const Head *h, int64_t query) {
+    return mix32((uint32_t)h->seed ^ mix32((uint32_t)(h->seed >> 32) ^ mix32((uint32_t)h->stream ^
+                                                                               mix32((uint32_t)query))));
+}
+
+/* 1 / (1 - p) where (row, key) is kept, else 0. */
+static inline float keep_scale(uint32_t row, uint32_t key, uint32_t threshold, float scale) {
+    return mix32(row ^ (key * 0x9e3779b9u)) >= threshold ? scale : 0.f;
+}
+
+/* Multiply a block row's band and extra columns by their keep_scale (the key of band column j is slot first + j). */
+static void apply_dropout(const Head *h, int64_t query, int64_t first, float *row) {
+    const uint32_t hrow = row_hash(h, query), threshold = (uint32_t)(h->dropout * 4294967296.0);
+    const float scale = (float)(1.0 / (1.0 - h->dropout));
+#pragma omp simd
+    for (int64_t j = 0; j < h->span; j++) row[j] *= keep_scale(hrow, (uint32_t)(first + j), threshold, scale);
+    for (int64_t j = 0; j < h->extra; j++)
+        row[h->span + j] *= keep_scale(hrow, EXTRA_KEY + (uint32_t)j, threshold, scale);
+}
+
 static int begin(void) { return SET_THREADS_LOCAL ? SET_THREADS_LOCAL(1) : 0; }
 static void end(int previous) { if (SET_THREADS_LOCAL) SET_THREADS_LOCAL(previous); }
 
@@ -232,6 +268,7 @@ int xarch_banded_forward(Head *h) {
             }
             h->row_max[b.q0 + r] = max;
             h->row_inv_sum[b.q0 + r] = 1.f / sum;
+            if (h->dropout > 0) apply_dropout(h, b.q0 + r, b.q0 - h->left, row); /* after the sum: it normalises */
         }
         float *o = h->out + b.q0 * h->out_stride;
         gemm('N', 'N', b.rows, dim, b.hi - b.lo, 1.f, s + b.j0, ld, h->v + b.lo * h->v_stride, h->v_stride, 0.f, o,
@@ -274,6 +311,8 @@ int xarch_banded_backward(Head *h) {
         for (int64_t r = 0; r < b.rows; r++) { /* P from the saved max and 1 / sum, and rowsum(dP o P), in one pass */
             float *prow = p + r * ld, *dprow = dp + r * ld;
             const float max = h->row_max[b.q0 + r], inv = h->row_inv_sum[b.q0 + r];
+            /* with dropout the matmul gave the gradient of the kept probabilities: through the mask to P's */
+            if (h->dropout > 0) apply_dropout(h, b.q0 + r, b.q0 - h->left, dprow);
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t j = 0; j < ld; j++) {
@@ -282,6 +321,7 @@ int xarch_banded_backward(Head *h) {
             }
 #pragma omp simd
             for (int64_t j = 0; j < ld; j++) dprow[j] = prow[j] * (dprow[j] - dot);
+            if (h->dropout > 0) apply_dropout(h, b.q0 + r, b.q0 - h->left, prow); /* dV takes the kept ones */
         }
         float *dq = h->grad_q + b.q0 * h->grad_q_stride;
         gemm('N', 'N', b.rows, dim, w, scale, dp + b.j0, ld, h->k + b.lo * h->k_stride, h->k_stride, 0.f, dq,
@@ -307,7 +347,8 @@ class Head(ctypes.Structure):
 
     _fields_ = [
         *[(name, ctypes.c_int64) for name in ("n", "dim", "block", "span", "left", "extra", "n_strips")],
-        ("scale", ctypes.c_double),
+        ("scale", ctypes.c_double), ("dropout", ctypes.c_double),
+        ("seed", ctypes.c_int64), ("stream", ctypes.c_int64),
         *[(name, ctypes.c_void_p) for name in ("q", "k", "v")],
         *[(name, ctypes.c_int64) for name in ("q_stride", "k_stride", "v_stride")],
         ("kt", ctypes.c_void_p), ("vt", ctypes.c_void_p), ("t_stride", ctypes.c_int64),
@@ -412,10 +453,9 @@ def _load():
     return library, None
 
 
-def native_supported(query: torch.Tensor, dropout: float) -> bool:
-    """Whether ``banded_attention`` can run the C kernel: CPU float32 without dropout (the torch path draws dropout
-    masks per chunk), and the library could be built here."""
-    return query.device.type == "cpu" and query.dtype == torch.float32 and not dropout and native_kernel() is not None
+def native_supported(query: torch.Tensor) -> bool:
+    """Whether ``banded_attention`` can run the C kernel: CPU float32, and the library could be built here."""
+    return query.device.type == "cpu" and query.dtype == torch.float32 and native_kernel() is not None
 
 
 def pointer(x: torch.Tensor | None) -> int | None:
