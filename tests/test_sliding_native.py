@@ -227,3 +227,35 @@ def test_loader_builds_into_the_cache_and_reuses_it(monkeypatch, tmp_path):
     stamp = built[0].stat().st_mtime_ns
     assert native._load()[1] is None
     assert built[0].stat().st_mtime_ns == stamp  # found, not rebuilt
+
+
+def test_a_model_loaded_with_trust_remote_code_runs_the_same_native_kernel(tmp_path):
+    """The C source travels inside the saved Python files: in a Python without hf_xarch, the loaded model compiles
+    and runs the same kernel, and its outputs are bit-identical."""
+    from hf_xarch import XArchModel
+
+    from .helpers import random_ids, run_without_hf_xarch, tiny_config
+
+    model = XArchModel(tiny_config(attention_type="sliding_window", attention_window=6)).eval()
+    ids = random_ids(2, 23, seed=4)
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    assert (folder / "attention_sliding_native.py").exists()
+    torch.save({"ids": ids, "expected": expected}, tmp_path / "io.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+native = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".attention_sliding_native"]
+assert native.native_kernel() is not None, native.native_kernel_error()
+data = torch.load({str(tmp_path / "io.pt")!r})
+with torch.no_grad():
+    out = model(data["ids"]).last_hidden_state
+assert torch.equal(out, data["expected"]), (out - data["expected"]).abs().max()
+print("same kernel, same outputs")
+"""
+    result = run_without_hf_xarch(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same kernel, same outputs" in result.stdout
