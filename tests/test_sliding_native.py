@@ -259,3 +259,17 @@ print("same kernel, same outputs")
     result = run_without_hf_xarch(script)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same kernel, same outputs" in result.stdout
+
+
+def test_native_takes_any_stride_on_a_length_one_axis(calls):
+    """A single token may come with any stride on its row axis (here 1 < D), which BLAS would refuse as a leading
+    dimension; the kernel still sees valid ones. One key: the output is its value, the query gets no gradient."""
+    q = torch.randn(2, 3, 8).as_strided((2, 3, 1, 8), (24, 8, 1, 1)).requires_grad_()
+    k = torch.randn(2, 3, 8).as_strided((2, 3, 1, 8), (24, 8, 1, 1)).requires_grad_()
+    v = torch.randn(2, 3, 1, 8).requires_grad_()
+    out = kernels.banded_attention(q, k, v, 4, 4, [1, 1, 1], 0.3)
+    assert calls["native"] == 1
+    assert torch.equal(out, v)
+    dq, dk, dv = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert torch.equal(dq, torch.zeros_like(q)) and torch.equal(dk, torch.zeros_like(k))
+    assert torch.allclose(dv, 2 * v)

@@ -17,9 +17,9 @@ Global tokens' *own* rows (they attend to every token) are full attention and li
   global keys and sinks appended to every window. A custom autograd function keeps only q, k, v (flash-attention
   style: the backward recomputes each block's scores), so time and memory grow like N·w. Dilation ``d`` is turned
   into ``d`` interleaved undilated sequences (slot ``i`` belongs to sequence ``i mod d``), so the kernel never
-  computes the ``d-1`` of every ``d`` keys a dilated window skips. On CPU in float32 it runs the
-  fused C kernel of ``attention_sliding_native.py`` (``_NativeBandedCore``, one block at a time); elsewhere, or
-  where that kernel cannot be built, the same blocks through torch ops (``_BandedCore``, chunks of blocks).
+  computes the ``d-1`` of every ``d`` keys a dilated window skips. On CPU in float32 it runs the fused C kernel
+  of ``attention_sliding_native.py`` (``_NativeBandedCore``, one block at a time); elsewhere, or where that kernel
+  cannot be built, the same blocks through torch ops (``_BandedCore``, chunks of blocks).
 - ``flex_sliding_attention``: torch's flex attention with a BlockMask built from the band's geometry (never by
   evaluating an N×N grid).
 """
@@ -345,10 +345,10 @@ class _BandedCore(torch.autograd.Function):
 
 class _NativeBandedCore(torch.autograd.Function):
     """``_BandedCore``'s rule and arguments, run by the C kernel of ``attention_sliding_native.py`` block by block
-    (CPU, float32). Dropout draws its mask from a hash of (seed, head, query, key) instead of torch's generator, in
-    the forward and again in the backward. Per head, only the keys (and in the backward the values) are copied, transposed; the
-    forward saves each row's softmax max and 1/sum, so that the backward recomputes the forward's probabilities
-    without a second max and sum."""
+    (CPU, float32). Per head, only the keys (and in the backward the values) are copied, transposed. The forward
+    saves each row's softmax max and 1/sum, so that the backward recomputes the forward's probabilities without a
+    second max and sum. Dropout draws its mask from a hash of (seed, head, query, key) instead of torch's
+    generator, in the forward and again in the backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed):
@@ -361,7 +361,7 @@ class _NativeBandedCore(torch.autograd.Function):
 
         def head(b, h, work):
             args = geometry.head(b, h, work)
-            args.out, args.out_stride = out[b, h].data_ptr(), out.stride(2)
+            args.out, args.out_stride = out[b, h].data_ptr(), _row_stride(out[b, h])
             args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
             if library.xarch_banded_forward(ctypes.byref(args)) != 0:
                 raise RuntimeError("the native banded kernel has no BLAS")
@@ -376,7 +376,7 @@ class _NativeBandedCore(torch.autograd.Function):
         q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum = ctx.saved_tensors
         batch, heads = q.shape[:2]
         geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, *ctx.settings)
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        grad_out = _unit_stride(grad_out)
         dq = torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)  # the kernel zeroes each row when a window first reaches it
         dek, dev = torch.zeros_like(geometry.ek), torch.zeros_like(geometry.ev)
@@ -386,10 +386,10 @@ class _NativeBandedCore(torch.autograd.Function):
             args = geometry.head(b, h, work, backward=True)
             args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
             args.grad_scores = work.get("grad_scores", (geometry.scratch,)).data_ptr()
-            args.grad_out, args.grad_out_stride = grad_out[b, h].data_ptr(), grad_out.stride(2)
-            args.grad_q, args.grad_q_stride = dq[b, h].data_ptr(), dq.stride(2)
-            args.grad_k, args.grad_k_stride = dk[b, h].data_ptr(), dk.stride(2)
-            args.grad_v, args.grad_v_stride = dv[b, h].data_ptr(), dv.stride(2)
+            args.grad_out, args.grad_out_stride = grad_out[b, h].data_ptr(), _row_stride(grad_out[b, h])
+            args.grad_q, args.grad_q_stride = dq[b, h].data_ptr(), _row_stride(dq[b, h])
+            args.grad_k, args.grad_k_stride = dk[b, h].data_ptr(), _row_stride(dk[b, h])
+            args.grad_v, args.grad_v_stride = dv[b, h].data_ptr(), _row_stride(dv[b, h])
             args.grad_ek, args.grad_ev = pointer(dek[b, h]), pointer(dev[b, h])
             if library.xarch_banded_backward(ctypes.byref(args)) != 0:
                 raise RuntimeError("the native banded kernel has no BLAS")
@@ -426,7 +426,7 @@ class _NativeGeometry:
                     n_strips=len(self.strips), scale=self.scale, dropout=self.dropout, seed=self.seed,
                     stream=b * self.q.shape[1] + h)
         args.q, args.k, args.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
-        args.q_stride, args.k_stride, args.v_stride = q.stride(0), k.stride(0), v.stride(0)
+        args.q_stride, args.k_stride, args.v_stride = _row_stride(q), _row_stride(k), _row_stride(v)
         args.kt, args.t_stride = kt.data_ptr(), self.t_stride
         if backward:
             args.vt = work.get("vt", (dim, self.t_stride)).data_ptr()
@@ -544,8 +544,8 @@ def banded_attention(
 
     query (B, H, N, D), key/value (B, KV, N, D) at the same slots 0..N-1; dilation: one int per head;
     key_valid / global_keys / sink_keys: (B, N) bool; alibi_slopes: (H,); native: run the fused C kernel of
-    ``attention_sliding_native.py`` where it can (CPU float32, and a C compiler here), False forces
-    the torch path (the tests compare the two). Returns (B, H, N, D).
+    ``attention_sliding_native.py`` where it can (CPU float32, and a C compiler here), False forces the torch path
+    (the tests compare the two). Returns (B, H, N, D).
     """
     batch, heads, n, dim = query.shape
     key, value = repeat_heads(key, heads), repeat_heads(value, heads)
@@ -612,8 +612,17 @@ def banded_attention(
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    """The kernel takes any strides (a transposed (B, N, H, D) projection needs no copy) but a unit one on D."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """The kernels take any strides (a transposed (B, N, H, D) projection needs no copy) but a unit one on D, and
+    rows at least D apart (BLAS's leading dimension; a length-1 axis may carry any stride)."""
+    if x.stride(-1) == 1 and (x.shape[-2] == 1 or x.stride(-2) >= x.shape[-1]):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)  # (contiguous() would keep an overlapping expand's rows)
+
+
+def _row_stride(x: torch.Tensor) -> int:
+    """The distance between rows of a (rows, D) matrix, as BLAS takes it (>= D): a single row may carry any
+    stride, and is the only row read or written."""
+    return max(x.stride(-2), x.shape[-1]) if x.shape[-2] == 1 else x.stride(-2)
 
 
 # ---- flex attention ------------------------------------------------------------------------------------------------
