@@ -273,3 +273,28 @@ def test_native_takes_any_stride_on_a_length_one_axis(calls):
     dq, dk, dv = torch.autograd.grad(out.square().sum(), (q, k, v))
     assert torch.equal(dq, torch.zeros_like(q)) and torch.equal(dk, torch.zeros_like(k))
     assert torch.allclose(dv, 2 * v)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_native_threads_work_in_a_forked_child():
+    """A child forked after the thread pool started (torch.multiprocessing with fork, say) gets a pool of its own
+    instead of waiting forever on threads it did not inherit."""
+    import multiprocessing
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(8)
+        q, k, v = (torch.randn(1, 4, 64, 8, generator=gen) for _ in range(3))
+        expected = kernels.banded_attention(q, k, v, 8, 8, [1] * 4, 0.3)  # starts the pool here
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1) as children:
+            got = children.apply_async(_banded_in_child, (q, k, v)).get(timeout=120)
+        assert torch.equal(got, expected)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _banded_in_child(q, k, v):
+    torch.set_num_threads(2)
+    return kernels.banded_attention(q, k, v, 8, 8, [1] * 4, 0.3)

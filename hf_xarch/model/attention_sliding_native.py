@@ -463,7 +463,8 @@ def pointer(x: torch.Tensor | None) -> int | None:
     return x.data_ptr() if x is not None and x.numel() else None
 
 
-_POOL: list = []  # [(workers, ThreadPoolExecutor)], grown when more threads are asked for
+_POOL: list = []  # [(pid, workers, ThreadPoolExecutor)]: grown when more threads are asked for, made anew after a
+# fork (a forked child inherits the executor but not its threads, and would wait forever on it)
 
 
 def run_heads(fn, batch: int, heads: int, like: torch.Tensor, workspace_type) -> None:
@@ -478,11 +479,12 @@ def run_heads(fn, batch: int, heads: int, like: torch.Tensor, workspace_type) ->
             fn(b, h, work)
         return
     with _LOCK:
-        if not _POOL or _POOL[0][0] < workers:
-            if _POOL:
-                _POOL[0][1].shutdown(wait=False)
-            _POOL[:] = [(workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xarch-banded"))]
-        pool = _POOL[0][1]
+        if not _POOL or _POOL[0][0] != os.getpid() or _POOL[0][1] < workers:
+            if _POOL and _POOL[0][0] == os.getpid():
+                _POOL[0][2].shutdown(wait=False)
+            _POOL[:] = [(os.getpid(), workers, ThreadPoolExecutor(max_workers=workers,
+                                                                 thread_name_prefix="xarch-banded"))]
+        pool = _POOL[0][2]
     local = threading.local()
 
     def job(b, h):
