@@ -298,3 +298,13 @@ def test_native_threads_work_in_a_forked_child():
 def _banded_in_child(q, k, v):
     torch.set_num_threads(2)
     return kernels.banded_attention(q, k, v, 8, 8, [1] * 4, 0.3)
+
+
+def test_loader_builds_in_the_temporary_directory_when_the_cache_is_not_writable(monkeypatch, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")  # mkdir fails
+    monkeypatch.setenv(native.CACHE_ENV, str(blocked / "kernels"))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
+    library, reason = native._load()
+    assert reason is None and library is not None
+    assert len(list(tmp_path.glob("hf_xarch_kernels_*/banded_kernel_*.so"))) == 1

@@ -401,7 +401,19 @@ def _build(compiler: str) -> Path:
     target = folder / f"banded_kernel_{key}.so"
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except OSError:  # a read-only home: a private folder in the temporary directory instead
+        uid = getattr(os, "getuid", lambda: 0)()
+        folder = Path(tempfile.gettempdir()) / f"hf_xarch_kernels_{uid}"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if folder.stat().st_uid != uid or folder.stat().st_mode & 0o022:  # never load a library others could plant
+            raise PermissionError(f"{folder} is not a private folder of this user")
+        target = folder / target.name
+        if target.exists():
+            return target
     logger.info(f"hf_xarch: compiling the native banded kernel into {target} (once per machine)")
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         source = Path(scratch) / "banded_kernel.c"
