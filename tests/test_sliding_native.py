@@ -1,6 +1,7 @@
 """The fused C banded kernel (``attention_sliding_native.py``) against the dense reference and the torch path: random
-sizes, windows, dilations, padding, global tokens, sinks, ALiBi, batch > 1, strided inputs, one or more threads; and
-its loader's fallbacks."""
+sizes, windows, dilations, padding, global tokens, sinks, ALiBi, dropout (against the reference with the same mask),
+batch > 1, strided inputs, one or more threads, a forked child; a model loaded with trust_remote_code; and its
+loader's fallbacks."""
 
 from __future__ import annotations
 
