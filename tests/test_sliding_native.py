@@ -278,6 +278,35 @@ def test_native_takes_any_stride_on_a_length_one_axis(calls):
     assert torch.allclose(dv, 2 * v)
 
 
+@pytest.mark.parametrize("layout", ["broadcast", "every other column", "overlapping rows"])
+def test_native_backward_reads_a_gradient_blas_cannot_take_in_place(layout, calls, monkeypatch):
+    """An upstream gradient whose rows BLAS cannot take (the broadcast one of ``.sum()``, a view of every other
+    column, rows closer than D) is gathered block by block inside the kernel: the gradients equal those from the
+    same numbers laid out densely, with global tokens (the extra keys' matmuls read it too), GQA and batch 2."""
+    gathered = []
+    blas_rows = kernels._blas_rows
+    monkeypatch.setattr(kernels, "_blas_rows", lambda x: gathered.append(not blas_rows(x)) or blas_rows(x))
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,))))
+    n, heads, dim = 157, 4, 16
+    q = torch.randn(2, heads, n, dim, generator=gen).requires_grad_()
+    k, v = (torch.randn(2, 2, n, dim, generator=gen).requires_grad_() for _ in range(2))
+    global_keys = torch.zeros(2, n, dtype=torch.bool).index_fill(1, torch.tensor([3, 90]), True)
+    out = kernels.banded_attention(q, k, v, 20, 11, [1] * heads, 0.25, None, global_keys)
+    if layout == "broadcast":
+        weight = torch.randn((), generator=gen).expand(out.shape)
+    elif layout == "every other column":
+        weight = torch.randn(2, heads, n, 2 * dim, generator=gen)[..., ::2]
+    else:  # row r holds columns r ... r + D - 1 of one long strip: rows 1 apart
+        weight = torch.randn(2 * heads * n + dim, generator=gen).as_strided(out.shape, (heads * n, n, 1, 1))
+    assert not kernels._blas_rows(weight)
+    gathered.clear()
+    got = torch.autograd.grad(out, (q, k, v), weight, retain_graph=True)
+    assert calls["native"] == 1 and gathered == [True]
+    want = torch.autograd.grad(out, (q, k, v), weight.contiguous())
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
 def test_native_threads_work_in_a_forked_child():
     """A child forked after the thread pool started (torch.multiprocessing with fork, say) gets a pool of its own

@@ -376,7 +376,9 @@ class _NativeBandedCore(torch.autograd.Function):
         q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum = ctx.saved_tensors
         batch, heads = q.shape[:2]
         geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, *ctx.settings)
-        grad_out = _unit_stride(grad_out)
+        # A gradient whose rows BLAS cannot take (the broadcast one of a .sum(), a strided view) is gathered block by
+        # block in C: a dense copy would be a fresh tensor as large as the output, page faults and all.
+        gather = not _blas_rows(grad_out)
         dq = torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)  # the kernel zeroes each row when a window first reaches it
         dek, dev = torch.zeros_like(geometry.ek), torch.zeros_like(geometry.ev)
@@ -386,7 +388,11 @@ class _NativeBandedCore(torch.autograd.Function):
             args = geometry.head(b, h, work, backward=True)
             args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
             args.grad_scores = work.get("grad_scores", (geometry.scratch,)).data_ptr()
-            args.grad_out, args.grad_out_stride = grad_out[b, h].data_ptr(), _row_stride(grad_out[b, h])
+            rows = grad_out[b, h]
+            args.grad_out, args.grad_out_stride = rows.data_ptr(), rows.stride(0) if gather else _row_stride(rows)
+            if gather:
+                args.grad_out_col_stride = rows.stride(1)
+                args.grad_out_block = work.get("grad_out_block", (geometry.block, rows.shape[1])).data_ptr()
             args.grad_q, args.grad_q_stride = dq[b, h].data_ptr(), _row_stride(dq[b, h])
             args.grad_k, args.grad_k_stride = dk[b, h].data_ptr(), _row_stride(dk[b, h])
             args.grad_v, args.grad_v_stride = dv[b, h].data_ptr(), _row_stride(dv[b, h])
@@ -611,10 +617,16 @@ def banded_attention(
     return out
 
 
+def _blas_rows(x: torch.Tensor) -> bool:
+    """Whether BLAS can take x's (rows, D) matrices in place: a unit stride on D, and rows at least D apart (its
+    leading dimension; a length-1 axis may carry any stride)."""
+    return x.stride(-1) == 1 and (x.shape[-2] == 1 or x.stride(-2) >= x.shape[-1])
+
+
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    """The kernels take any strides (a transposed (B, N, H, D) projection needs no copy) but a unit one on D, and
-    rows at least D apart (BLAS's leading dimension; a length-1 axis may carry any stride)."""
-    if x.stride(-1) == 1 and (x.shape[-2] == 1 or x.stride(-2) >= x.shape[-1]):
+    """x, or a contiguous copy where BLAS cannot take it (``_blas_rows``): the kernels take any other strides (a
+    transposed (B, N, H, D) projection needs no copy)."""
+    if _blas_rows(x):
         return x
     return x.clone(memory_format=torch.contiguous_format)  # (contiguous() would keep an overlapping expand's rows)
 

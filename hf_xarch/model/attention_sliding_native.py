@@ -148,6 +148,11 @@ typedef struct {
     float *grad_k, *grad_v;  /* backward: (n, dim), written (each row zeroed when a window first reaches it) */
     int64_t grad_k_stride, grad_v_stride;
     float *grad_ek, *grad_ev; /* backward: (extra, dim), accumulated (zeroed by the caller) */
+    int64_t grad_out_col_stride; /* backward: grad_out's stride along dim; where grad_out_block is set, any strides
+                                    (0 included: the broadcast gradient of a sum) */
+    float *grad_out_block;   /* backward: null where grad_out's rows suit BLAS (unit column stride, rows at least
+                                dim apart); else scratch, (block, dim), that each block's rows are gathered into,
+                                instead of a dense copy of the whole gradient */
 } Head;
 
 /* Block c: its queries q0 ... q0 + rows - 1, and the keys lo ... hi - 1 of its window that lie in the sequence,
@@ -311,9 +316,18 @@ int xarch_banded_backward(Head *h) {
         float *p = h->scores, *dp = h->grad_scores;
         block_scores(h, c, &b, p);
         const float *q = h->q + b.q0 * h->q_stride, *go = h->grad_out + b.q0 * h->grad_out_stride;
+        int64_t go_ld = h->grad_out_stride;
+        if (h->grad_out_block) {
+            float *gathered = h->grad_out_block;
+            const int64_t row_stride = h->grad_out_stride, col_stride = h->grad_out_col_stride;
+            for (int64_t r = 0; r < b.rows; r++)
+                for (int64_t d = 0; d < dim; d++) gathered[r * dim + d] = go[r * row_stride + d * col_stride];
+            go = gathered;
+            go_ld = dim;
+        }
         zero_outside(h, &b, dp, ld);
-        gemm('N', 'N', b.rows, w, dim, 1.f, go, h->grad_out_stride, h->vt + b.lo, h->t_stride, 0.f, dp + b.j0, ld);
-        if (g) gemm('N', 'T', b.rows, g, dim, 1.f, go, h->grad_out_stride, h->ev, dim, 0.f, dp + span, ld);
+        gemm('N', 'N', b.rows, w, dim, 1.f, go, go_ld, h->vt + b.lo, h->t_stride, 0.f, dp + b.j0, ld);
+        if (g) gemm('N', 'T', b.rows, g, dim, 1.f, go, go_ld, h->ev, dim, 0.f, dp + span, ld);
         for (int64_t r = 0; r < b.rows; r++) { /* P from the saved max and 1 / sum, and rowsum(dP o P), in one pass */
             float *prow = p + r * ld, *dprow = dp + r * ld;
             const float max = h->row_max[b.q0 + r], inv = h->row_inv_sum[b.q0 + r];
@@ -334,12 +348,12 @@ int xarch_banded_backward(Head *h) {
              h->grad_q_stride);
         gemm('T', 'N', w, dim, b.rows, scale, dp + b.j0, ld, q, h->q_stride, 1.f, h->grad_k + b.lo * h->grad_k_stride,
              h->grad_k_stride);
-        gemm('T', 'N', w, dim, b.rows, 1.f, p + b.j0, ld, go, h->grad_out_stride, 1.f,
+        gemm('T', 'N', w, dim, b.rows, 1.f, p + b.j0, ld, go, go_ld, 1.f,
              h->grad_v + b.lo * h->grad_v_stride, h->grad_v_stride);
         if (g) {
             gemm('N', 'N', b.rows, dim, g, scale, dp + span, ld, h->ek, dim, 1.f, dq, h->grad_q_stride);
             gemm('T', 'N', g, dim, b.rows, scale, dp + span, ld, q, h->q_stride, 1.f, h->grad_ek, dim);
-            gemm('T', 'N', g, dim, b.rows, 1.f, p + span, ld, go, h->grad_out_stride, 1.f, h->grad_ev, dim);
+            gemm('T', 'N', g, dim, b.rows, 1.f, p + span, ld, go, go_ld, 1.f, h->grad_ev, dim);
         }
     }
     end(previous);
@@ -367,6 +381,7 @@ class Head(ctypes.Structure):
         ("grad_k", ctypes.c_void_p), ("grad_v", ctypes.c_void_p),
         ("grad_k_stride", ctypes.c_int64), ("grad_v_stride", ctypes.c_int64),
         ("grad_ek", ctypes.c_void_p), ("grad_ev", ctypes.c_void_p),
+        ("grad_out_col_stride", ctypes.c_int64), ("grad_out_block", ctypes.c_void_p),
     ]
 
 
