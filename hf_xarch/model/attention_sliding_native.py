@@ -220,6 +220,18 @@ static void transpose(const float *src, int64_t rows, int64_t cols, int64_t src_
     }
 }
 
+/* Transpose rows [*done, upto) of src (n x dim) into columns of dst (dim x dst_stride), and advance *done. The
+   windows only move forward: each block transposes the keys (values) its window adds, just before its matmuls read
+   them. One pass over the whole head up front would stream the rows from memory and write the transposed copy out
+   again before any matmul runs; this way those loads overlap the matmuls and the new columns are still in cache
+   when read. */
+static void transpose_upto(const float *src, int64_t src_stride, int64_t dim, float *dst, int64_t dst_stride,
+                           int64_t *done, int64_t upto) {
+    if (upto <= *done) return;
+    transpose(src + *done * src_stride, upto - *done, dim, src_stride, dst + *done, dst_stride);
+    *done = upto;
+}
+
 /* Dropout keeps a probability when a hash of (seed, head, query, key) clears p * 2^32. Pure function of those, so
    the backward draws the forward's mask again without storing it, whatever the blocks or threads. A band key is
    named by its slot, extra key g by EXTRA_KEY + g. The hash is the "lowbias32" integer finaliser (C. Wellons). */
@@ -262,9 +274,10 @@ int xarch_banded_forward(Head *h) {
     if (!SGEMM) return -1;
     int previous = begin();
     const int64_t span = h->span, g = h->extra, ld = span + g, dim = h->dim;
-    transpose(h->k, h->n, dim, h->k_stride, h->kt, h->t_stride);
+    int64_t transposed = 0; /* keys [0, transposed) are in kt */
     for (int64_t c = 0; c * h->block < h->n; c++) {
         const Block b = block_at(h, c);
+        transpose_upto(h->k, h->k_stride, dim, h->kt, h->t_stride, &transposed, b.hi);
         float *s = h->scores;
         block_scores(h, c, &b, s);
         for (int64_t r = 0; r < b.rows; r++) {
@@ -303,12 +316,13 @@ int xarch_banded_backward(Head *h) {
     int previous = begin();
     const int64_t span = h->span, g = h->extra, ld = span + g, dim = h->dim;
     const float scale = (float)h->scale;
-    transpose(h->k, h->n, dim, h->k_stride, h->kt, h->t_stride);
-    transpose(h->v, h->n, dim, h->v_stride, h->vt, h->t_stride);
     int64_t written = 0; /* key rows [0, written) of grad_k and grad_v hold sums; the windows only move forward */
+    int64_t keys_transposed = 0, values_transposed = 0; /* rows [0, ...) of k and v are in kt and vt */
     for (int64_t c = 0; c * h->block < h->n; c++) {
         const Block b = block_at(h, c);
         const int64_t w = b.hi - b.lo;
+        transpose_upto(h->k, h->k_stride, dim, h->kt, h->t_stride, &keys_transposed, b.hi);
+        transpose_upto(h->v, h->v_stride, dim, h->vt, h->t_stride, &values_transposed, b.hi);
         for (; written < b.hi; written++) { /* rows first reached by this window start from zero */
             memset(h->grad_k + written * h->grad_k_stride, 0, sizeof(float) * dim);
             memset(h->grad_v + written * h->grad_v_stride, 0, sizeof(float) * dim);
