@@ -108,10 +108,11 @@ def test_native_is_deterministic_across_thread_counts():
 
 
 @pytest.mark.parametrize("n, left, right, block", [(1, 4, 4, None), (5, 16, 16, 8), (40, 3, 0, 4), (64, 63, 0, 16),
-                                                   (70, 100, 100, 32)])
+                                                   (70, 100, 100, 32), (701, 8, 8, None), (517, 5, 0, 4)])
 def test_native_at_the_edges(n, left, right, block, calls):
     """A single token, windows longer than the sequence, causal windows, partial blocks: every window that reaches
-    past an end is cut there."""
+    past an end is cut there. And sequences many windows long, whose buffers of transposed keys and values move
+    their columns to the front many times."""
     gen = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, 2, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     case = {"q": q.requires_grad_(), "k": k.requires_grad_(), "v": v.requires_grad_(), "left": left, "right": right,

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention_sliding_native import Head, native_kernel, native_supported, pointer, run_heads
+from .attention_sliding_native import Head, native_kernel, native_supported, pointer, prefault, run_heads
 
 try:  # flex attention is optional (torch >= 2.5); the banded kernel needs nothing beyond plain torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -356,6 +356,7 @@ class _NativeBandedCore(torch.autograd.Function):
         geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p,
                                    seed)
         out = torch.empty_like(q)
+        prefault(out)
         row_max, row_inv_sum = q.new_empty(batch, heads, n), q.new_empty(batch, heads, n)
         library = native_kernel()
 
@@ -381,6 +382,7 @@ class _NativeBandedCore(torch.autograd.Function):
         gather = not _blas_rows(grad_out)
         dq = torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)  # the kernel zeroes each row when a window first reaches it
+        prefault(dq, dk, dv)
         dek, dev = torch.zeros_like(geometry.ek), torch.zeros_like(geometry.ev)
         library = native_kernel()
 
@@ -404,6 +406,12 @@ class _NativeBandedCore(torch.autograd.Function):
         return dq, dk, dv, dek, dev, None, None, None, None, None, None, None, None
 
 
+# Width of the C kernel's buffers of transposed keys and values, in windows: when one is full, the columns of the
+# current window move to its front. Wider buffers move less often but spill the cache (2: a 544-column window
+# moves its 512 shared columns every 17 blocks, and both buffers take 2 x 280 KB at d = 64).
+TRANSPOSED_WINDOWS = 2
+
+
 class _NativeGeometry:
     """What both passes of ``_NativeBandedCore`` hand the C kernel: q, k, v and their strides, contiguous biases,
     the clean windows and bias strips, and per head a ``Head`` with the transposed keys (and values) in the
@@ -418,7 +426,9 @@ class _NativeGeometry:
         self.ek, self.ev = ek.contiguous(), ev.contiguous()
         self.clean = torch.tensor(_clean_windows(key_bias, block, self.span), dtype=torch.uint8)
         self.strips = torch.tensor(_band_strips(band_bias), dtype=torch.int64).reshape(-1, 2)
-        self.t_stride = _padded_length(q.shape[2])  # an odd number of cache lines: see _padded_length
+        # the transposed windows' buffers: TRANSPOSED_WINDOWS windows wide (or the whole sequence, if shorter), an
+        # odd number of cache lines (see _padded_length)
+        self.t_stride = _padded_length(min(q.shape[2], TRANSPOSED_WINDOWS * self.span))
         self.scratch = block * (self.span + self.extra)
 
     def head(self, b, h, work, backward: bool = False) -> Head:
