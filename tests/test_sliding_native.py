@@ -360,3 +360,46 @@ def test_the_kernels_exp_is_within_one_ulp():
     library.xarch_exp_nonpositive(ctypes.c_void_p(edges.data_ptr()), ctypes.c_void_p(out.data_ptr()),
                                   ctypes.c_int64(4))
     assert out.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("rows, cols", [(16, 16), (32, 64), (45, 64), (37, 19), (5, 3), (64, 48)])
+def test_the_kernels_transpose_equals_torchs(rows, cols):
+    """The kernel's transpose (AVX-512 tiles where the CPU has them, element by element for the rest) on a strided
+    source into a strided destination: equal to torch's, and nothing outside the destination's rows is written."""
+    gen = torch.Generator().manual_seed(rows * 100 + cols)
+    source = torch.randn(rows, cols + 7, generator=gen)[:, 3 : 3 + cols]  # row stride cols + 7
+    destination = torch.full((cols, rows + 21), -1.0)  # row stride rows + 21
+    native.native_kernel().xarch_transpose(
+        ctypes.c_void_p(source.data_ptr()), ctypes.c_int64(rows), ctypes.c_int64(cols), ctypes.c_int64(cols + 7),
+        ctypes.c_void_p(destination.data_ptr()), ctypes.c_int64(rows + 21))
+    assert torch.equal(destination[:, :rows], source.t())
+    assert (destination[:, rows:] == -1).all()
+
+
+def _resident_pages(tensor: torch.Tensor) -> tuple[int, int]:
+    """(resident, whole) pages inside ``tensor``'s storage, from mincore(2)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = __import__("os").sysconf("SC_PAGE_SIZE")
+    start = tensor.untyped_storage().data_ptr()
+    first, last = -(-start // page) * page, (start + tensor.untyped_storage().nbytes()) // page * page
+    vector = (ctypes.c_ubyte * ((last - first) // page))()
+    assert libc.mincore(ctypes.c_void_p(first), ctypes.c_size_t(last - first), vector) == 0, ctypes.get_errno()
+    return sum(byte & 1 for byte in vector), len(vector)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+def test_prefault_makes_every_page_of_an_output_resident(monkeypatch):
+    """``prefault`` faults in the whole pages of a fresh tensor at once (a 64 MiB one: glibc maps it afresh, so
+    none of its pages are resident before), and both passes hand it their outputs."""
+    fresh = torch.empty(16 * 2**20)
+    before, whole = _resident_pages(fresh)
+    assert before <= 1  # at most the page holding the allocator's header
+    if native.native_kernel().xarch_prefault(ctypes.c_void_p(fresh.data_ptr()), ctypes.c_int64(2**26)) != 0:
+        pytest.skip("this Linux kernel refuses MADV_POPULATE_WRITE (before 5.14)")
+    assert _resident_pages(fresh) == (whole, whole)
+
+    handed = []
+    monkeypatch.setattr(kernels, "prefault", lambda *tensors: handed.extend(t.shape for t in tensors))
+    q, k, v = (torch.randn(2, 3, 50, 8).requires_grad_() for _ in range(3))
+    kernels.banded_attention(q, k, v, 5, 5, [1, 1, 1], 0.3).sum().backward()
+    assert handed == [q.shape] * 4  # the output, then the three gradients
