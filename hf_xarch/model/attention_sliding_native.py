@@ -556,7 +556,7 @@ def native_kernel():
             _KERNEL.append(_load())
             if _KERNEL[0][0] is None:
                 logger.info(f"hf_xarch: the native banded kernel is not available ({_KERNEL[0][1]}); sliding-window "
-                            "attention runs its torch path, about 1.3-1.9x slower on CPU")
+                            "attention runs its torch path, about 1.5-2x slower on CPU")
     return _KERNEL[0][0]
 
 
