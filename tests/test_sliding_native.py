@@ -6,6 +6,7 @@ loader's fallbacks."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 
 import numpy as np
 import pytest
@@ -376,27 +377,29 @@ def test_the_kernels_transpose_equals_torchs(rows, cols):
     assert (destination[:, rows:] == -1).all()
 
 
-def _resident_pages(tensor: torch.Tensor) -> tuple[int, int]:
-    """(resident, whole) pages inside ``tensor``'s storage, from mincore(2)."""
+def _resident_pages(address: int, size: int) -> int:
+    """How many pages of [address, address + size) (page-aligned) are resident, from mincore(2)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    page = __import__("os").sysconf("SC_PAGE_SIZE")
-    start = tensor.untyped_storage().data_ptr()
-    first, last = -(-start // page) * page, (start + tensor.untyped_storage().nbytes()) // page * page
-    vector = (ctypes.c_ubyte * ((last - first) // page))()
-    assert libc.mincore(ctypes.c_void_p(first), ctypes.c_size_t(last - first), vector) == 0, ctypes.get_errno()
-    return sum(byte & 1 for byte in vector), len(vector)
+    vector = (ctypes.c_ubyte * (size // mmap.PAGESIZE))()
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) == 0, ctypes.get_errno()
+    return sum(byte & 1 for byte in vector)
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
 def test_prefault_makes_every_page_of_an_output_resident(monkeypatch):
-    """``prefault`` faults in the whole pages of a fresh tensor at once (a 64 MiB one: glibc maps it afresh, so
-    none of its pages are resident before), and both passes hand it their outputs."""
-    fresh = torch.empty(16 * 2**20)
-    before, whole = _resident_pages(fresh)
-    assert before <= 1  # at most the page holding the allocator's header
-    if native.native_kernel().xarch_prefault(ctypes.c_void_p(fresh.data_ptr()), ctypes.c_int64(2**26)) != 0:
+    """``prefault`` faults in every whole page of a range at once (here a fresh anonymous mapping, none of whose
+    pages is resident before; a range that starts and ends mid-page keeps its partial pages out), and both passes
+    hand it their outputs."""
+    pages = 64
+    fresh = mmap.mmap(-1, pages * mmap.PAGESIZE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(fresh))
+    assert _resident_pages(address, pages * mmap.PAGESIZE) == 0
+    start, size = address + 100, (pages - 1) * mmap.PAGESIZE  # pages 1 ... pages - 2 lie wholly inside
+    if native.native_kernel().xarch_prefault(ctypes.c_void_p(start), ctypes.c_int64(size)) != 0:
         pytest.skip("this Linux kernel refuses MADV_POPULATE_WRITE (before 5.14)")
-    assert _resident_pages(fresh) == (whole, whole)
+    assert _resident_pages(address, mmap.PAGESIZE) == 0
+    assert _resident_pages(address + mmap.PAGESIZE, (pages - 2) * mmap.PAGESIZE) == pages - 2
+    assert _resident_pages(address + (pages - 1) * mmap.PAGESIZE, mmap.PAGESIZE) == 0
 
     handed = []
     monkeypatch.setattr(kernels, "prefault", lambda *tensors: handed.extend(t.shape for t in tensors))
