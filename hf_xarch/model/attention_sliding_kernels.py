@@ -370,13 +370,14 @@ class _NativeBandedCore(torch.autograd.Function):
         run_heads(head, batch, heads, q, _Workspace)
         ctx.save_for_backward(q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum)
         ctx.settings = (block, left, scale, dropout_p, seed)
+        ctx.windows = (geometry.clean, geometry.strips)  # derived from the biases: the backward reuses them
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum = ctx.saved_tensors
         batch, heads = q.shape[:2]
-        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, *ctx.settings)
+        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, *ctx.settings, windows=ctx.windows)
         # A gradient whose rows BLAS cannot take (the broadcast one of a .sum(), a strided view) is gathered block by
         # block in C: a dense copy would be a fresh tensor as large as the output, page faults and all.
         gather = not _blas_rows(grad_out)
@@ -414,18 +415,21 @@ TRANSPOSED_WINDOWS = 2
 
 class _NativeGeometry:
     """What both passes of ``_NativeBandedCore`` hand the C kernel: q, k, v and their strides, contiguous biases,
-    the clean windows and bias strips, and per head a ``Head`` with the transposed keys (and values) in the
-    workspace."""
+    the clean windows and bias strips (``windows``: the forward's, handed to the backward), and per head a ``Head``
+    with the transposed keys (and values) in the workspace."""
 
-    def __init__(self, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout, seed):
+    def __init__(self, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout, seed,
+                 windows=None):
         self.q, self.k, self.v = q, k, v
         self.block, self.left, self.scale, self.dropout, self.seed = block, left, scale, dropout, seed
         self.span, self.extra = band_bias.shape[-1], ek.shape[2]
         self.key_bias, self.band_bias = key_bias.contiguous(), band_bias.contiguous()
         self.extra_bias = extra_bias.contiguous()
         self.ek, self.ev = ek.contiguous(), ev.contiguous()
-        self.clean = torch.tensor(_clean_windows(key_bias, block, self.span), dtype=torch.uint8)
-        self.strips = torch.tensor(_band_strips(band_bias), dtype=torch.int64).reshape(-1, 2)
+        if windows is None:
+            windows = (torch.tensor(_clean_windows(key_bias, block, self.span), dtype=torch.uint8),
+                       torch.tensor(_band_strips(band_bias), dtype=torch.int64).reshape(-1, 2))
+        self.clean, self.strips = windows
         # the transposed windows' buffers: TRANSPOSED_WINDOWS windows wide (or the whole sequence, if shorter), an
         # odd number of cache lines (see _padded_length)
         self.t_stride = _padded_length(min(q.shape[2], TRANSPOSED_WINDOWS * self.span))
