@@ -160,10 +160,11 @@ def run(cases, sizes, modes, repeats, verbose=True, env=None) -> list[dict]:
                 count = repeats_for(None if hint is None else hint * 2.2, repeats)
                 try:
                     result = run_in_fresh_process(
-                        HERE, "measure", dict(module=module, case=case.name, n=n, mode=mode, repeats=count),
+                        HERE, "measure",
+                        {"module": module, "case": case.name, "n": n, "mode": mode, "repeats": count},
                         timeout=case.timeout, threads=1, env=env,
                     )
-                except Exception as error:  # a peer that fails or runs out of time is reported, not fatal
+                except Exception as error:  # noqa: BLE001 - a failing or timed-out peer is reported, not fatal
                     result = {"error": str(error).strip().splitlines()[-1][:200] if str(error).strip() else "failed"}
                 result.update(case=case.name, group=case.group, n=n, mode=mode)
                 if "cpu_ms" in result:

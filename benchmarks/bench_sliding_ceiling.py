@@ -113,9 +113,9 @@ def main(argv=None) -> int:
     native = kernel_share(args.n, rate, max(3, args.repeats // 10), native=True) if native_kernel() else None
     rows = [[name, f"{1e6 * t:.1f}", f"{2 * block * (WINDOW + block) * HEAD_DIM / t / 1e9:.0f}"
              if "softmax" not in name else "-"] for name, t in ops.items()]
-    lines = [f"Machine fp32 matmul rate (1 thread, 2048³): {rate:.1f} GFLOP/s. Block {block} queries, window "
+    lines = [(f"Machine fp32 matmul rate (1 thread, 2048³): {rate:.1f} GFLOP/s. Block {block} queries, window "
              f"{WINDOW} ({block + 2 * HALF} keys per block), head dim {HEAD_DIM}, {CHUNK_BYTES >> 10} KiB of scores "
-             "per chunk.", "", markdown_table(["op (per block)", "µs", "GFLOP/s"], rows), ""]
+             "per chunk."), "", markdown_table(["op (per block)", "µs", "GFLOP/s"], rows), ""]
     summary = []
     for mode, t in per_block.items():
         ceiling = useful[mode] / t / 1e9 / rate

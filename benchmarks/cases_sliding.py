@@ -127,7 +127,7 @@ def build_longformer_layer(n, mode):
 # ---- whole encoders at 4096: one training step -------------------------------------------------------------------
 # hidden dropout 0.1, attention dropout 0 in all three: with attention dropout, CPU SDPA leaves its flash kernel for
 # the math path (N x N weights per head), which would measure that fallback rather than the attention itself
-ENCODER = dict(hidden=512, layers=4, heads=8, n=4096)
+ENCODER = {"hidden": 512, "layers": 4, "heads": 8, "n": 4096}
 
 
 def encoder_step(model, n):

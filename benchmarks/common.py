@@ -161,6 +161,7 @@ def run_in_fresh_process(
         text=True,
         timeout=timeout,
         env=child_env,
+        check=False,  # a failing child is reported below, with its stderr
     )
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith("@@RESULT@@"):

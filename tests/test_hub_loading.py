@@ -38,12 +38,12 @@ HEADS = [
 ]
 
 VARIANTS = {
-    "encoder-learned": dict(is_decoder=False),
-    "decoder-rope-gqa": dict(is_decoder=True, position_embedding_type="rope", num_key_value_heads=2,
-                             norm_type="rmsnorm", mlp_type="gated", hidden_act="silu",
-                             rope_parameters={"rope_type": "linear", "factor": 2.0}),
-    "post-norm-sinusoidal-factorized": dict(norm_position="post", position_embedding_type="sinusoidal",
-                                            embedding_size=16, embedding_norm=True, type_vocab_size=2),
+    "encoder-learned": {"is_decoder": False},
+    "decoder-rope-gqa": {"is_decoder": True, "position_embedding_type": "rope", "num_key_value_heads": 2,
+                         "norm_type": "rmsnorm", "mlp_type": "gated", "hidden_act": "silu",
+                         "rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+    "post-norm-sinusoidal-factorized": {"norm_position": "post", "position_embedding_type": "sinusoidal",
+                                        "embedding_size": 16, "embedding_norm": True, "type_vocab_size": 2},
 }
 
 
