@@ -11,11 +11,11 @@ Why not transformers' ``LinearAttentionLayer`` (what ``DynamicCache(config=...)`
 it does not count tokens, so ``Cache.get_seq_length()`` raises for a model whose layers are all linear (XArchModel and
 ``generate()`` need the count for positions and for slicing the prompt when a cache is reused), and its
 ``get_recurrent_state`` only returns a state once a convolution state was written too (Mamba's layout). This layer is a
-``CacheLayerMixin`` that counts tokens like a ``DynamicLayer`` and stores the Performer state; setting ``_layer_type``
-registers it with transformers (``DYNAMIC_LAYER_TYPE_MAPPING["performer_attention"]``) the moment this file is
-imported, so ``DynamicCache(config=...)``, and therefore ``generate()``, build it for every Performer layer. A
-recurrent state is static already, so it is registered for ``StaticCache`` too (as transformers does with its
-``LinearAttentionLayer``): ``generate(cache_implementation="static")`` pairs it with static full-attention layers.
+``CacheLayerMixin`` that counts tokens like a ``DynamicLayer`` and stores the Performer state; it is registered with
+transformers for the layer type ``"performer_attention"`` the moment this file is imported (``register_cache_layer``),
+so ``DynamicCache(config=...)``, and therefore ``generate()``, build it for every Performer layer. A recurrent state is
+static already, so it is registered for ``StaticCache`` too (as transformers does with its ``LinearAttentionLayer``):
+``generate(cache_implementation="static")`` pairs it with static full-attention layers.
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
+
+from .transformers_private import PastRecording, register_cache_layer
 
 PERFORMER_LAYER_TYPE = "performer_attention"
 
 
-class PerformerStateLayer(CacheLayerMixin):
+class PerformerStateLayer(PastRecording, CacheLayerMixin):
     """Per-layer cache of a causal Performer: the tensors ``performer_attention`` returns and continues from, each with
     batch first: ``state`` (batch, heads, nb_features, head_dim + 1), ``frame`` (batch, heads, 1, 1) and, with a
     feature floor, the value sum (batch, heads, 1, head_dim + 1) and the largest wᵀk (batch, heads, 1)."""
 
-    _layer_type = PERFORMER_LAYER_TYPE
     is_sliding = False
     supports_early_init = False  # the state's shape depends on the feature count, not on (heads, head_dim)
 
@@ -47,10 +48,6 @@ class PerformerStateLayer(CacheLayerMixin):
         self.record_past = False
         self.snapshot: tuple[torch.Tensor, ...] | None = None
         self.replays: list[tuple[int, Callable]] = []
-
-    def activate_past_recording(self) -> None:
-        """Keep what ``crop`` needs to take tokens back (``generate`` turns this on for assisted decoding)."""
-        self.record_past = True
 
     @property
     def is_croppable(self) -> bool:
@@ -152,4 +149,4 @@ class PerformerStateLayer(CacheLayerMixin):
             self.tensors = tuple(t.to(self.device, non_blocking=True) for t in self.tensors)
 
 
-STATIC_LAYER_TYPE_MAPPING.setdefault(PERFORMER_LAYER_TYPE, PerformerStateLayer)
+register_cache_layer(PERFORMER_LAYER_TYPE, PerformerStateLayer, static=True)

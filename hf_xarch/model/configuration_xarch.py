@@ -14,12 +14,16 @@ from transformers.configuration_utils import PreTrainedConfig
 
 from .families import ATTENTION_FAMILIES, POSITION_SCHEMES
 from .registry import attention_family_for_layer_type
+from .transformers_private import allow_layer_type
 
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_TYPES = ("plain", "gated")
 CLASSIFIER_POOLINGS = ("first", "last", "mean")
 OUTPUT_LAYERS = ("full", "adaptive")
+
+for _family in ATTENTION_FAMILIES.values():
+    allow_layer_type(_family.layer_type)
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -305,10 +309,16 @@ class XArchConfig(PreTrainedConfig):
         if layer_types is None:
             if self.attention_type not in ATTENTION_FAMILIES:
                 _fail("attention_type", self.attention_type, f"one of {sorted(ATTENTION_FAMILIES)}")
-            return [ATTENTION_FAMILIES[self.attention_type].layer_type] * self.num_hidden_layers
-        if not isinstance(layer_types, (list, tuple)) or len(layer_types) != self.num_hidden_layers:
+            normalized = [ATTENTION_FAMILIES[self.attention_type].layer_type] * self.num_hidden_layers
+        elif not isinstance(layer_types, (list, tuple)) or len(layer_types) != self.num_hidden_layers:
             _fail("layer_types", layer_types, f"a list of num_hidden_layers={self.num_hidden_layers} entries")
-        return [attention_family_for_layer_type(entry).layer_type for entry in layer_types]
+        else:
+            normalized = [attention_family_for_layer_type(entry).layer_type for entry in layer_types]
+        # transformers re-reads saved configs through its base class (Trainer's resume_from_checkpoint), whose
+        # validation knows only its own layer types: ours must be in its list too
+        for layer_type in set(normalized):
+            allow_layer_type(layer_type)
+        return normalized
 
     def layer_families(self):
         """The attention family of each layer, in order."""
