@@ -30,6 +30,7 @@ write each chunk's output, with its exact gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -54,6 +55,33 @@ def tokens_per_block(batch_heads: int, features: int, budget: int, multiple: int
 
 
 NO_KEY = -1e30  # the running key maximum before any real key was seen (finite, so differences stay defined)
+
+
+# ---- precision -------------------------------------------------------------------------------------------------------
+# The features exp(wᵀx − |x|²/2) span many orders of magnitude and the running sums add thousands of them, so the
+# kernels compute in fp32 at least whatever they are given (bf16 keeps 8 bits of mantissa: a sum of a few hundred
+# features would already lose the small ones) and hand back the values' dtype. Autocast must not reach inside: it
+# would run the matmuls in bf16 next to the fp32 running sums and normalisers (and break their in-place updates), so
+# the entry points and the backwards run with autocast off. Under autocast, rotary positions leave q and k in fp32
+# beside bf16 values (as in Llama); the output, a weighted mean of the values, takes their dtype, as sdpa's would.
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels compute in: the widest of the inputs', fp32 at least."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def without_autocast(function):
+    """Runs ``function`` with autocast off on the device of its first tensor argument (see "precision" above)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+        if not torch.amp.is_autocast_available(device.type):  # meta tensors and the like: nothing to turn off
+            return function(*args, **kwargs)
+        with torch.autocast(device.type, enabled=False):
+            return function(*args, **kwargs)
+
+    return run
 
 
 # ---- the feature map φ: the textbook definition (used by the reference) and the fused one (used by the fast paths) --
@@ -274,6 +302,7 @@ class BidirectionalFavor(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         q, k, v, valid, out, den, alpha, query_sum, reader, frame, value_sum, top_index = ctx.saved_tensors
         phi, chunk, columns = ctx.phi, ctx.chunk, v.shape[-1] + 1
@@ -444,6 +473,7 @@ class CausalFavor(torch.autograd.Function):
         return out, *final
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out, *_):
         q, k, v, valid, out, den, alpha, top_index = ctx.saved_tensors
         phi, chunk, floor = ctx.phi, ctx.chunk, alpha is not None
@@ -516,6 +546,7 @@ def prepare_inputs(query, key, value, key_mask):
     return query, key, torch.cat((value, ones), dim=-1)
 
 
+@without_autocast
 def performer_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -533,14 +564,13 @@ def performer_attention(
     real keys; feature_floor: see "the feature floor" above (softmax kernel only; 0 = the unbiased FAVOR+ estimate);
     state: a causal layer's cached tensors to continue from (as this function returned them; without gradients,
     i.e. when decoding, they are updated in place): (state (batch, heads, m, d+1), frame (batch, heads, 1, 1)) and,
-    with a feature floor, (value sum (batch, heads, 1, d+1), largest wᵀk (batch, heads, 1)). Computes in fp32 at least
-    (the features span a wide range). Returns (output (batch, heads, N, d) in the input dtype, the final state tuple
-    when causal, else None)."""
+    with a feature floor, (value sum (batch, heads, 1, d+1), largest wᵀk (batch, heads, 1)). Computes in fp32 at least,
+    with or without autocast (see "precision" above). Returns (output (batch, heads, N, d) in the values' dtype, the
+    final state tuple (in the compute dtype) when causal, else None)."""
     if feature_floor and kernel != "softmax":
         raise ValueError(f"feature_floor={feature_floor}: the floor is for kernel='softmax' (relu adds its own ε)")
     batch, heads, length, _ = query.shape
-    dtype = query.dtype
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    dtype, compute = value.dtype, compute_dtype(query, key, value)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     root = scaling**0.5  # each of q and k is scaled by √scaling, so that φ(q)·φ(k) estimates exp(q·k·scaling)
     q, k, v, valid = query.to(compute), key.to(compute), value.to(compute), None
@@ -581,14 +611,18 @@ def performer_attention(
     return out, tuple(t.reshape(batch, heads, *t.shape[1:]) for t in final)
 
 
+@without_autocast
 def performer_attention_reference(
     query, key, value, projection, kernel="softmax", causal=False, key_mask=None, scaling=None, feature_floor=0.0
 ) -> torch.Tensor:
     """The plain quadratic form of the same estimator: A = φ(Q)φ(K)ᵀ (masked), out = A V / A 1. Autograd backward.
     Keys share one maximum over the whole sequence here; the fast paths' running maxima give the same function.
     With a feature floor, every key feature a query sees is raised by floor·max exp(wᵀk) over the keys it sees
-    (written out: A_tj += floor · Σφ(q_t) · e^(M_t − F), F the keys' stabiliser)."""
+    (written out: A_tj += floor · Σφ(q_t) · e^(M_t − F), F the keys' stabiliser). Computes in the fast paths'
+    dtype and returns the values'."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    dtype, compute = value.dtype, compute_dtype(query, key, value)
+    query, key, value, projection = (t.to(compute) for t in (query, key, value, projection))
     q, k, vaug = prepare_inputs(query * scaling**0.5, key * scaling**0.5, value, key_mask)
     valid = None if key_mask is None else key_mask[:, None, :].to(torch.bool).expand(*k.shape[:-1])
     phi_q = features(q, projection, kernel, True)
@@ -606,4 +640,4 @@ def performer_attention_reference(
         weights = weights + torch.where(visible, floor, torch.zeros_like(floor))
     if causal:
         weights = weights.tril()
-    return normalise(weights @ vaug)[0]
+    return normalise(weights @ vaug)[0].to(dtype)
