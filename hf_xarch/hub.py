@@ -10,6 +10,7 @@ to load it with and without hf_xarch, and cites the papers behind the parts it u
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -24,6 +25,7 @@ from .model.configuration_xarch import XArchConfig
 from .model.registry import ATTENTION_FAMILIES, POSITION_SCHEMES, attention_family_for_layer_type
 
 TEMPLATE_NAME = "xarch_model_card.md"
+EVAL_RESULTS_NAME = "eval_results.json"  # what the recipes scored; a card rewritten for a saved folder reads it
 # the templates live in the repository's model_cards/; an installed wheel carries them under share/hf-xarch/
 TEMPLATE_DIRS = [Path(__file__).resolve().parent.parent / "model_cards", Path(sys.prefix) / "share" / "hf-xarch" / "model_cards"]
 
@@ -372,8 +374,12 @@ def register_save_hook() -> None:
 
 
 def card_for_folder(folder: str | Path, **card_kwargs: Any) -> ModelCard:
-    """The card of a saved folder, built from its config alone (the model is instantiated on the meta device)."""
+    """The card of a saved folder, built from its config (the model is instantiated on the meta device) and the
+    recipe's ``eval_results.json`` when there is one: the card shows the numbers the run reported, not new ones."""
     config = XArchConfig.from_pretrained(folder)
+    results = Path(folder) / EVAL_RESULTS_NAME
+    if "eval_results" not in card_kwargs and results.is_file():
+        card_kwargs["eval_results"] = json.loads(results.read_text())
     return make_card(config, **card_kwargs)
 
 

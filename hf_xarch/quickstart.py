@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import hf_xarch  # noqa: F401  (registers the Auto classes)
 
     from .train.config import parse_args, xarch_config_fields
+    from .train.evaluation import format_scores
     from .train.pretrain import run_pretrain
 
     cfg = parse_args(argv, quickstart_defaults(), __doc__, open_sections={"model": xarch_config_fields()})
@@ -93,13 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         (f"  data       {result.train_tokens:,} training tokens from the default corpus "
         f"(Python standard library text and code), blocks of {cfg.data.block_size}"),
         f"  training   {result.loop.step} steps x {cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps}"
-        f" blocks; loss {losses[0]:.2f} -> {losses[-1]:.2f}; {sum(speeds) / max(len(speeds), 1):,.0f} tokens/s"
+        f" blocks; train loss (mean over each log window) {losses[0]:.2f} -> {losses[-1]:.2f}; "
+        f"{sum(speeds) / max(len(speeds), 1):,.0f} tokens/s"
         if losses else f"  training   {result.loop.step} steps",
-        "  held-out   loss {:.3f}, perplexity {:.1f}, {:.3f} bits per byte".format(
-            metrics.get("eval/loss", float("nan")),
-            metrics.get("eval/perplexity", float("nan")),
-            metrics.get("eval/bits_per_byte", float("nan")),
-        ),
+        f"  held-out   {format_scores(metrics)}" if metrics else "  held-out   not evaluated (no held-out text)",
         f"  reloaded   AutoModelForCausalLM / AutoModel from {folder}: "
         + ("same logits as the trained model" if same else "LOGITS DIFFER from the trained model"),
         f"  sample     {sample!r}",

@@ -101,6 +101,34 @@ def test_pretrain_mlm_streaming(tmp_path):
     assert not reloaded.config.is_decoder
 
 
+def test_pretrain_reports_what_its_held_out_figures_cover(pretrained):
+    """Mid-training evaluations score a stated random sample (evaluation.max_batches=2 x batch 8); the final, reported
+    figure scores the whole held-out set; eval_results.json, metrics.jsonl and the model card all say so, and the card
+    shows eval_results.json's numbers (also when `hf-xarch card` rewrites it)."""
+    from huggingface_hub import ModelCard
+
+    from hf_xarch.hub import card_for_folder
+
+    folder, metrics = pretrained.output_dir, pretrained.eval_metrics
+    records = [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
+    middle = next(r for r in records if r["step"] == 2)
+    assert middle["eval/blocks"] == 16 < middle["eval/heldout_blocks"]
+    assert middle["eval/coverage"].startswith("a random sample (uniform, seed 0) of 16 of the")
+    assert metrics["eval/blocks"] == metrics["eval/heldout_blocks"] == middle["eval/heldout_blocks"]
+    assert metrics["eval/coverage"].startswith("the whole held-out set") and records[-1] == {**records[-1], **metrics}
+    assert metrics["eval/tokens"] == metrics["eval/blocks"] * 31 and metrics["eval/bytes"] > metrics["eval/tokens"]
+
+    entries = json.loads((folder / "eval_results.json").read_text())
+    assert {e["metric_type"]: e["metric_value"] for e in entries} == {
+        name: round(metrics[f"eval/{name}"], 6) for name in ("loss", "perplexity", "bits_per_byte")}
+    assert all(e["dataset_args"]["coverage"] == metrics["eval/coverage"] for e in entries)
+    assert all(e["dataset_args"]["blocks"] == metrics["eval/blocks"] for e in entries)
+    for card in (ModelCard.load(folder / "README.md"), card_for_folder(folder)):
+        shown = {(r.metric_type, r.metric_value, r.dataset_args["tokens"]) for r in card.data.eval_results}
+        assert shown == {(e["metric_type"], e["metric_value"], metrics["eval/tokens"]) for e in entries}
+        assert f"Scored on {metrics['eval/coverage']}." in card.text
+
+
 def test_pretrain_bf16_autocast_after_fp32_runs(tmp_path):
     """bf16 mixed precision on CPU, in a process whose Accelerate state was set up for fp32 by earlier runs."""
     from accelerate.state import AcceleratorState
@@ -120,7 +148,10 @@ def test_finetune_sequence_demo_task(tmp_path):
                  "checkpoint.every_steps=0", "data.max_bytes=60000", f"output_dir={tmp_path}"]
     result = run_finetune(load_config(FINETUNE_DEFAULTS, overrides=overrides, open_sections=OPEN))
     assert result.label_names == ["shuffled", "original"]
-    assert set(result.eval_metrics) == {"eval/loss", "eval/accuracy", "eval/f1"}
+    assert {"eval/loss", "eval/accuracy", "eval/f1"} <= set(result.eval_metrics)
+    # the reported figures cover the whole held-out set (evaluation.max_batches limits only evaluations mid-training)
+    assert result.eval_metrics["eval/examples"] == result.eval_metrics["eval/heldout_examples"] > 16
+    assert result.eval_metrics["eval/coverage"].startswith("the whole held-out set")
     assert 0.0 <= result.eval_metrics["eval/accuracy"] <= 1.0
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["id2label"] == {"0": "shuffled", "1": "original"}

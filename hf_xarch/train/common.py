@@ -51,7 +51,10 @@ COMMON_SECTIONS = {
     "evaluation": {
         "every_steps": 50,  # and always after the last step; 0: only then
         "batch_size": 16,
-        "max_batches": 20,  # in total (over all processes); 0 or null: the whole held-out set
+        # evaluations during training: a seeded random sample of this many batches (in total over all processes),
+        # the same rows every time; 0 or null: the whole held-out set
+        "max_batches": 20,
+        "final_max_batches": 0,  # the final (reported) evaluation, likewise; 0 or null: the whole held-out set
     },
     "checkpoint": {
         "every_steps": 50,  # 0: no checkpoints
@@ -297,19 +300,25 @@ def _hub_module():
 
 
 def eval_result_entries(metrics: dict, task_type: str, dataset_name: str) -> list[dict]:
-    """``model-index`` entries (huggingface_hub ``EvalResult`` fields) for the card, from ``eval/...`` metrics."""
+    """``model-index`` entries (huggingface_hub ``EvalResult`` fields) for the card and ``eval_results.json``, from
+    ``eval/...`` metrics; each carries what was scored (``dataset_args``: the coverage sentence and counts)."""
+    from .evaluation import COVERAGE_KEYS
+
+    coverage = {key.split("/", 1)[-1]: metrics[key] for key in COVERAGE_KEYS if key in metrics}
     entries = []
     for key, value in metrics.items():
         name = key.split("/", 1)[-1]
-        if name == "tokens" or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if key in COVERAGE_KEYS or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
-        entries.append(
-            {
-                "task_type": task_type,
-                "dataset_type": "custom",
-                "dataset_name": dataset_name,
-                "metric_type": name,
-                "metric_value": round(float(value), 6),
-            }
-        )
+        entry = {
+            "task_type": task_type,
+            "dataset_type": "custom",
+            "dataset_name": dataset_name,
+            "dataset_split": "held-out",
+            "metric_type": name,
+            "metric_value": round(float(value), 6),
+        }
+        if coverage:
+            entry["dataset_args"] = dict(coverage)
+        entries.append(entry)
     return entries

@@ -1,8 +1,13 @@
 """Held-out evaluation: loss, perplexity and bits per byte for language models; accuracy and F1 for classifiers.
 
-Each process evaluates rows ``rank::world`` and the sums are reduced, so the numbers do not depend on how many
-processes ran. Evaluation runs the unwrapped model (no DDP hooks: no collectives inside forward, so processes may
-hold different numbers of rows). Accuracy and F1 come from the `evaluate` modules hf_xarch ships
+What is scored is stated with the numbers: the whole held-out set, or a seeded random sample drawn uniformly from all
+of it (never its first rows: held-out text in document order is not a sample of anything). Every result carries
+``eval/coverage`` (a sentence saying which, and how many blocks or examples, tokens and bytes were scored) and the
+counts behind it, so logs, ``eval_results.json`` and the model card say what their numbers cover.
+
+Each process evaluates rows ``rank::world`` of what is scored and the sums are reduced, so the numbers do not depend
+on how many processes ran. Evaluation runs the unwrapped model (no DDP hooks: no collectives inside forward, so
+processes may hold different numbers of rows). Accuracy and F1 come from the `evaluate` modules hf_xarch ships
 (``hf_xarch/metrics``), because metrics on the Hub cannot be loaded offline.
 """
 
@@ -15,6 +20,47 @@ import torch
 from .data import mask_for_mlm, pad_batch
 
 EVAL_MASK_SEED = 1234  # one fixed masking for every evaluation, so MLM eval losses are comparable across steps
+# the counts that say what an evaluation covered (not scores: they stay out of the card's metric table)
+COVERAGE_KEYS = ("eval/coverage", "eval/blocks", "eval/heldout_blocks", "eval/examples", "eval/heldout_examples",
+                 "eval/tokens", "eval/bytes", "eval/sample_seed")
+
+
+def check_evaluation(cfg) -> None:
+    """The ``evaluation`` section's sample sizes: a bad one fails when the config is built, not after training."""
+    for name in ("max_batches", "final_max_batches"):
+        value = cfg.evaluation.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"evaluation.{name}={value!r} is not allowed: an integer >= 0 (0 or null: the whole "
+                             "held-out set)")
+
+
+def sample_rows(count: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """The rows an evaluation scores: None for all `count` of them (no `limit`, or a limit that covers the set), else
+    `limit` rows drawn uniformly without replacement, seeded so that every evaluation of a run scores the same rows
+    (comparable across steps, and the same on every process)."""
+    if not limit or limit >= count:
+        return None
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def _coverage(metrics: dict, unit: str, scored: int, total: int, sampled: bool, seed: int, extra: str) -> dict:
+    """Adds the counts and the ``eval/coverage`` sentence to `metrics`."""
+    metrics[f"eval/{unit}"] = scored
+    metrics[f"eval/heldout_{unit}"] = total
+    if sampled:
+        metrics["eval/sample_seed"] = seed
+        where = f"a random sample (uniform, seed {seed}) of {scored:,} of the {total:,} held-out {unit}"
+    else:
+        where = f"the whole held-out set: {total:,} {unit}"
+    metrics["eval/coverage"] = where + extra
+    return metrics
+
+
+def format_scores(metrics: dict) -> str:
+    """The scores in `metrics` and what they were scored on, for a one-line summary."""
+    scores = ", ".join(f"{key.split('/', 1)[1].replace('_', ' ')} {value:.4g}" for key, value in metrics.items()
+                       if key not in COVERAGE_KEYS)
+    return f"{scores} (on {metrics['eval/coverage']})" if "eval/coverage" in metrics else scores
 
 
 def _shard(count: int, rank: int, world: int) -> range:
@@ -49,24 +95,30 @@ def evaluate_lm(
     mlm_probability: float = 0.15,
     bytes_per_token: float | None = None,
     max_batches: int | None = None,
+    sample_seed: int = 0,
 ) -> dict:
     """Mean loss per predicted token over `blocks` (rows of token ids), its exponential (perplexity) and, for causal
-    LMs, bits per byte: loss / ln 2 * tokens / bytes, the tokenizer-independent number (Gao et al. 2020, The Pile)."""
+    LMs, bits per byte: loss / ln 2 * tokens / bytes, the tokenizer-independent number (Gao et al. 2020, The Pile).
+
+    `max_batches` (a total over all processes, so the number does not depend on how many ran) limits the evaluation
+    to a random sample of ``max_batches x batch_size`` blocks (see `sample_rows`); unset, every block is scored.
+    ``eval/bytes`` is the scored tokens x the held-out text's bytes per token: the denominator of bits per byte."""
     model = _eval_model(accelerator, model)
     was_training = model.training
     model.eval()
     device = accelerator.device
-    rows = blocks
-    if len(rows) == 0:
+    if len(blocks) == 0:
         raise ValueError("the held-out set has no blocks to evaluate; raise data.heldout_fraction or add data")
-    if max_batches:  # a total over all processes, so the number does not depend on how many ran
-        rows = rows[: max_batches * batch_size]
-    if task == "mlm":
+    if task == "mlm":  # masked over the whole set, so a block's masking does not depend on which sample it is in
         inputs, labels = mask_for_mlm(
-            rows, tokenizer, mlm_probability, torch.Generator().manual_seed(EVAL_MASK_SEED)
+            blocks, tokenizer, mlm_probability, torch.Generator().manual_seed(EVAL_MASK_SEED)
         )
     else:
-        inputs, labels = rows, rows
+        inputs, labels = blocks, blocks
+    sample = sample_rows(len(blocks), (max_batches or 0) * batch_size, sample_seed)
+    if sample is not None:
+        inputs, labels = inputs[sample], labels[sample]
+    rows = inputs
     mine = list(_shard(len(rows), accelerator.process_index, accelerator.num_processes))
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, number of tokens)
     for start in _batch_starts(len(rows), batch_size, accelerator.num_processes):
@@ -84,11 +136,15 @@ def evaluate_lm(
         model.train()
     if total[1] == 0:
         raise ValueError("the held-out set has no tokens to evaluate; raise data.heldout_fraction or add data")
-    loss = float(total[0] / total[1])
-    metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0)), "eval/tokens": int(total[1])}
+    loss, tokens = float(total[0] / total[1]), int(total[1])
+    metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}
+    extra = f", {tokens:,} {'masked' if task == 'mlm' else 'predicted'} tokens"
     if task == "clm" and bytes_per_token:
         metrics["eval/bits_per_byte"] = loss / math.log(2) / bytes_per_token
-    return metrics
+        metrics["eval/bytes"] = round(tokens * bytes_per_token)
+        extra += f", {metrics['eval/bytes']:,} bytes"
+    metrics["eval/tokens"] = tokens
+    return _coverage(metrics, "blocks", len(rows), len(blocks), sample is not None, sample_seed, extra)
 
 
 @torch.no_grad()
@@ -101,15 +157,22 @@ def evaluate_classifier(
     task: str,
     metrics: dict,
     num_labels: int,
+    max_batches: int | None = None,
+    sample_seed: int = 0,
 ) -> dict:
     """Loss, accuracy and F1 (macro over classes; binary F1 of class 1 when there are two) on held-out `examples`
-    (dicts with ``input_ids`` and ``labels``; token labels are -100 where not scored)."""
+    (dicts with ``input_ids`` and ``labels``; token labels are -100 where not scored). `max_batches` limits it to a
+    random sample of ``max_batches x batch_size`` examples, as in `evaluate_lm`."""
     from accelerate.utils import gather_object
 
     model = _eval_model(accelerator, model)
     was_training = model.training
     model.eval()
     device = accelerator.device
+    heldout = len(examples)
+    sample = sample_rows(heldout, (max_batches or 0) * batch_size, sample_seed)
+    if sample is not None:
+        examples = [examples[i] for i in sample.tolist()]
     mine = [examples[i] for i in _shard(len(examples), accelerator.process_index, accelerator.num_processes)]
     predictions, references = [], []
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -144,7 +207,11 @@ def evaluate_classifier(
     result["eval/f1"] = metrics["f1"].compute(
         predictions=predictions, references=references, average=average, labels=list(range(num_labels))
     )["f1"]
-    return result
+    extra = ""
+    if task == "token":  # accuracy and F1 count labelled tokens (the first sub-token of each word)
+        result["eval/tokens"] = len(references)
+        extra = f", {len(references):,} labelled tokens"
+    return _coverage(result, "examples", len(examples), heldout, sample is not None, sample_seed, extra)
 
 
 def _classifier_batch(model, chunk: list[dict], pad_id: int, task: str, device):

@@ -22,7 +22,7 @@ from pathlib import Path
 from .common import COMMON_SECTIONS, check_common, make_accelerator
 from .config import Config, load_config, merge, parse_args, xarch_config_fields
 from .data import load_records, pack_blocks
-from .evaluation import evaluate_lm
+from .evaluation import evaluate_lm, sample_rows
 from .pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from .pretrain import run_pretrain
 
@@ -44,7 +44,7 @@ DEFAULTS = {
         "block_size": 0,  # fine-tuning block; 0: factor x L
     },
     "lengths": [],  # evaluation lengths; empty: L, 2L, 4L, ... up to factor x L
-    "eval_tokens_per_length": 16384,  # held-out tokens scored at each length
+    "eval_tokens_per_length": 16384,  # held-out tokens scored at each length (a seeded random sample of blocks)
 }
 DEFAULTS["training"] = {**DEFAULTS["training"], "max_steps": 100, "micro_batch_size": 4}
 DEFAULTS["optimizer"] = {**DEFAULTS["optimizer"], "lr": 3.0e-4}
@@ -62,6 +62,7 @@ class ExtensionResult:
     new_length: int
     table: dict  # length -> {column: perplexity}
     written: dict
+    scored: dict | None = None  # length -> {"blocks": scored, "heldout_blocks": all of that length}
 
 
 def evaluation_lengths(base_length: int, factor: float, given: list[int]) -> list[int]:
@@ -146,16 +147,18 @@ def run_extend_context(cfg: Config, callbacks=()) -> ExtensionResult:
     lengths = evaluation_lengths(base_length, cfg.factor, list(cfg.lengths))
     records = load_records(cfg.data, cfg.seed)
     heldout = [r[cfg.data.text_column] for r in records.heldout]
-    blocks_by_length = {}
+    blocks_by_length, scored = {}, {}
     for length in lengths:
         blocks, counts = pack_blocks(heldout, tokenizer, length, causal=True)
-        blocks = blocks[: max(1, math.ceil(cfg.eval_tokens_per_length / length))]
         if len(blocks) == 0:
             raise ValueError(
                 f"the held-out text ({counts['tokens']} tokens) is shorter than the evaluation length {length}; "
                 "raise data.heldout_fraction or data.max_bytes"
             )
-        blocks_by_length[length] = blocks
+        # a random sample, not the first blocks: those are the first documents, not a sample of the held-out text
+        chosen = sample_rows(len(blocks), max(1, math.ceil(cfg.eval_tokens_per_length / length)), cfg.seed)
+        blocks_by_length[length] = blocks if chosen is None else blocks[chosen]
+        scored[length] = {"blocks": len(blocks_by_length[length]), "heldout_blocks": len(blocks)}
     batch = cfg.evaluation.batch_size
     table = {n: {} for n in lengths}
     for column, model in ((COLUMNS[0], base), (COLUMNS[1], extended)):
@@ -183,27 +186,35 @@ def run_extend_context(cfg: Config, callbacks=()) -> ExtensionResult:
 
     written = dict(finetuned.written)
     if accelerator.is_main_process:
-        written.update(write_report(output_dir, table, base_length, new_length, cfg))
-        print(format_table(table, base_length, new_length, cfg))
+        written.update(write_report(output_dir, table, base_length, new_length, cfg, scored))
+        print(format_table(table, base_length, new_length, cfg, scored))
     accelerator.wait_for_everyone()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return ExtensionResult(output_dir, base_length, new_length, table, written)
+    return ExtensionResult(output_dir, base_length, new_length, table, written, scored)
 
 
-def format_table(table: dict, base_length: int, new_length: int, cfg) -> str:
+def format_table(table: dict, base_length: int, new_length: int, cfg, scored: dict | None = None) -> str:
+    """The perplexity table; with `scored`, a column saying how many held-out blocks each length scored (a seeded
+    random sample when fewer than all)."""
     lines = [
         (f"Perplexity on held-out text; base trained at L={base_length}, extended x{cfg.factor:g} to {new_length} "
-        f"with rope_type={cfg.rope_type!r}, fine-tuned {cfg.training.max_steps} steps."),
+        f"with rope_type={cfg.rope_type!r}, fine-tuned {cfg.training.max_steps} steps."
+        + (f" Blocks scored: a uniform random sample (seed {cfg.seed}) of the held-out blocks of each length, or all "
+           "of them." if scored else "")),
         "",
-        "| length | " + " | ".join(COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        "| length | " + " | ".join(COLUMNS) + (" | blocks scored |" if scored else " |"),
+        "|---|" + "---|" * (len(COLUMNS) + bool(scored)),
     ]
     for length, row in table.items():
-        lines.append(f"| {length} | " + " | ".join(f"{row.get(c, float('nan')):.2f}" for c in COLUMNS) + " |")
+        cells = [f"{row.get(c, float('nan')):.2f}" for c in COLUMNS]
+        if scored:
+            cells.append(f"{scored[length]['blocks']} of {scored[length]['heldout_blocks']}")
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(output_dir: Path, table: dict, base_length: int, new_length: int, cfg) -> dict:
+def write_report(output_dir: Path, table: dict, base_length: int, new_length: int, cfg,
+                 scored: dict | None = None) -> dict:
     """The table as Markdown and JSON, and perplexity against length as a PNG."""
     import matplotlib
 
@@ -212,10 +223,11 @@ def write_report(output_dir: Path, table: dict, base_length: int, new_length: in
 
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown = output_dir / "context_extension.md"
-    markdown.write_text(format_table(table, base_length, new_length, cfg) + "\n")
+    markdown.write_text(format_table(table, base_length, new_length, cfg, scored) + "\n")
     data = output_dir / "context_extension.json"
     data.write_text(json.dumps({"base_length": base_length, "new_length": new_length, "factor": cfg.factor,
-                                "rope_type": cfg.rope_type, "perplexity": {str(k): v for k, v in table.items()}},
+                                "rope_type": cfg.rope_type, "perplexity": {str(k): v for k, v in table.items()},
+                                "scored": {str(k): v for k, v in (scored or {}).items()}, "sample_seed": cfg.seed},
                                indent=1))
     figure, axes = plt.subplots(figsize=(6, 4), dpi=110)
     lengths = list(table)

@@ -36,7 +36,7 @@ from .common import (
 )
 from .config import Config, parse_args, xarch_config_fields
 from .data import ExampleOrder, load_records, pad_batch
-from .evaluation import evaluate_classifier
+from .evaluation import check_evaluation, evaluate_classifier, format_scores
 from .loop import LoopResult, train
 from .tokenizer import check_tokenizer_for_task
 from .tracking import MetricsLogger
@@ -239,6 +239,7 @@ def add_lora(model, cfg):
 
 def check_config(cfg) -> None:
     check_common(cfg)
+    check_evaluation(cfg)
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not allowed: one of {list(TASKS)}")
     if cfg.data.streaming:
@@ -313,12 +314,12 @@ def run_finetune(cfg: Config, callbacks=()) -> FinetuneResult:
 
     metrics = {"accuracy": load_metric("accuracy"), "f1": load_metric("f1")}
 
-    def evaluate(trained):
-        examples = heldout_examples
-        if cfg.evaluation.max_batches:
-            examples = examples[: cfg.evaluation.max_batches * cfg.evaluation.batch_size]
-        return evaluate_classifier(accelerator, trained, examples, cfg.evaluation.batch_size, pad_id, cfg.task,
-                                   metrics, len(label_names))
+    def evaluate(trained, max_batches=cfg.evaluation.max_batches):
+        return evaluate_classifier(accelerator, trained, heldout_examples, cfg.evaluation.batch_size, pad_id, cfg.task,
+                                   metrics, len(label_names), max_batches=max_batches or None, sample_seed=cfg.seed)
+
+    def evaluate_final(trained):  # the reported figure: the whole held-out set unless the config limits it
+        return evaluate(trained, cfg.evaluation.final_max_batches)
 
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -327,10 +328,10 @@ def run_finetune(cfg: Config, callbacks=()) -> FinetuneResult:
     result = train(
         accelerator, model, optimizer, scheduler, ExampleOrder(examples=train_examples, seed=cfg.seed), collate,
         loop_settings(cfg, output_dir, description=f"finetune ({cfg.task}{', LoRA' if cfg.lora.enabled else ''})"),
-        causal=False, evaluate=evaluate, logger=logger, callbacks=callbacks,
+        causal=False, evaluate=evaluate, logger=logger, callbacks=callbacks, final_evaluate=evaluate_final,
     )
     logger.close()
-    eval_metrics = result.final_eval or evaluate(result.model)
+    eval_metrics = result.final_eval or evaluate_final(result.model)
     trained = result.model
     if cfg.lora.enabled:
         if accelerator.is_main_process:
@@ -356,6 +357,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run_finetune(cfg)
     if result.written:
-        metrics = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.eval_metrics.items())
-        print(f"finetune: {result.loop.step} steps; held-out {metrics}; saved to {result.output_dir}")
+        print(f"finetune: {result.loop.step} steps; held-out {format_scores(result.eval_metrics)}; "
+              f"saved to {result.output_dir}")
     return 0

@@ -77,6 +77,12 @@ def count_label_items(batch: dict, causal: bool) -> int:
     return int(labels.ne(-100).sum())
 
 
+def progress_postfix(record: dict) -> dict:
+    """The progress bar's labels for the losses in a log record: train and held-out loss must not share a name."""
+    labels = {"train/loss": "train_loss", "eval/loss": "heldout_loss"}
+    return {label: f"{record[key]:.3g}" for key, label in labels.items() if key in record}
+
+
 def _input_tokens(batch: dict) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
@@ -100,12 +106,15 @@ def train(
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
     logger: MetricsLogger | None = None,
     callbacks: Iterable[Callable[[int, dict], None]] = (),
+    final_evaluate: Callable[[torch.nn.Module], dict] | None = None,
 ) -> LoopResult:
     """Train `model` for `settings.max_steps` optimizer steps; returns the unwrapped model and the history.
 
     `collate(examples, step)` turns the step's global batch into tensors (it may use `step` to seed MLM masking).
-    `evaluate(model)` returns metrics (every process calls it; it reduces internally). `callbacks` are called as
-    `callback(step, record)` on every process after each step (and after a checkpoint at that step)."""
+    `evaluate(model)` returns metrics (every process calls it; it reduces internally); after the last step
+    `final_evaluate` runs instead when given (the reported figure may cover more than the cheap evaluations during
+    training). `callbacks` are called as `callback(step, record)` on every process after each step (and after a
+    checkpoint at that step)."""
     logger = logger or MetricsLogger(".", enabled=False)
     model, optimizer = accelerator.prepare(model, optimizer)
     # the scheduler is registered, not prepared: Accelerate's wrapper steps it once per process per step, which would
@@ -150,6 +159,7 @@ def train(
     tokens_seen = tokens_before
     started = time.perf_counter()
     final_eval: dict = {}
+    shown: dict = {}  # the progress bar's postfix: the latest train loss and the latest held-out loss
     while step < settings.max_steps:
         step_started = time.perf_counter()
         batch = collate(order.take(global_rows), step)
@@ -200,12 +210,13 @@ def train(
         if evaluate is not None and (
             (settings.eval_every and step % settings.eval_every == 0) or step == settings.max_steps
         ):
-            final_eval = evaluate(model)
+            final_eval = (final_evaluate or evaluate)(model) if step == settings.max_steps else evaluate(model)
             record = {"step": step, **record, **final_eval}
         if record:
             logger.log(record)  # every process keeps the history (only the main one writes), so checkpoints agree
             if progress is not None:
-                progress.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in record.items() if "loss" in k})
+                shown.update(progress_postfix(record))
+                progress.set_postfix(shown)
         if settings.checkpoint_every and settings.checkpoint_dir is not None and step % settings.checkpoint_every == 0:
             trainer_state = {"step": step, "tokens": tokens_seen, "data": order.state_dict(), "history": logger.history}
             save_checkpoint(accelerator, settings.checkpoint_dir, step, trainer_state, settings.keep_last)

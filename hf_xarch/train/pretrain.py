@@ -32,7 +32,7 @@ from .common import (
 )
 from .config import Config, parse_args, xarch_config_fields
 from .data import ExampleOrder, load_records, mask_for_mlm, pack_blocks, stream_blocks
-from .evaluation import evaluate_lm
+from .evaluation import check_evaluation, evaluate_lm, format_scores
 from .loop import LoopResult, train
 from .tokenizer import check_tokenizer_for_task
 from .tracking import MetricsLogger
@@ -123,6 +123,7 @@ def make_lm_collate(task: str, tokenizer, mlm_probability: float, seed: int) -> 
 
 def check_config(cfg) -> None:
     check_common(cfg)
+    check_evaluation(cfg)
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not allowed: one of {list(TASKS)}")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
@@ -179,7 +180,7 @@ def run_pretrain(cfg: Config, callbacks: Iterable[Callable[[int, dict], None]] =
         )
     bytes_per_token = heldout_counts["bytes"] / heldout_counts["tokens"] if heldout_counts["tokens"] else None
 
-    def evaluate(trained):
+    def evaluate(trained, max_batches=cfg.evaluation.max_batches):
         if len(heldout_blocks) == 0:
             return {}
         return evaluate_lm(
@@ -191,8 +192,12 @@ def run_pretrain(cfg: Config, callbacks: Iterable[Callable[[int, dict], None]] =
             tokenizer=tokenizer,
             mlm_probability=cfg.mlm_probability,
             bytes_per_token=bytes_per_token,
-            max_batches=cfg.evaluation.max_batches or None,
+            max_batches=max_batches or None,
+            sample_seed=cfg.seed,
         )
+
+    def evaluate_final(trained):  # the reported figure: the whole held-out set unless the config limits it
+        return evaluate(trained, cfg.evaluation.final_max_batches)
 
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -212,11 +217,12 @@ def run_pretrain(cfg: Config, callbacks: Iterable[Callable[[int, dict], None]] =
         loop_settings(cfg, output_dir, description=f"pretrain ({cfg.task})"),
         causal=causal,
         evaluate=evaluate,
+        final_evaluate=evaluate_final,
         logger=logger,
         callbacks=callbacks,
     )
     logger.close()
-    eval_metrics = result.final_eval or (evaluate(result.model) if len(heldout_blocks) else {})
+    eval_metrics = result.final_eval or evaluate_final(result.model)
     task_type = "text-generation" if causal else "fill-mask"
     written = save_outputs(
         accelerator,
@@ -249,6 +255,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run_pretrain(cfg)
     if result.written:
-        metrics = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.eval_metrics.items() if k != "eval/tokens")
-        print(f"pretrain: {result.loop.step} steps; held-out {metrics}; saved to {result.output_dir}")
+        print(f"pretrain: {result.loop.step} steps; held-out {format_scores(result.eval_metrics)}; "
+              f"saved to {result.output_dir}")
     return 0
