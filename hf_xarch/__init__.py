@@ -6,6 +6,9 @@ targets with PEFT. Models saved by hf_xarch load without it through ``trust_remo
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -28,7 +31,10 @@ from .model.modeling_xarch import (
 )
 from .model.registry import ATTENTION_FAMILIES, POSITION_SCHEMES
 
-__version__ = "0.1.0"
+try:  # one source of truth: pyproject.toml's version, as installed
+    __version__ = _distribution_version("hf-xarch")
+except PackageNotFoundError:  # a checkout on sys.path that was never installed
+    __version__ = "0+unknown"
 
 AUTO_CLASSES = {
     AutoModel: XArchModel,
@@ -87,6 +93,7 @@ from .longformerize import longformerize  # noqa: E402
 from .context import extend_context  # noqa: E402
 
 __all__ = [
+    "__version__",
     "XArchConfig",
     "XArchPreTrainedModel",
     "XArchModel",

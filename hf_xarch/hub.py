@@ -383,6 +383,36 @@ def card_for_folder(folder: str | Path, **card_kwargs: Any) -> ModelCard:
     return make_card(config, **card_kwargs)
 
 
+def check_hub_access(token: str | None = None) -> str:
+    """The Hub user name of `token` (None: the saved login, or ``HF_TOKEN``). Run before an upload so that a missing
+    login or an unreachable Hub is one error naming the fix (``PermissionError`` / ``ConnectionError``), not a network
+    traceback halfway through a push."""
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    api = HfApi(token=token)
+    try:
+        return api.whoami()["name"]
+    except LocalTokenNotFoundError:
+        raise PermissionError(
+            "not logged in to the Hugging Face Hub: run `hf auth login`, set HF_TOKEN, or pass --token"
+        ) from None
+    except OfflineModeIsEnabled:
+        raise ConnectionError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset it to push") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise PermissionError(
+                f"the Hub at {api.endpoint} rejected the token (401 Unauthorized): log in again with `hf auth login` "
+                "or pass a valid --token"
+            ) from None
+        raise ConnectionError(f"the Hub at {api.endpoint} answered the login check with {status}: {error}") from None
+    except HTTPError as error:  # no answer at all: DNS, refused connection, timeout, proxy
+        raise ConnectionError(
+            f"the Hub at {api.endpoint} is unreachable ({error}): check the network connection, proxy settings or "
+            "HF_ENDPOINT"
+        ) from None
+
+
 def push_folder(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool | None = None,
                 commit_message: str = "Upload hf_xarch model", revision: str | None = None):
     """Upload a saved folder (weights, config, code files, tokenizer, card) to the Hub; writes our card first when the
@@ -390,6 +420,7 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str | None = None, p
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise ValueError(f"push: {folder} holds no config.json; save a model there with save_pretrained first")
+    check_hub_access(token)
     if not (folder / "README.md").exists():
         card_for_folder(folder, repo_id=repo_id, has_tokenizer=(folder / "tokenizer.json").exists()).save(folder / "README.md")
     api = HfApi(token=token)

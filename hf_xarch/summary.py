@@ -399,11 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="type of cached keys/values (default: the config's, else float32)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    try:
-        result = summary(load_config(args.config), seq_len=args.seq_len, head=args.head, dtype=args.dtype)
-    except ValueError as err:
-        print(f"hf-xarch summary: {err}", file=sys.stderr)
-        return 2
+    result = summary(load_config(args.config), seq_len=args.seq_len, head=args.head, dtype=args.dtype)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0
 
@@ -419,4 +415,6 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hf_xarch.cli import main as cli_main
+
+    sys.exit(cli_main(["summary", *sys.argv[1:]]))

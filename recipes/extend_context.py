@@ -7,7 +7,7 @@
 
 import sys
 
-from hf_xarch.train.extend_context import main
+from hf_xarch.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["extend-context", *sys.argv[1:]]))  # one-line errors and --debug, as hf-xarch extend-context

@@ -7,7 +7,7 @@
 
 import sys
 
-from hf_xarch.train.pretrain import main
+from hf_xarch.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["pretrain", *sys.argv[1:]]))  # one-line errors and --debug, as hf-xarch pretrain

@@ -10,7 +10,7 @@ hands over the command line, like `hf-xarch vocab-sweep`.
 
 import sys
 
-from hf_xarch.vocab.sweep import main
+from hf_xarch.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["vocab-sweep", *sys.argv[1:]]))  # one-line errors and --debug, as hf-xarch vocab-sweep

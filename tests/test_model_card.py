@@ -103,6 +103,7 @@ class FakeHub:
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
         monkeypatch.setattr(HfApi, "create_branch", lambda *a, **k: None)
+        monkeypatch.setattr(HfApi, "whoami", lambda *a, **k: {"name": "me"})  # push_folder checks the login first
 
 
 def code_files() -> set[str]:

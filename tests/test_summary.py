@@ -222,5 +222,5 @@ def test_cli_reads_a_saved_folder_and_a_config_file(tmp_path, capsys):
     assert cli_main(["summary", str(tmp_path / "model" / "config.json"), "--head", "base"]) == 0
     table = capsys.readouterr().out
     assert "attention" in table and "KV-cache bytes per token" in table
-    assert main([str(tmp_path / "missing")]) == 2
+    assert cli_main(["summary", str(tmp_path / "missing")]) == 2
     assert "neither a folder" in capsys.readouterr().err

@@ -140,9 +140,14 @@ def test_cli_dispatches_recipes_from_the_package():
 
 
 def test_recipe_scripts_are_thin_wrappers():
+    from hf_xarch.cli import COMMANDS
+
     for name in ("pretrain", "finetune", "extend_context"):
         text = (REPO / "recipes" / f"{name}.py").read_text()
-        assert f"from hf_xarch.train.{name} import main" in text
+        command = name.replace("_", "-")
+        # through the CLI (its one-line errors and --debug), which runs the package's module
+        assert "from hf_xarch.cli import main" in text and f'main(["{command}", *sys.argv[1:]])' in text
+        assert COMMANDS[command][0] == f"hf_xarch.train.{name}"
 
 
 def test_config_module_has_no_state():

@@ -396,3 +396,19 @@ def test_recipe_script_hands_over_to_the_library(monkeypatch, capsys):
         runpy.run_path(str(REPO / "recipes" / "vocab_sweep.py"), run_name="__main__")
     assert exit_info.value.code == 0
     assert "--train-steps" in capsys.readouterr().out
+
+
+def test_sweep_progress_is_one_bar_counting_tokenizers(tmp_path, capsys):
+    """One bar (two redrawn from one loop tangled), counting tokenizers: its rate must not read as tokens per second."""
+    from hf_xarch.vocab.sweep import train_and_measure
+
+    documents = [f"line {i} of a small corpus: the cat sat on the mat {i % 7}\n" * 5 for i in range(200)]
+    config = SweepConfig(corpus=["unused"], algorithms=["bpe", "wordpiece"], sizes=[300, 350], progress=True,
+                         skip_unreachable=True, plots=False, output_dir=str(tmp_path / "o"))
+    measured = train_and_measure(config, documents[:150], documents[150:], None)
+    assert len(measured) == 4
+    shown = capsys.readouterr().err
+    final = shown.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("tokenizers trained and measured: 100%") and "4/4" in final and "trained 4/4" in final
+    assert "tokenizer/s" in shown or "s/tokenizer" in shown
+    assert "tok/s" not in shown and "measuring held-out" not in shown

@@ -1,1 +1,1 @@
-"""The files that travel to the Hub with a saved model (see DESIGN.md, Hub rules)."""
+"""The files that travel to the Hub with a saved model (see the README's "Sharing models")."""

@@ -10,7 +10,7 @@ output. ``torch.nn.AdaptiveLogSoftmaxWithLoss`` does the arithmetic; this file a
 * ``log_probs`` is the full distribution (every cluster for every position), used for evaluation and ``generate()``,
   which is also the plain reference: the loss equals the cross-entropy of ``log_probs`` (tests hold one to the other).
 
-This file travels to the Hub with a saved model, so it imports only torch (DESIGN.md, Hub rules).
+This file travels to the Hub with a saved model, so it imports only torch (the README's "Sharing models").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Reads like transformers' Llama and BERT files: one block class whose attention i
 transformers' cache classes, and the heads as transformers' own heads compute their losses.
 
 Everything this file imports from the package is a sibling (``from .x import Y``) so that ``save_pretrained`` copies
-a self-contained set of files next to the weights (DESIGN.md, Hub rules).
+a self-contained set of files next to the weights (the README's "Sharing models").
 """
 
 import torch
@@ -738,7 +738,7 @@ class XArchForQuestionAnswering(XArchPreTrainedModel):
         )
 
 
-# Auto class -> "module.Class" for config.auto_map: every head, whichever one is saved (DESIGN.md, Hub rules).
+# Auto class -> "module.Class" for config.auto_map: every head, whichever one is saved (the README's "Sharing models").
 AUTO_MAP = {
     "AutoConfig": "configuration_xarch.XArchConfig",
     "AutoModel": "modeling_xarch.XArchModel",

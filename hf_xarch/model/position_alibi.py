@@ -20,7 +20,7 @@ The module's output, an ``AlibiBias``, reaches every attention layer as ``positi
   other than causal/bidirectional + padding (``alibi_attention_checkpointed``): SDPA on one block of queries with
   that block's bias (heads × block × N), under activation checkpointing so the backward rebuilds it.
 
-This file imports only torch and the registry: it travels to the Hub with every saved model (DESIGN.md, Hub rules).
+This file imports only torch and the registry: it travels to the Hub with every saved model (the README's "Sharing models").
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class AlibiPositionBias(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.symmetric = not config.is_decoder
-        # not saved: rebuilt from the head count in XArchPreTrainedModel._init_weights (DESIGN.md, Hub rules)
+        # not saved: rebuilt from the head count in XArchPreTrainedModel._init_weights (a reloaded model rebuilds it)
         self.register_buffer("slopes", alibi_slopes(self.num_heads), persistent=False)
 
     def forward(

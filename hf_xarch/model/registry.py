@@ -4,7 +4,7 @@ A new attention family or position scheme is one file (its module, decorated wit
 ``register_position``) plus one import line in ``families.py``. ``XArchConfig`` validates every combination against
 the capabilities declared here, so an impossible one fails when the config is built, with a message that names it.
 
-This file only imports the standard library: it travels to the Hub with every saved model (DESIGN.md, Hub rules).
+This file only imports the standard library: it travels to the Hub with every saved model (the README's "Sharing models").
 """
 
 from __future__ import annotations

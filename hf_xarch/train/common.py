@@ -77,6 +77,32 @@ COMMON_SECTIONS = {
 }
 
 
+# the model config is first built before the tokenizer exists: a stand-in vocabulary this large passes the checks that
+# grow with the vocabulary (adaptive cutoffs); the real model config is checked again once the tokenizer is known
+STAND_IN_VOCAB_SIZE = 1 << 20
+
+
+def check_model_section(fields, key: str = "model", **fixed) -> None:
+    """Build an ``XArchConfig`` from a recipe's model section (plus `fixed` fields), so that a bad value fails before
+    any text is read or a tokenizer trained. The error names the section."""
+    from ..model.configuration_xarch import XArchConfig
+
+    values = {"vocab_size": STAND_IN_VOCAB_SIZE, **dict(fields), **fixed}
+    try:
+        XArchConfig(**values)
+    except ValueError as error:
+        raise ValueError(f"{key}: {error}") from error
+
+
+def check_saved_model(path, key: str = "base_model") -> None:
+    """A folder written by ``save_pretrained``: it exists and holds a config.json."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{key}={str(path)!r}: no such folder (a save_pretrained output)")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{key}={str(path)!r} holds no config.json: it is not a save_pretrained output")
+
+
 def check_common(cfg) -> None:
     """Checks that need no data or model, so a bad config fails before anything loads."""
     if cfg.training.mixed_precision not in MIXED_PRECISION:
@@ -91,6 +117,9 @@ def check_common(cfg) -> None:
         raise ValueError(f"optimizer.lr={cfg.optimizer.lr} is not allowed: a positive number")
     if cfg.hub.push and not cfg.hub.repo_id:
         raise ValueError("hub.push=true needs hub.repo_id (e.g. your-name/my-xarch-model)")
+    hub = _hub_module() if cfg.hub.push else None
+    if hub is not None:
+        hub.check_hub_access()  # logged in and the Hub reachable: fail now, not after training
     if cfg.schedule.warmup_steps < 0:
         raise ValueError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} is not allowed: >= 0")
     from transformers.trainer_utils import SchedulerType
@@ -181,7 +210,7 @@ def get_tokenizer(cfg, texts, output_dir: Path, causal: bool, accelerator):
     """The tokenizer: ``tokenizer.path`` if set; when resuming, the one the interrupted run saved (a retrained one
     could differ); else one trained on the training text, saved into `output_dir` at once."""
     if cfg.tokenizer.path:
-        return load_tokenizer(cfg.tokenizer.path)
+        return load_tokenizer(cfg.tokenizer.path, key="tokenizer.path")
     if will_resume(cfg, output_dir) and (output_dir / "tokenizer.json").is_file():
         return load_tokenizer(output_dir)
     tokenizer = train_tokenizer(

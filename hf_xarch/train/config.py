@@ -136,7 +136,10 @@ def load_config(
         path = Path(config_path)
         if not path.is_file():
             raise ValueError(f"--config {str(path)!r}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {str(path)!r} is not valid YAML: {error}") from error
         if not isinstance(loaded, Mapping):
             raise ValueError(f"--config {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
         config = merge(config, loaded, open_sections)

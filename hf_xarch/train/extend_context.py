@@ -16,15 +16,17 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import COMMON_SECTIONS, check_common, make_accelerator
+from .common import COMMON_SECTIONS, check_common, check_model_section, check_saved_model, make_accelerator
 from .config import Config, load_config, merge, parse_args, xarch_config_fields
 from .data import load_records, pack_blocks
 from .evaluation import evaluate_lm, sample_rows
 from .pretrain import DEFAULTS as PRETRAIN_DEFAULTS
-from .pretrain import run_pretrain
+from .pretrain import TRAINED_LENGTH_FIELD, run_pretrain
+from .tokenizer import check_tokenizer_folder
 
 DEFAULTS = {
     **copy.deepcopy(COMMON_SECTIONS),
@@ -35,7 +37,7 @@ DEFAULTS = {
         "block_size": 64,
         "model": copy.deepcopy(PRETRAIN_DEFAULTS["model"]),
     },
-    "factor": 4.0,  # the new context is factor x the base model's max_position_embeddings
+    "factor": 4.0,  # the new context is factor x L, the length the base model was trained at (see trained_length)
     "rope_type": "linear",  # linear (position interpolation) | dynamic | yarn | longrope | llama3 | ...
     "rope_kwargs": {},  # extra rope_parameters for that type (e.g. beta_fast for yarn)
     "data": {
@@ -116,12 +118,30 @@ def train_base(cfg) -> Path:
     return run_pretrain(_pretrain_config(values)).output_dir
 
 
+def trained_length(config, folder) -> int:
+    """The length L the base model was trained at: the ``trained_sequence_length`` the recipes record in the saved
+    config (a model trained on 128-token blocks may have max_position_embeddings=256); for a model trained elsewhere,
+    its max_position_embeddings, with a warning that says so."""
+    recorded = getattr(config, TRAINED_LENGTH_FIELD, None)
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 2:
+        return recorded
+    warnings.warn(
+        f"base_model={str(folder)!r}: its config.json records no {TRAINED_LENGTH_FIELD} (the hf_xarch recipes write "
+        f"it); taking max_position_embeddings={config.max_position_embeddings} as the length it was trained at"
+    )
+    return config.max_position_embeddings
+
+
 def check_config(cfg) -> None:
     check_common(cfg)
     if not (isinstance(cfg.factor, (int, float)) and cfg.factor > 1.0):
         raise ValueError(f"factor={cfg.factor!r} is not allowed: a number > 1 (the new length is factor x L)")
-    if cfg.base_model and not Path(cfg.base_model).is_dir():
-        raise ValueError(f"base_model={cfg.base_model!r}: no such folder (a save_pretrained output)")
+    if cfg.base_model:
+        check_saved_model(cfg.base_model)
+        if not cfg.tokenizer.path:
+            check_tokenizer_folder(cfg.base_model, key="base_model")
+    else:
+        check_model_section(cfg.base.model, key="base.model", is_decoder=True)
 
 
 def run_extend_context(cfg: Config, callbacks=()) -> ExtensionResult:
@@ -135,9 +155,9 @@ def run_extend_context(cfg: Config, callbacks=()) -> ExtensionResult:
     output_dir = Path(cfg.output_dir)
     base_path = Path(cfg.base_model) if cfg.base_model else train_base(cfg)
     accelerator = make_accelerator(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer.path or base_path)
+    tokenizer = load_tokenizer(cfg.tokenizer.path or base_path, key="tokenizer.path" if cfg.tokenizer.path else "base_model")
     base = AutoModelForCausalLM.from_pretrained(str(base_path))
-    base_length = base.config.max_position_embeddings
+    base_length = trained_length(base.config, base_path)
     new_length = math.ceil(base_length * cfg.factor)
     # extend a copy first: a model whose positions cannot be extended (learned) fails here, before any work
     # (with rope_type="dynamic" max_position_embeddings stays L: transformers' dynamic NTK reads it as the length

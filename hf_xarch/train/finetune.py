@@ -1,6 +1,6 @@
 """Fine-tune an XArch model for sequence classification or token classification, fully or with LoRA (PEFT).
 
-    accelerate launch recipes/finetune.py --config recipes/configs/finetune_sequence_lora.yaml base_model=runs/pretrain
+    accelerate launch recipes/finetune.py --config recipes/configs/finetune_sequence.yaml base_model=runs/pretrain_mlm
     hf-xarch finetune task=token data.files=[ner.jsonl] data.tokens_column=words data.tags_column=ner_tags
 
 The recipe: read labelled records -> the tokenizer and model of ``base_model`` (or a fresh model from the ``model``
@@ -26,6 +26,8 @@ from .common import (
     COMMON_SECTIONS,
     check_common,
     check_length,
+    check_model_section,
+    check_saved_model,
     eval_result_entries,
     get_tokenizer,
     loop_settings,
@@ -38,7 +40,7 @@ from .config import Config, parse_args, xarch_config_fields
 from .data import ExampleOrder, load_records, pad_batch
 from .evaluation import check_evaluation, evaluate_classifier, format_scores
 from .loop import LoopResult, train
-from .tokenizer import check_tokenizer_for_task
+from .tokenizer import check_tokenizer_folder, check_tokenizer_for_task
 from .tracking import MetricsLogger
 
 TASKS = ("sequence", "token")
@@ -244,8 +246,12 @@ def check_config(cfg) -> None:
         raise ValueError(f"task={cfg.task!r} is not allowed: one of {list(TASKS)}")
     if cfg.data.streaming:
         raise ValueError("data.streaming=true is not supported by finetune (labels are collected up front)")
-    if cfg.base_model and not Path(cfg.base_model).is_dir():
-        raise ValueError(f"base_model={cfg.base_model!r}: no such folder (a save_pretrained output)")
+    if cfg.base_model:
+        check_saved_model(cfg.base_model)
+        if not cfg.tokenizer.path:
+            check_tokenizer_folder(cfg.base_model, key="base_model")
+    else:
+        check_model_section(cfg.model)
     if not 0.0 < cfg.data.heldout_fraction < 1.0:
         raise ValueError(f"data.heldout_fraction={cfg.data.heldout_fraction} is not allowed: in (0, 1)")
     if cfg.lora.enabled and cfg.lora.r < 1:
@@ -287,7 +293,7 @@ def run_finetune(cfg: Config, callbacks=()) -> FinetuneResult:
     if cfg.base_model and not cfg.tokenizer.path:
         from .tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.base_model)
+        tokenizer = load_tokenizer(cfg.base_model, key="base_model")
     else:
         texts = (lambda: (r[data_cfg.text_column] for r in train_records)) if cfg.task == "sequence" else (
             lambda: (" ".join(r[data_cfg.tokens_column]) for r in train_records)

@@ -1,6 +1,6 @@
 """Pretrain a causal (``task: clm``) or masked (``task: mlm``) XArch language model from scratch.
 
-    accelerate launch recipes/pretrain.py --config recipes/configs/pretrain_clm_tiny.yaml training.max_steps=500
+    accelerate launch recipes/pretrain.py --config recipes/configs/pretrain_clm.yaml training.max_steps=500
     hf-xarch pretrain data.files=[my.txt] model.attention_type=full
 
 The recipe, top to bottom: read the text (default corpus, local files or a Hub dataset) -> train or load a tokenizer
@@ -22,6 +22,7 @@ from .common import (
     COMMON_SECTIONS,
     check_common,
     check_length,
+    check_model_section,
     eval_result_entries,
     get_tokenizer,
     loop_settings,
@@ -38,6 +39,9 @@ from .tokenizer import check_tokenizer_for_task
 from .tracking import MetricsLogger
 
 TASKS = ("clm", "mlm")
+# saved in config.json: the block size the recipe trained at, which max_position_embeddings need not be (a model can
+# be built for 256 positions and trained on 128-token blocks); extend-context reads it as the trained length L
+TRAINED_LENGTH_FIELD = "trained_sequence_length"
 
 DEFAULTS = {
     **copy.deepcopy(COMMON_SECTIONS),
@@ -132,6 +136,7 @@ def check_config(cfg) -> None:
         raise ValueError(f"data.block_size={cfg.data.block_size} is not allowed: at least 2")
     if cfg.task == "mlm" and not 0.0 < cfg.mlm_probability < 1.0:
         raise ValueError(f"mlm_probability={cfg.mlm_probability} is not allowed: in (0, 1)")
+    check_model_section(cfg.model, is_decoder=cfg.task == "clm")
 
 
 def run_pretrain(cfg: Config, callbacks: Iterable[Callable[[int, dict], None]] = (), model=None, tokenizer=None,
@@ -222,6 +227,7 @@ def run_pretrain(cfg: Config, callbacks: Iterable[Callable[[int, dict], None]] =
         callbacks=callbacks,
     )
     logger.close()
+    setattr(result.model.config, TRAINED_LENGTH_FIELD, cfg.data.block_size)
     eval_metrics = result.final_eval or evaluate_final(result.model)
     task_type = "text-generation" if causal else "fill-mask"
     written = save_outputs(

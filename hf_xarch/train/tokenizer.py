@@ -97,13 +97,31 @@ def train_tokenizer(
     )
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """A saved tokenizer: a folder (``save_pretrained``) or a ``tokenizer.json`` file."""
+# what a folder needs for AutoTokenizer: a fast tokenizer's file, or a tokenizer config naming a class and its vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_tokenizer_folder(path: str | Path, key: str = "tokenizer.path") -> None:
+    """Fail with a message naming the folder when it holds no saved tokenizer (`key`: the setting that named it)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{key}={str(path)!r}: no such folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{key}={str(path)!r} holds no tokenizer (neither {' nor '.join(TOKENIZER_FILES)}): save one there with "
+            "tokenizer.save_pretrained(folder), or name one with tokenizer.path=..."
+        )
+
+
+def load_tokenizer(path: str | Path, key: str = "tokenizer.path") -> PreTrainedTokenizerFast:
+    """A saved tokenizer: a folder (``save_pretrained``) or a ``tokenizer.json`` file (`key`: the setting that named
+    it, for the error message)."""
     path = Path(path)
     if path.is_file():
         return PreTrainedTokenizerFast(tokenizer_file=str(path))
     if not path.is_dir():
-        raise ValueError(f"tokenizer.path={str(path)!r}: no such file or folder")
+        raise ValueError(f"{key}={str(path)!r}: no such file or folder")
+    check_tokenizer_folder(path, key)
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -195,9 +195,10 @@ def train_and_measure(config: SweepConfig, train, heldout, ood) -> list[tuple[Tr
     jobs = _training_jobs(config, train)
     total = sum(count for _, count in jobs)
     workers = config.jobs or len(os.sched_getaffinity(0))
-    bars = [tqdm(total=total, desc=desc, unit="tok", position=index, disable=not config.progress)
-            for index, desc in enumerate(("training tokenizers", "measuring held-out"))]
-    results = []
+    # one bar (two bars redrawn from one loop tangle in a terminal): it counts tokenizers trained and measured, and
+    # its postfix how many are trained so far; the unit is spelled out, since "tok/s" reads as tokens per second
+    bar = tqdm(total=total, desc="tokenizers trained and measured", unit="tokenizer", disable=not config.progress)
+    results, trained = [], 0
     with tokenizers_parallelism(), ThreadPoolExecutor(max_workers=workers) as pool:
         pending = {pool.submit(job): "train" for job, _ in jobs}
         try:
@@ -206,18 +207,18 @@ def train_and_measure(config: SweepConfig, train, heldout, ood) -> list[tuple[Tr
                 for future in done:
                     if pending.pop(future) == "measure":
                         results.append(future.result())
-                        bars[1].update(1)
+                        bar.update(1)
                         continue
                     for item in future.result():
-                        bars[0].update(1)
+                        trained += 1
+                        bar.set_postfix_str(f"trained {trained}/{total}")
                         if not item.reached and not config.skip_unreachable:
                             raise _unreachable(item, train_bytes)
                         pending[pool.submit(measure_one, item)] = "measure"
         finally:
             for future in pending:
                 future.cancel()
-            for bar in bars:
-                bar.close()
+            bar.close()
     order = {key: index for index, key in enumerate((a, s) for a in config.algorithms for s in config.sizes)}
     return sorted(results, key=lambda pair: order[(pair[0].algorithm, pair[0].requested_size)])
 
