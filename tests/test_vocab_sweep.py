@@ -358,7 +358,7 @@ def test_sweep_measures_out_of_domain_text(tmp_path):
 
 
 def test_sweep_rejects_empty_small_and_unknown_inputs(tmp_path, capsys):
-    from hf_xarch.vocab.sweep import main
+    from hf_xarch.cli import main as cli_main
 
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
@@ -373,7 +373,7 @@ def test_sweep_rejects_empty_small_and_unknown_inputs(tmp_path, capsys):
         (["--corpus", "no-such-user/no-such-dataset"], "could not be loaded as a Hub dataset"),  # offline in tests
     ]
     for argv, message in cases:
-        assert main([*argv, "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
+        assert cli_main(["vocab-sweep", *argv, "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
         assert message in capsys.readouterr().err
 
 

@@ -442,12 +442,8 @@ def config_from_args(argv: list[str]) -> SweepConfig:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `hf-xarch vocab-sweep` and `recipes/vocab_sweep.py`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config = config_from_args(argv)
-        result = run_sweep(config)
-    except ValueError as error:
-        print(f"hf-xarch vocab-sweep: error: {error}", file=sys.stderr)
-        return 2
+    config = config_from_args(argv)  # a ValueError is the user's: hf_xarch.cli prints it on one line
+    result = run_sweep(config)
     if not result:  # a non-main process of a distributed launch
         return 0
     recommendation = result["recommendation"]
@@ -469,4 +465,6 @@ __all__ = ["DEFAULT_SIZES", "DEFAULT_TARGET", "SweepConfig", "config_from_args",
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hf_xarch.cli import main as cli_main
+
+    sys.exit(cli_main(["vocab-sweep", *sys.argv[1:]]))
