@@ -124,7 +124,7 @@ def test_encoder_outputs_at_real_tokens_ignore_padding_and_lengths():
 
 def test_decoder_never_sees_the_future():
     torch.manual_seed(4)
-    model = XArchForCausalLM(tiny_config(attention_type="sliding_window", attention_window=5,
+    model = XArchForCausalLM(tiny_config(attention_type="sliding_window", attention_window=5, is_decoder=True,
                                          attention_dilation=[[1, 2, 1, 2], 1], attention_sink_size=2)).eval()
     ids = random_ids(2, 30)
     changed = ids.clone()
@@ -141,7 +141,7 @@ def test_cached_decoding_equals_the_full_forward_with_a_bounded_cache(sinks):
     torch.manual_seed(5)
     config = tiny_config(attention_type="sliding_window", layer_types=["sliding_window", "full"], attention_window=4,
                          attention_dilation=[[1, 2, 1, 3], 1], attention_sink_size=sinks, position_embedding_type="rope",
-                         max_position_embeddings=128)
+                         max_position_embeddings=128, is_decoder=True)
     model = XArchForCausalLM(config).eval()
     total, prompt = 40, 9
     ids = random_ids(2, total)
@@ -162,7 +162,7 @@ def test_cached_decoding_equals_the_full_forward_with_a_bounded_cache(sinks):
 def test_generate_matches_greedy_full_forward():
     torch.manual_seed(6)
     model = XArchForCausalLM(tiny_config(attention_type="sliding_window", attention_window=3, attention_sink_size=1,
-                                         position_embedding_type="alibi", pad_token_id=0)).eval()
+                                         position_embedding_type="alibi", pad_token_id=0, is_decoder=True)).eval()
     ids, mask = random_ids(2, 11), left_padded_mask([11, 7], 11)
     generated = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     full_mask = torch.cat([mask, torch.ones(2, 10, dtype=torch.long)], 1)
@@ -176,7 +176,8 @@ def test_assisted_generation_with_a_different_draft_model_equals_greedy(sinks, m
     many drafts are rejected, and the output still equals plain greedy decoding, past the window."""
     # a large init spreads the logits, so the two random models disagree often (small ones repeat one token)
     config = tiny_config(attention_type="sliding_window", attention_window=4, attention_sink_size=sinks,
-                         position_embedding_type="rope", max_position_embeddings=128, initializer_range=0.5)
+                         position_embedding_type="rope", max_position_embeddings=128, initializer_range=0.5,
+                         is_decoder=True)
     assisted, greedy, taken_back = assisted_and_greedy(config, monkeypatch)
     assert taken_back > 10  # drafts were rejected and rolled back, beyond the window of 4
     assert torch.equal(assisted, greedy)
@@ -185,7 +186,7 @@ def test_assisted_generation_with_a_different_draft_model_equals_greedy(sinks, m
 def test_sink_cache_crop_rolls_back_exactly_and_refuses_what_it_cannot_restore():
     torch.manual_seed(8)
     config = tiny_config(attention_type="sliding_window", attention_window=4, attention_sink_size=2,
-                         max_position_embeddings=64)
+                         max_position_embeddings=64, is_decoder=True)
     model = XArchForCausalLM(config).eval()
     ids = random_ids(1, 24)
     full = model(ids).logits

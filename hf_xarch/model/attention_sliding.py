@@ -57,42 +57,66 @@ def _fail(name: str, value, allowed: str):
     raise ValueError(f"XArchConfig.{name}={value!r} is not allowed: {allowed}")
 
 
+def _per_layer(value, layer: int):
+    return value[layer] if isinstance(value, (list, tuple)) else value
+
+
+def _head_dilations(dilation, layer: int, heads: int) -> list[int]:
+    entry = _per_layer(dilation if dilation is not None else 1, layer)
+    return list(entry) if isinstance(entry, (list, tuple)) else [entry] * heads
+
+
+def window_span(window: int, dilations: list[int]) -> int:
+    """Key slots a causal query reaches: itself and (w-1)·d before it (the cache must keep them)."""
+    return (window - 1) * max(dilations) + 1
+
+
 def layer_window(config, layer: int) -> int:
-    window = config.attention_window
-    return window[layer] if isinstance(window, (list, tuple)) else window
+    return _per_layer(config.attention_window, layer)
 
 
 def layer_dilation(config, layer: int) -> list[int]:
     """The dilation of every head of ``layer`` (one int per head)."""
-    dilation = config.attention_dilation if config.attention_dilation is not None else 1
-    entry = dilation[layer] if isinstance(dilation, (list, tuple)) else dilation
-    return list(entry) if isinstance(entry, (list, tuple)) else [entry] * config.num_attention_heads
+    return _head_dilations(config.attention_dilation, layer, config.num_attention_heads)
 
 
 def causal_span(config, layer: int) -> int:
-    """Key slots a causal query of ``layer`` may reach: itself and (w-1)·d before it (the cache must keep them)."""
-    return (layer_window(config, layer) - 1) * max(layer_dilation(config, layer)) + 1
+    return window_span(layer_window(config, layer), layer_dilation(config, layer))
 
 
-def validate_sliding_config(config) -> None:
-    """Check (and fill in) the sliding-window fields of an ``XArchConfig``; every problem is a ValueError naming the
-    field. Called by ``XArchConfig.__post_init__`` once ``layer_types`` are known."""
-    layers = config.num_hidden_layers
-    sliding = [i for i, family in enumerate(config.layer_families()) if family.name == SLIDING_FAMILY.name]
+def sliding_layers(config) -> list[int]:
+    return [i for i, family in enumerate(config.layer_families()) if family.name == SLIDING_FAMILY.name]
+
+
+def derived_sliding_window(config) -> int | None:
+    """``sliding_window`` as the other fields give it: the widest causal span of a sliding layer (what transformers'
+    sliding-window cache keeps), None without sliding layers."""
+    sliding = sliding_layers(config)
+    return max(causal_span(config, layer) for layer in sliding) if sliding else None
+
+
+def validate_sliding_config(config) -> dict:
+    """Check the sliding-window fields of an ``XArchConfig``; every problem is a ValueError naming the field.
+    Returns the values derived from them (``attention_window`` with its default, ``attention_dilation`` with lists
+    as lists, ``sliding_window``) and never writes into ``config``: ``XArchConfig.__post_init__`` assigns them.
+    Called once ``layer_types`` are known, and again by ``validate()`` (save) and model construction."""
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    sliding = sliding_layers(config)
+    given_span = config.sliding_window
+    if given_span is not None and not _positive_int(given_span):
+        _fail("sliding_window", given_span, "a positive int (the key slots a causal sliding layer reads), or None")
     window = config.attention_window
     if window is None:
-        # Mistral-style configs give only `sliding_window` (a causal query sees itself and sliding_window - 1 before)
-        window = config.sliding_window if (sliding and config.sliding_window is not None) else DEFAULT_ATTENTION_WINDOW
-        config.attention_window = window
+        # one setting, two names: Mistral-style configs give only `sliding_window`
+        window = given_span if given_span is not None else DEFAULT_ATTENTION_WINDOW
     if isinstance(window, (list, tuple)):
         if len(window) != layers or not all(_positive_int(w) for w in window):
             _fail("attention_window", window, f"a positive int, or a list of num_hidden_layers={layers} positive ints")
-        config.attention_window = list(window)
+        window = list(window)
     elif not _positive_int(window):
         _fail("attention_window", window, "a positive int (keys a query sees), or one per layer")
-    heads = config.num_attention_heads
-    dilation = config.attention_dilation if config.attention_dilation is not None else 1
-    entries = dilation if isinstance(dilation, (list, tuple)) else [dilation] * layers
+    dilation = config.attention_dilation
+    entries = dilation if isinstance(dilation, (list, tuple)) else [1 if dilation is None else dilation] * layers
     if len(entries) != layers:
         _fail("attention_dilation", dilation, f"an int, or a list of num_hidden_layers={layers} entries")
     for entry in entries:
@@ -102,23 +126,47 @@ def validate_sliding_config(config) -> None:
         elif not _positive_int(entry):
             _fail("attention_dilation", dilation, "ints >= 1 (1: no dilation), per model, per layer or per head")
     if isinstance(dilation, (list, tuple)):
-        config.attention_dilation = [list(e) if isinstance(e, (list, tuple)) else e for e in dilation]
+        dilation = [list(e) if isinstance(e, (list, tuple)) else e for e in dilation]
     sink = config.attention_sink_size
     if not isinstance(sink, int) or isinstance(sink, bool) or sink < 0:
         _fail("attention_sink_size", sink, "an int >= 0 (0: no attention sinks)")
     if not isinstance(config.global_projections, bool):
         _fail("global_projections", config.global_projections, "True or False")
+
+    # options only sliding layers read: set elsewhere, they would be silently ignored
+    read_by = f"read only by attention_type={SLIDING_FAMILY.name!r} layers"
+    for layer in range(layers):
+        if layer not in sliding and set(_head_dilations(dilation, layer, heads)) != {1}:
+            _fail("attention_dilation", dilation,
+                  f"1 (or None) for layer {layer} ({config.layer_types[layer]!r}): dilation is {read_by}")
     if not sliding:
-        return
-    span = max(causal_span(config, layer) for layer in sliding)
-    if config.sliding_window is not None and config.sliding_window != span:
+        where = f"{read_by}, and no layer is one (layer_types={config.layer_types})"
+        if sink:
+            _fail("attention_sink_size", sink, f"0: sinks are {where}")
+        if config.global_projections:
+            _fail("global_projections", config.global_projections, f"False: global projections are {where}")
+        return {"attention_window": window, "attention_dilation": dilation, "sliding_window": given_span}
+
+    for layer in sliding:
+        if not config.is_decoder and _per_layer(window, layer) % 2:
+            _fail("attention_window", config.attention_window if config.attention_window is not None else window,
+                  f"even windows in an encoder (w/2 keys on each side, as Longformer), but layer {layer} has "
+                  f"{_per_layer(window, layer)}; a decoder (is_decoder=True) takes any window")
+    if sink and not config.is_decoder:
+        _fail("attention_sink_size", sink, "0 in an encoder (is_decoder=False): sinks are for decoders; an encoder "
+              "marks tokens every position sees with global_attention_mask")
+    if config.global_projections and config.is_decoder:
+        _fail("global_projections", config.global_projections, "False in a decoder (is_decoder=True): the global "
+              "projections serve global tokens (global_attention_mask), which only encoders have")
+    span = max(window_span(_per_layer(window, layer), _head_dilations(dilation, layer, heads)) for layer in sliding)
+    if given_span is not None and given_span != span:
         _fail(
             "sliding_window",
-            config.sliding_window,
+            given_span,
             f"None or {span}: it is derived from attention_window and attention_dilation ((w - 1) * max dilation + 1, "
             "the key slots a causal sliding layer reads and its cache keeps)",
         )
-    config.sliding_window = span
+    return {"attention_window": window, "attention_dilation": dilation, "sliding_window": span}
 
 
 # ---- the mask every sliding layer of one forward shares ------------------------------------------------------------
@@ -179,23 +227,11 @@ class SlidingWindowAttention(XArchAttention):
         self.window = layer_window(config, layer_idx)
         self.dilation = layer_dilation(config, layer_idx)
         self.sink_size = config.attention_sink_size
-        if self.is_causal:
-            self.left, self.right = self.window - 1, 0
-        else:
-            if self.window % 2:
-                raise ValueError(
-                    f"XArchConfig.attention_window={config.attention_window!r}: layer {layer_idx} of an encoder needs "
-                    f"an even window (w/2 keys on each side, as Longformer), got {self.window}"
-                )
-            if self.sink_size:
-                raise ValueError(
-                    f"XArchConfig.attention_sink_size={self.sink_size}: sinks are for decoders; an encoder marks "
-                    "tokens every position sees with global_attention_mask"
-                )
-            self.left = self.right = self.window // 2
+        # the config checked the window (even in an encoder) and the sinks (decoders only) when it was built
+        self.left, self.right = (self.window - 1, 0) if self.is_causal else (self.window // 2, self.window // 2)
         self.global_projections = config.global_projections
         if self.global_projections:
-            width, bias = self.num_heads * self.head_dim, config.attention_bias
+            width, bias = self.num_heads * self.head_dim, config.qkv_bias
             kv_width = self.num_key_value_heads * self.head_dim
             self.query_global = nn.Linear(config.hidden_size, width, bias=bias)
             self.key_global = nn.Linear(config.hidden_size, kv_width, bias=bias)
@@ -358,6 +394,8 @@ class SlidingWindowAttention(XArchAttention):
         rows, _ = dense_sliding_attention(q_g, k_g, v_g, visible, self.scaling, bias, dropout, self.training)
         batch_index, entry = present.nonzero(as_tuple=True)
         token = index[batch_index, entry]
+        # under autocast these rows come back in bf16 (matmuls) beside the band's fp32 output (rotary q, k are fp32)
+        rows = rows.to(output.dtype)
         merged = output.transpose(1, 2).index_put((batch_index, token), rows.transpose(1, 2)[batch_index, entry])
         return merged.transpose(1, 2)
 

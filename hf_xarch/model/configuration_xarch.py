@@ -8,6 +8,7 @@ capabilities that attention families and position schemes declare in the registr
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers.configuration_utils import PreTrainedConfig
@@ -30,6 +31,54 @@ def _fail(field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"XArchConfig.{field}={value!r} is not allowed: {allowed}")
 
 
+# Fields filled in from others when not given: field -> (the fields it follows, its value from them). After
+# construction, a field that still holds the value its sources gave (or None) follows them when they change
+# (`XArchConfig.__setattr__`), so a changed source never leaves a stale value behind that breaks save or reload.
+DERIVED_DEFAULTS = {
+    "num_key_value_heads": (("num_attention_heads",), lambda c: c.num_attention_heads),
+    "head_dim": (
+        ("hidden_size", "num_attention_heads"),
+        lambda c: c.hidden_size // c.num_attention_heads if c.hidden_size % c.num_attention_heads == 0 else None,
+    ),
+    "intermediate_size": (("hidden_size",), lambda c: 4 * c.hidden_size),
+    "embedding_size": (("hidden_size",), lambda c: c.hidden_size),
+    "qkv_bias": (("attention_bias",), lambda c: c.attention_bias),
+    "final_norm": (("norm_position",), lambda c: c.norm_position == "pre"),
+    "classifier_pooling": (("is_decoder",), lambda c: "last" if c.is_decoder else "first"),
+}
+# the fields `sliding_window` (the key slots a causal sliding layer reads) is computed from
+SLIDING_WINDOW_SOURCES = {"attention_window", "attention_dilation", "layer_types", "attention_type", "num_hidden_layers",
+                          "num_attention_heads"}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value) -> bool:
+    return _number(value) and value > 0
+
+
+# rope_parameters values transformers' validation only warns about, although no rotation can be computed from them:
+# key -> (test, what is allowed). A key that is absent (or None where transformers makes it optional) is not tested.
+ROPE_VALUE_RULES = {
+    "rope_theta": (_positive, "a positive number (the base of the rotation frequencies)"),
+    "factor": (_positive, "a positive number (the context-length scale)"),
+    "attention_factor": (_positive, "a positive number (the scale of cos and sin)"),
+    "beta_fast": (_number, "a number"),
+    "beta_slow": (_number, "a number"),
+    "mscale": (_number, "a number"),
+    "mscale_all_dim": (_number, "a number"),
+    "low_freq_factor": (_positive, "a positive number"),
+    "high_freq_factor": (_positive, "a positive number"),
+    "original_max_position_embeddings": (lambda v: _positive(v) and isinstance(v, int), "a positive integer"),
+    "partial_rotary_factor": (lambda v: _positive(v) and v <= 1, "a number in (0, 1] (the share of features rotated)"),
+    "short_factor": (lambda v: isinstance(v, list) and all(_positive(x) for x in v), "a list of positive numbers"),
+    "long_factor": (lambda v: isinstance(v, list) and all(_positive(x) for x in v), "a list of positive numbers"),
+}
+ROPE_OPTIONAL = {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "partial_rotary_factor"}
+
+
 class XArchConfig(PreTrainedConfig):
     r"""Configuration of an XArch model (``model_type="xarch"``).
 
@@ -47,6 +96,11 @@ class XArchConfig(PreTrainedConfig):
         embedding_size (`int`, *optional*): width of the token embeddings; smaller than `hidden_size` factorizes them
             (ALBERT) with a projection to `hidden_size`. Defaults to `hidden_size`.
         type_vocab_size (`int`, defaults to 0): number of token-type (segment) embeddings, as BERT has; 0 for none.
+        position_offset (`int`, defaults to 0): encoders: the position id of the first real token. fairseq's models
+            (RoBERTa, XLM-RoBERTa) number real tokens from `pad_token_id + 1` and give every padding token (a 0 in
+            `attention_mask`) position `pad_token_id`: that is `position_offset=pad_token_id + 1`, and with any offset
+            above 0 padding takes position `position_offset - 1`. Only for `position_embedding_type` `learned` or
+            `sinusoidal`; a `learned` table needs `max_position_embeddings > position_offset`.
 
     Stack:
         is_decoder (`bool`, defaults to `False`): causal (decoder) when `True`, bidirectional (encoder) otherwise.
@@ -66,6 +120,9 @@ class XArchConfig(PreTrainedConfig):
         mlp_type (`str`, defaults to `"plain"`): `plain` (act(x W1) W2) or `gated` (SwiGLU-style, act(x Wg) * x Wu).
         hidden_act (`str`, defaults to `"gelu"`): any name in transformers' `ACT2FN`.
         attention_bias (`bool`, defaults to `True`), mlp_bias (`bool`, defaults to `True`): biases of the projections.
+        qkv_bias (`bool`, *optional*): biases of the query/key/value projections alone (transformers' name, as in
+            ViT); `attention_bias` then sets the output projection's. Qwen2 is `qkv_bias=True, attention_bias=False`.
+            Defaults to `attention_bias`.
         tie_word_embeddings (`bool`, defaults to `True`): share the input embedding with the LM output layer.
         train_pad_embedding (`bool`, defaults to `False`): `False` (BERT, Llama): the `pad_token_id` row of the token
             embeddings is `nn.Embedding`'s `padding_idx`, zero at init and never updated. `True` (GPT-2, whose pad
@@ -100,8 +157,13 @@ class XArchConfig(PreTrainedConfig):
         global_projections (`bool`, defaults to `False`): separate query/key/value projections (`query_global`,
             `key_global`, `value_global`) for the rows of global tokens (`global_attention_mask`), as Longformer has.
         sliding_window (`int`, *optional*): derived, `(attention_window - 1) * max dilation + 1`: the key slots a
-            causal sliding layer reads, which transformers' sliding-window cache keeps. Give it alone (Mistral) to set
-            `attention_window` to it; given with `attention_window`, the two must agree.
+            causal sliding layer reads, which transformers' sliding-window cache keeps. One setting with
+            `attention_window` under transformers' (Mistral's) name: give or set it (also after construction,
+            `config.sliding_window = 8`) to make every sliding layer see that many keys (undilated only); given
+            with `attention_window`, the two must agree. Changing the window fields updates it.
+        `attention_dilation`, `attention_sink_size` and `global_projections` are read by sliding layers only: set on a
+        model without them (or dilation on a layer that is not one) they raise. Encoders need even windows and take no
+        sinks; decoders take no global projections.
 
     Performer (`attention_type="performer"`, Choromanski et al. 2021; read by performer layers only):
         performer_nb_features (`int`, *optional*): random features m per head; the error of the softmax estimate falls
@@ -126,6 +188,12 @@ class XArchConfig(PreTrainedConfig):
             [CLS], through a tanh pooler), `last` (the last non-padding token, GPT-style) or `mean`; defaults to `last`
             for decoders and `first` for encoders.
 
+    Derived fields follow their sources after construction: `num_key_value_heads`, `head_dim`, `intermediate_size`,
+    `embedding_size`, `qkv_bias`, `final_norm` and `classifier_pooling` follow the fields they default from while they
+    still hold that default, `layer_types` follows `attention_type` and `num_hidden_layers` while every layer has one
+    type, and `sliding_window` follows the window fields; so a config changed after construction saves and reloads.
+    Every check runs again when the config is saved and when a model is built from it.
+
     Family options, read only by the family that uses them: `attention_window`, `attention_dilation`,
     `sliding_window`, `performer_nb_features`, `performer_kernel`, `performer_redraw_interval`,
     `performer_feature_floor` (their issues).
@@ -145,6 +213,7 @@ class XArchConfig(PreTrainedConfig):
     max_position_embeddings: int = 2048
     embedding_size: int | None = None
     type_vocab_size: int = 0
+    position_offset: int = 0
     # cross-layer sharing and the output layer (see "Cross-layer sharing and the causal-LM output layer" above)
     num_hidden_groups: int | None = None
     inner_group_num: int | None = None
@@ -174,6 +243,7 @@ class XArchConfig(PreTrainedConfig):
     embedding_norm: bool = False
     mlp_type: str = "plain"
     attention_bias: bool = True
+    qkv_bias: bool | None = None
     mlp_bias: bool = True
     tie_word_embeddings: bool = True
     train_pad_embedding: bool = False
@@ -188,37 +258,141 @@ class XArchConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        self.check_booleans()
         self.check_sizes()
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.hidden_size
-        if self.embedding_size is None:
-            self.embedding_size = self.hidden_size
-        if self.final_norm is None:
-            self.final_norm = self.norm_position == "pre"
-        if self.classifier_pooling is None:
-            self.classifier_pooling = "last" if self.is_decoder else "first"
+        for field in DERIVED_DEFAULTS:
+            if getattr(self, field) is None:
+                setattr(self, field, self.derived_default(field))
         if self.position_embedding_type == "rope" and not self.rope_parameters and "rope_scaling" not in kwargs:
             self.rope_parameters = {"rope_type": "default"}
         user_rope = self.rope_parameters or kwargs.get("rope_scaling")
+        if user_rope is not None and not isinstance(user_rope, dict):  # transformers would fail on it with an AttributeError
+            _fail("rope_parameters", user_rope, "a dict in transformers' rope schema, e.g. {'rope_type': 'yarn', "
+                  "'factor': 4.0}, or None")
         if self.position_embedding_type != "rope" and user_rope:
             _fail("rope_parameters", user_rope, "only with position_embedding_type='rope'")
         super().__post_init__(**kwargs)
+        # what follows is assigned with `_assign`: it derives values, which must not re-derive others (`__setattr__`)
         if self.position_embedding_type != "rope":
-            self.rope_parameters = None  # transformers fills in a default rope dict; it means nothing here
-        self.layer_types = self.normalize_layer_types(self.layer_types)
+            self._assign(rope_parameters=None)  # transformers fills in a default rope dict; it means nothing here
+        self._assign(layer_types=self.normalize_layer_types(self.layer_types))
         self.check_choices()
         self.check_combinations()
+        self.check_position_offset()
+        self.check_performer()
+        self._assign(**self.check_sliding_window())
+        self.check_sharing_and_output_layer()
+        if self.adaptive_cutoffs is not None:
+            self._assign(adaptive_cutoffs=list(self.adaptive_cutoffs))
+        self.validate_rope()
+
+    # ---- derived fields: one setting, one field ----------------------------------------------------------------------
+    def derived_default(self, field: str):
+        """The value ``field`` takes from its sources (``DERIVED_DEFAULTS``); None while they are invalid."""
+        try:
+            return DERIVED_DEFAULTS[field][1](self)
+        except (TypeError, ZeroDivisionError):  # a source that is itself invalid for now: validation names it
+            return None
+
+    def _assign(self, **values) -> None:
+        """Set derived values without deriving again from them (``__setattr__`` does that for the caller's changes)."""
+        for field, value in values.items():
+            super().__setattr__(field, value)
+
+    def __setattr__(self, key, value):
+        """After construction, changing a field updates the fields derived from it, so the config stays one that saves
+        and loads: each field of ``DERIVED_DEFAULTS`` that still holds its derived value (or None) follows its
+        sources; ``layer_types`` follows ``attention_type`` and ``num_hidden_layers`` while all layers share one
+        type; ``sliding_window`` follows the window fields, and setting it sets ``attention_window`` (one setting,
+        two names); a new ``rope_parameters`` dict is standardized as transformers does at construction. Nothing is
+        validated here, so several fields can be changed in turn; ``save_pretrained`` and model construction run
+        every check (``check_all``)."""
+        if not self.__dict__.get("_post_init_done"):  # transformers sets it when its __post_init__ is done
+            super().__setattr__(key, value)
+            return
+        if key == "sliding_window":
+            self.set_sliding_window(value)
+            return
+        followers = [
+            field for field, (sources, _) in DERIVED_DEFAULTS.items()
+            if key in sources and getattr(self, field) in (None, self.derived_default(field))
+        ]
+        layer_types = self.layer_types_after(key, value)
+        super().__setattr__(key, value)
+        self._assign(**{field: self.derived_default(field) for field in followers})
+        if layer_types is not None:
+            self._assign(layer_types=layer_types)
+        if key in SLIDING_WINDOW_SOURCES:
+            self.follow_sliding_window()
+        if key == "rope_parameters" and isinstance(value, dict) and self.position_embedding_type == "rope":
+            self.standardize_rope_params()
+
+    def layer_types_after(self, key: str, value) -> list[str] | None:
+        """``layer_types`` once ``key`` is set to ``value``, where it follows (None: it stays as it is)."""
+        if key not in ("attention_type", "num_hidden_layers") or not isinstance(self.layer_types, list):
+            return None
+        kinds = set(self.layer_types)
+        if len(kinds) != 1:
+            if key == "attention_type":
+                _fail("attention_type", value, f"set alone only on a model whose layers share one type; this one has "
+                      f"layer_types={self.layer_types}: set layer_types instead")
+            return None  # which type a mixed stack's new layers get is the caller's choice: validation names it
+        if key == "attention_type":
+            return [ATTENTION_FAMILIES[value].layer_type] * self.num_hidden_layers if value in ATTENTION_FAMILIES else None
+        return [kinds.pop()] * value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    def follow_sliding_window(self) -> None:
+        from .attention_sliding import derived_sliding_window
+
+        try:
+            span = derived_sliding_window(self)
+        except (TypeError, ValueError, IndexError):  # fields mid-change (a list of the old length...): checks name them
+            return
+        if span is not None:  # without sliding layers nothing reads it: it keeps what was set
+            self._assign(sliding_window=span)
+
+    def set_sliding_window(self, value) -> None:
+        """``config.sliding_window = n`` (transformers' and Mistral's name): every sliding layer sees n keys, so
+        ``attention_window`` becomes n too. None gives it back its derived value."""
+        from .attention_sliding import sliding_layers
+
+        if value is None:
+            self._assign(sliding_window=None)
+            self.follow_sliding_window()
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            _fail("sliding_window", value, "a positive int (the key slots a causal sliding layer reads), or None")
+        dilation = self.attention_dilation
+        flat = dilation if isinstance(dilation, (list, tuple)) else [dilation]
+        flat = [d for entry in flat for d in (entry if isinstance(entry, (list, tuple)) else [entry])]
+        if sliding_layers(self) and set(flat) - {None, 1}:
+            _fail("sliding_window", value, f"set only without dilation; with attention_dilation={dilation!r} it is "
+                  "derived, (attention_window - 1) * max dilation + 1: set attention_window instead")
+        self._assign(attention_window=value, sliding_window=value)
+
+    # ---- validation ------------------------------------------------------------------------------------------------
+    def check_all(self) -> None:
+        """Every check ``__post_init__`` runs, on the config as it is now: ``validate()`` (``save_pretrained``) and
+        model construction run it, so a field changed after construction fails there, never when loading again."""
+        self.check_booleans()
+        self.check_sizes()
+        self.normalize_layer_types(self.layer_types)
+        self.check_choices()
+        self.check_combinations()
+        self.check_position_offset()
         self.check_performer()
         self.check_sliding_window()
         self.check_sharing_and_output_layer()
-        if self.position_embedding_type == "rope":
-            self.check_rope_parameters()
+        self.validate_rope()
 
-    # ---- validation ------------------------------------------------------------------------------------------------
+    def check_booleans(self) -> None:
+        # transformers type-checks only its own fields, so a config.json with "is_decoder": "yes" would load as True
+        for field, annotation in XArchConfig.__annotations__.items():
+            if annotation in ("bool", "bool | None"):
+                value = getattr(self, field)
+                if not isinstance(value, bool) and not (value is None and annotation == "bool | None"):
+                    _fail(field, value, "True or False" + (", or None" if annotation == "bool | None" else ""))
+
     def check_sizes(self) -> None:
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
             value = getattr(self, field)
@@ -251,8 +425,8 @@ class XArchConfig(PreTrainedConfig):
             _fail("norm_eps", self.norm_eps, "a positive float")
         if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range >= 0):
             _fail("initializer_range", self.initializer_range, "a float >= 0")
-        if not isinstance(self.train_pad_embedding, bool):
-            _fail("train_pad_embedding", self.train_pad_embedding, "True or False")
+        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
+            _fail("qkv_bias", self.qkv_bias, "True, False, or None (the same as attention_bias)")
 
     def check_choices(self) -> None:
         from transformers.activations import ACT2FN
@@ -290,20 +464,50 @@ class XArchConfig(PreTrainedConfig):
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             _fail("head_dim", self.head_dim, "an even number with rope (features rotate in pairs)")
 
+    def check_position_offset(self) -> None:
+        offset = self.position_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            _fail("position_offset", offset, "an integer >= 0")
+        if not offset:
+            return
+        if self.is_decoder:
+            # generate() numbers positions from 0 itself; an offset would hold only until the first generate() call
+            _fail("position_offset", offset, "0 for a decoder (is_decoder=True); offsets are for encoders (RoBERTa)")
+        if self.position_embedding_type not in ("learned", "sinusoidal"):
+            _fail("position_offset", offset,
+                  f"0 with position_embedding_type={self.position_embedding_type!r} (offsets shift absolute "
+                  "positions: 'learned' or 'sinusoidal')")
+        if self.position_embedding_type == "learned" and offset >= self.max_position_embeddings:
+            _fail("position_offset", offset,
+                  f"below max_position_embeddings={self.max_position_embeddings} (the learned table's rows)")
+
     def check_rope_parameters(self) -> None:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        if not isinstance(self.rope_parameters, dict):
-            _fail("rope_parameters", self.rope_parameters, "a dict in transformers' rope schema")
-        rope_type = self.rope_parameters.get("rope_type", self.rope_parameters.get("type", "default"))
+        params = self.rope_parameters
+        if not isinstance(params, dict):
+            _fail("rope_parameters", params, "a dict in transformers' rope schema")
+        rope_type = params.get("rope_type", params.get("type", "default"))
         allowed = ["default", *ROPE_INIT_FUNCTIONS]
         if rope_type not in allowed:
-            _fail("rope_parameters", self.rope_parameters, f"rope_type one of {allowed}")
+            _fail("rope_parameters", params, f"rope_type one of {allowed}")
+        for key, (valid, what) in ROPE_VALUE_RULES.items():
+            value = params.get(key)
+            if key in params and not (value is None and key in ROPE_OPTIONAL) and not valid(value):
+                _fail("rope_parameters", params, f"{key}={value!r}; it must be {what}")
         try:
-            self.standardize_rope_params()
-            self.validate_rope()
+            PreTrainedConfig.validate_rope(self)
         except (KeyError, TypeError, AssertionError) as err:  # transformers raises KeyError for missing keys
-            _fail("rope_parameters", self.rope_parameters, f"transformers' rope schema for {rope_type!r}: {err}")
+            _fail("rope_parameters", params, f"transformers' rope schema for {rope_type!r}: {err}")
+        rotary_pairs = int(self.head_dim * params.get("partial_rotary_factor", 1.0)) // 2
+        for key in ("short_factor", "long_factor"):
+            if key in params and len(params[key]) != rotary_pairs:
+                _fail("rope_parameters", params, f"{key} of {rotary_pairs} entries (one per rotated feature pair), "
+                      f"got {len(params[key])}")
+        if rope_type == "llama3" and not params["high_freq_factor"] > params["low_freq_factor"]:
+            _fail("rope_parameters", params, "high_freq_factor above low_freq_factor (llama3 smooths between them)")
+        if rope_type == "yarn" and (params.get("beta_fast") or 32) < (params.get("beta_slow") or 1):
+            _fail("rope_parameters", params, "beta_fast (default 32) at least beta_slow (default 1)")
 
     def normalize_layer_types(self, layer_types: list[str] | None) -> list[str]:
         if layer_types is None:
@@ -398,7 +602,6 @@ class XArchConfig(PreTrainedConfig):
                 cutoffs,
                 f"a non-empty, strictly increasing list of integers in 1..vocab_size-1={self.vocab_size - 1}",
             )
-        self.adaptive_cutoffs = list(cutoffs)
         div = self.adaptive_div_value
         if isinstance(div, bool) or not isinstance(div, (int, float)) or div < 1:
             _fail("adaptive_div_value", div, "a number >= 1")
@@ -429,10 +632,11 @@ class XArchConfig(PreTrainedConfig):
                 _fail("performer_feature_floor", floor,
                       f"0 or None with performer_kernel={self.performer_kernel!r} (the floor is for 'softmax')")
 
-    def check_sliding_window(self) -> None:
+    def check_sliding_window(self) -> dict:
+        """The sliding-window checks; returns the values they derive (``__post_init__`` assigns them)."""
         from .attention_sliding import validate_sliding_config
 
-        validate_sliding_config(self)
+        return validate_sliding_config(self)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
@@ -455,6 +659,8 @@ class XArchConfig(PreTrainedConfig):
             config_dict["layer_types"] = None
         if {"attention_window", "attention_dilation"} & overrides.keys() and "sliding_window" not in overrides:
             config_dict.pop("sliding_window", None)
+        if "sliding_window" in overrides and "attention_window" not in overrides:
+            config_dict.pop("attention_window", None)  # one setting, two names: the override sets both
         config_dict.update(overrides)
         return super().from_dict(config_dict, **kwargs)
 
@@ -464,8 +670,11 @@ class XArchConfig(PreTrainedConfig):
         self.normalize_layer_types(self.layer_types)
 
     def validate_architecture(self):
-        self.check_sizes()
-        self.check_sharing_and_output_layer()
+        self.check_all()
+
+    def validate_rope(self):
+        if self.position_embedding_type == "rope":
+            self.check_rope_parameters()
 
     def validate(self) -> None:
         """Run every ``validate_*`` check, ours where we override one. transformers' ``validate`` (from huggingface_hub's

@@ -186,6 +186,7 @@ class XArchPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, SinusoidalPositionEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.dim))
+            init.constant_(module.scale, module.initial_scale)
         elif isinstance(module, XArchRMSNorm):
             init.ones_(module.weight)
         elif type(module).__name__ == "LearnedPositionEmbedding":
@@ -250,14 +251,37 @@ SAVE_HOOKS: list = []
 
 
 def default_position_ids(
-    length: int, attention_mask: torch.Tensor | None, past_length: int, device: torch.device
+    length: int, attention_mask: torch.Tensor | None, past_length: int, device: torch.device, offset: int = 0
 ) -> torch.Tensor:
     """Positions that count only real tokens, so a left-padded sequence starts at position 0 exactly as it would
-    unpadded (and cached decoding continues the count). Without a 2D mask: past_length, past_length+1, ..."""
+    unpadded (and cached decoding continues the count). Without a 2D mask: past_length, past_length+1, ...
+    ``offset`` (``config.position_offset``) numbers real tokens from ``offset`` and puts padding at ``offset - 1``, as
+    fairseq's make_positions (RoBERTa) does."""
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == past_length + length:
-        positions = attention_mask.long().cumsum(-1) - 1
-        return positions.clamp(min=0)[:, past_length:]
-    return torch.arange(past_length, past_length + length, device=device).unsqueeze(0)
+        real = attention_mask.long()
+        positions = real.cumsum(-1) - 1
+        positions = positions.clamp(min=0) if not offset else torch.where(real.bool(), positions + offset, offset - 1)
+        return positions[:, past_length:]
+    return torch.arange(offset + past_length, offset + past_length + length, device=device).unsqueeze(0)
+
+
+def check_attention_mask(attention_mask: torch.Tensor, batch: int, length: int, past_length: int) -> None:
+    """A padding mask covers every key: the cached ones and the new ones. A shorter one would be read as a different
+    mask by each family (or fail deep inside sdpa), so every family gets it checked here."""
+    keys = past_length + length
+    if attention_mask.dim() == 2:
+        ok, expected = tuple(attention_mask.shape) == (batch, keys), f"({batch}, {keys})"
+    elif attention_mask.dim() == 4:  # a custom mask (batch or 1, heads or 1, queries, keys), full attention only
+        shape = attention_mask.shape
+        ok, expected = shape[0] in (1, batch) and shape[2] == length and shape[3] >= keys, f"({batch}, 1, {length}, {keys})"
+    else:
+        ok, expected = False, f"({batch}, {keys})"
+    if not ok:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not fit the inputs: expected {expected}, a 2D "
+            f"(batch, past + seq) padding mask over the {past_length} cached and {length} new tokens (or a 4D "
+            "(batch, 1, seq, keys) mask for full attention)"
+        )
 
 
 class XArchModel(XArchPreTrainedModel):
@@ -266,6 +290,7 @@ class XArchModel(XArchPreTrainedModel):
     _auto_class = "AutoModel"
 
     def __init__(self, config: XArchConfig):
+        config.check_all()  # fields changed since the config was built are checked before any layer reads them
         super().__init__(config)
         self.embeddings = XArchEmbeddings(config)
         scheme = POSITION_SCHEMES[config.position_embedding_type]
@@ -322,11 +347,10 @@ class XArchModel(XArchPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("XArchModel.forward: give exactly one of input_ids or inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds
-        if reference.dim() < 2 or reference.shape[1] == 0:
-            raise ValueError(f"XArchModel.forward: expected (batch, seq>0) inputs, got shape {tuple(reference.shape)}")
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != reference.shape[0]:
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        if reference.dim() < 2 or 0 in reference.shape[:2]:
             raise ValueError(
-                f"attention_mask has batch {attention_mask.shape[0]} but the inputs have batch {reference.shape[0]}"
+                f"{name} of shape {tuple(reference.shape)}: expected (batch, seq) with at least one row and one token"
             )
         if not self.config.is_decoder:
             if cache is not None:
@@ -336,8 +360,12 @@ class XArchModel(XArchPreTrainedModel):
             cache = DynamicCache(config=self.config)
 
         past_length = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, *reference.shape[:2], past_length)
         if position_ids is None:
-            position_ids = default_position_ids(reference.shape[1], attention_mask, past_length, reference.device)
+            position_ids = default_position_ids(
+                reference.shape[1], attention_mask, past_length, reference.device, self.config.position_offset
+            )
         hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
 
         # one mask per attention family present (as Gemma/Mistral build one per layer type), each built by the family
@@ -401,9 +429,7 @@ class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
     def __init__(self, config: XArchConfig):
         if not config.is_decoder:
             logger.info("XArchForCausalLM: setting config.is_decoder=True (a causal LM is always a decoder)")
-            config.is_decoder = True
-            if config.classifier_pooling == "first":
-                config.classifier_pooling = "last"
+            config.is_decoder = True  # classifier_pooling follows while it holds its default (XArchConfig.__setattr__)
         super().__init__(config)
         self.model = XArchModel(config)
         self.lm_head_projection = (
