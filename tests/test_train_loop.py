@@ -168,3 +168,17 @@ def test_loop_settings_are_validated(settings, message):
     options.update(settings)
     with pytest.raises(ValueError, match=message):
         LoopSettings(**options)
+
+
+def test_progress_bar_labels_train_and_heldout_loss_apart(capsys):
+    """The bar shows both losses under their own names (it once showed the held-out loss alone, as `loss=`)."""
+    model = _model("clm")
+    optimizer, scheduler = _optim(model, 2)
+    settings = LoopSettings(max_steps=2, micro_batch_size=4, log_every=1, eval_every=1, resume="never",
+                            progress_bar=True, description="bar")
+    train(Accelerator(cpu=True), model, optimizer, scheduler, ExampleOrder(examples=_blocks(), seed=7),
+          _collate("clm"), settings, causal=True, evaluate=lambda trained: {"eval/loss": 7.0})
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("bar: 100%") and "heldout_loss=7" in final
+    shown = float(final.split("train_loss=")[1].split(",")[0].rstrip("]"))
+    assert 4.0 < shown < 5.0  # a tiny untrained model on 99 token ids: about ln 99 = 4.6, not the held-out 7
