@@ -21,8 +21,8 @@ from transformers import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
-    DistilBertConfig,
-    DistilBertModel,
+    ElectraConfig,
+    ElectraModel,
     GPT2Config,
     GPT2DoubleHeadsModel,
     GPT2ForQuestionAnswering,
@@ -362,8 +362,9 @@ def test_dtype_and_mode_carry_over():
 
 # ---- what does not convert ------------------------------------------------------------------------------------------
 def test_model_type_without_converter_lists_the_supported_ones():
-    model = DistilBertModel(DistilBertConfig(vocab_size=99, dim=32, n_layers=1, n_heads=4, hidden_dim=37))
-    with pytest.raises(ValueError, match=r"model_type='distilbert'; supported model types: \[") as error:
+    model = ElectraModel(ElectraConfig(vocab_size=99, embedding_size=32, hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=4, intermediate_size=37))
+    with pytest.raises(ValueError, match=r"model_type='electra'; supported model types: \[") as error:
         from_hf(model)
     for model_type in supported_classes():  # every registered family is named, BERT and GPT-2 among them
         assert repr(model_type) in str(error.value)

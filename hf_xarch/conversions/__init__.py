@@ -15,5 +15,8 @@ from . import gpt2  # noqa: E402, F401
 from . import llama  # noqa: E402, F401
 from . import longformer  # noqa: E402, F401
 from . import mistral  # noqa: E402, F401
+from . import distilbert  # noqa: E402, F401
+from . import qwen2  # noqa: E402, F401
+from . import roberta  # noqa: E402, F401
 
 __all__ = ["CONVERTERS", "Converter", "register_converter"]

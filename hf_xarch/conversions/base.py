@@ -100,6 +100,10 @@ def check_xarch_config(config: XArchConfig, family: str, required: dict[str, Any
         value = getattr(config, name)
         if value != wanted:
             problems.append(f"XArchConfig.{name}={value!r}, but {family} needs {wanted!r}")
+    # options most families lack, unless `required` names them
+    for name, plain in (("qkv_bias", config.attention_bias), ("position_offset", 0)):
+        if name not in required and getattr(config, name) != plain:
+            problems.append(f"XArchConfig.{name}={getattr(config, name)!r}, but {family} needs {plain!r}")
     families = sorted(set(config.layer_types))
     if families != ["full_attention"]:
         problems.append(f"XArchConfig.layer_types use {families}, but {family} has only full attention")

@@ -71,6 +71,16 @@ def llama_rope_parameters(hf_config: PreTrainedConfig) -> dict:
     return rope
 
 
+def generic_head_dropout(hf_config: PreTrainedConfig, hf_class_name: str) -> float:
+    """The dropout of transformers' generic heads: 0.1 unless configured for a token classifier, none otherwise."""
+    if not hf_class_name.endswith("ForTokenClassification"):
+        return 0.0
+    for name in ("classifier_dropout", "hidden_dropout"):
+        if getattr(hf_config, name, None) is not None:
+            return getattr(hf_config, name)
+    return 0.1
+
+
 def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
     problems = []
     if not isinstance(hf_config.hidden_act, str):
@@ -80,13 +90,6 @@ def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConf
                     hf_config.pretraining_tp)
     unsupported("Llama", problems)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    classifier_dropout = 0.0
-    if hf_class_name == "LlamaForTokenClassification":  # transformers' generic token head: 0.1 unless configured
-        classifier_dropout = getattr(hf_config, "classifier_dropout", None)
-        if classifier_dropout is None:
-            classifier_dropout = getattr(hf_config, "hidden_dropout", None)
-        if classifier_dropout is None:
-            classifier_dropout = 0.1
     return XArchConfig(
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
@@ -111,7 +114,7 @@ def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConf
         mlp_bias=hf_config.mlp_bias,
         attention_dropout=hf_config.attention_dropout,
         hidden_dropout=0.0,
-        classifier_dropout=classifier_dropout,
+        classifier_dropout=generic_head_dropout(hf_config, hf_class_name),
         classifier_pooling="last",
         initializer_range=hf_config.initializer_range,
         **shared_config_kwargs(hf_config),
@@ -120,14 +123,15 @@ def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConf
 
 def state_dict_from_hf(state_dict: StateDict, hf_config: PreTrainedConfig, hf_class_name: str) -> StateDict:
     state_dict = dict(state_dict)
-    if hf_class_name == "LlamaForSequenceClassification":  # a bias-free `score`; a zero bias is the same function
+    if hf_class_name.endswith("ForSequenceClassification"):  # a bias-free `score`; a zero bias is the same function
         score = state_dict["score.weight"]
         state_dict["score.bias"] = torch.zeros(score.shape[0], dtype=score.dtype, device=score.device)
     return rename(state_dict, TABLE)
 
 
-def llama_problems(config: XArchConfig) -> list[str]:
-    """Every part of ``config`` that Llama cannot express, one line each."""
+def llama_problems(config: XArchConfig, hf_class_name: str, family: str = "Llama", **family_required) -> list[str]:
+    """Every part of ``config`` that Llama's ``hf_class_name`` (or a ``family`` built like it, with
+    ``family_required`` values) cannot express, one line each."""
     required = dict(
         is_decoder=True,
         position_embedding_type="rope",
@@ -138,26 +142,35 @@ def llama_problems(config: XArchConfig) -> list[str]:
         mlp_type="gated",
         embedding_size=config.hidden_size,
         type_vocab_size=0,
-    )
+        qkv_bias=config.attention_bias,  # one `attention_bias` for all four projections
+    ) | family_required
     problems = [
-        f"XArchConfig.{name}={getattr(config, name)!r}, but Llama needs {wanted!r}"
+        f"XArchConfig.{name}={getattr(config, name)!r}, but {family} needs {wanted!r}"
         for name, wanted in required.items()
         if getattr(config, name) != wanted
     ]
     if getattr(config, "output_layer", "full") != "full":
-        problems.append(f"XArchConfig.output_layer={config.output_layer!r}: Llama's output layer is one linear layer")
+        problems.append(f"XArchConfig.output_layer={config.output_layer!r}: {family}'s output layer is one linear layer")
     if not _no_sharing(config):
         problems.append(
             f"XArchConfig.num_hidden_groups={config.num_hidden_groups!r}, inner_group_num={config.inner_group_num!r}: "
-            "Llama has no cross-layer sharing"
+            f"{family} has no cross-layer sharing"
         )
     if set(config.layer_types) != {"full_attention"}:
-        problems.append(f"XArchConfig.layer_types={config.layer_types}: Llama has full attention in every layer")
+        problems.append(f"XArchConfig.layer_types={config.layer_types}: {family} has full attention in every layer")
     if config.position_embedding_type == "rope":
         partial = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
         if partial != 1.0:
-            problems.append(f"rope_parameters partial_rotary_factor={partial}: Llama rotates the whole head")
+            problems.append(f"rope_parameters partial_rotary_factor={partial}: {family} rotates the whole head")
+    if hf_class_name.endswith("ForSequenceClassification") and config.classifier_pooling != "last":
+        problems.append(f"classifier_pooling={config.classifier_pooling!r}: {family} classifies from the last token")
     return problems
+
+
+def warn_hidden_dropout(config: XArchConfig, family: str) -> None:
+    if config.hidden_dropout:
+        logger.warning("%s has no hidden dropout; the exported model trains without hidden_dropout=%s", family,
+                       config.hidden_dropout)
 
 
 def _no_sharing(config: XArchConfig) -> bool:
@@ -166,13 +179,8 @@ def _no_sharing(config: XArchConfig) -> bool:
 
 
 def config_to_hf(config: XArchConfig, hf_class_name: str) -> LlamaConfig:
-    problems = llama_problems(config)
-    if hf_class_name == "LlamaForSequenceClassification" and config.classifier_pooling != "last":
-        problems.append(f"classifier_pooling={config.classifier_pooling!r}: Llama classifies from the last token")
-    unsupported("XArch", problems)
-    if config.hidden_dropout:
-        logger.warning("Llama has no hidden dropout; the exported model trains without hidden_dropout=%s",
-                       config.hidden_dropout)
+    unsupported("XArch", llama_problems(config, hf_class_name))
+    warn_hidden_dropout(config, "Llama")
     return LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -195,8 +203,10 @@ def config_to_hf(config: XArchConfig, hf_class_name: str) -> LlamaConfig:
 
 def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: str) -> StateDict:
     state_dict = dict(state_dict)
-    if hf_class_name == "LlamaForSequenceClassification" and bool(state_dict.pop("classifier.bias").any()):
-        unsupported("XArch", ["XArchForSequenceClassification has a non-zero classifier bias; Llama's `score` has none"])
+    if hf_class_name.endswith("ForSequenceClassification") and bool(state_dict.pop("classifier.bias").any()):
+        unsupported("XArch", [
+            f"XArchForSequenceClassification has a non-zero classifier bias; {hf_class_name}'s `score` has none"
+        ])
     return rename(state_dict, TABLE, reverse=True)
 
 

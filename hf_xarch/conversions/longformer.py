@@ -141,7 +141,9 @@ def config_to_hf(config: XArchConfig, hf_class_name: str) -> LongformerConfig:
         embedding_norm=True,
         mlp_type="plain",
         attention_bias=True,
+        qkv_bias=True,
         mlp_bias=True,
+        position_offset=0,  # the table is shifted instead (see the module docstring)
         num_key_value_heads=config.num_attention_heads,
         embedding_size=config.hidden_size,
         attention_sink_size=0,

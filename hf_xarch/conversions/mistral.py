@@ -100,6 +100,7 @@ def config_to_hf(config: XArchConfig, hf_class_name: str) -> MistralConfig:
         embedding_norm=False,
         mlp_type="gated",
         attention_bias=False,
+        qkv_bias=False,
         mlp_bias=False,
         embedding_size=config.hidden_size,
         type_vocab_size=0,

@@ -250,9 +250,9 @@ def parameter_count_formula(config) -> int:
         embeddings += _norm_parameters(config, embed)
     if embed != hidden:
         embeddings += embed * hidden + hidden  # projection E -> H (with bias); the LM head projects back without
-    bias = 1 if config.attention_bias else 0
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o and k, v
-    attention += bias * (heads * head_dim + 2 * kv_heads * head_dim + hidden)
+    attention += (heads * head_dim + 2 * kv_heads * head_dim) * bool(config.qkv_bias)  # q, k, v biases
+    attention += hidden * bool(config.attention_bias)  # o bias
     matrices = 3 if config.mlp_type == "gated" else 2
     mlp = matrices * hidden * inner + (1 if config.mlp_bias else 0) * ((matrices - 1) * inner + hidden)
     block = attention + mlp + 2 * _norm_parameters(config, hidden)
