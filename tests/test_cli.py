@@ -108,33 +108,34 @@ def test_recipe_scripts_print_one_line_too(tmp_path):
 
 
 # ---- push: the login and the connection are checked first ------------------------------------------------------------
-def _push(folder: Path, home: Path, **env) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_XARCH_DEBUG")}
-    environment.update(HF_HOME=str(home), PYTHONPATH=str(REPO), **env)
-    return subprocess.run([sys.executable, "-m", "hf_xarch.cli", "push", str(folder), "me/tiny"], capture_output=True,
-                          text=True, env=environment, timeout=300, check=False)
+PUSH_TWICE = """
+import os, sys
+from hf_xarch.cli import main
+folder = sys.argv[1]
+print("no token", main(["push", folder, "me/tiny"]), file=sys.stderr)
+os.environ["HF_TOKEN"] = "hf_not_a_token"  # read when it is needed, unlike HF_ENDPOINT (read on import)
+print("unreachable", main(["push", folder, "me/tiny"]), file=sys.stderr)
+"""
 
 
-@pytest.fixture
-def saved_config(tmp_path):
+def test_push_names_a_missing_login_and_an_unreachable_hub(tmp_path):
+    """In a fresh process (huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE on import), with no saved login and
+    the endpoint a local port that refuses connections: no network needed."""
     tiny_config().save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
-
-
-def test_push_without_a_login_says_so(saved_config, tmp_path):
-    run = _push(saved_config, tmp_path / "home", HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
-    assert run.returncode == 2 and len(_lines(run.stderr)) == 1, run.stderr
-    assert "not logged in" in run.stderr and "hf auth login" in run.stderr
-
-
-def test_push_to_an_unreachable_hub_says_so(saved_config, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_XARCH_DEBUG")}
     with socket.socket() as closed:  # bound but not listening: connections to it are refused
         closed.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        run = _push(saved_config, tmp_path / "home", HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint, HF_TOKEN="hf_not_a_token")
-    assert run.returncode == 2 and len(_lines(run.stderr)) == 1, run.stderr
-    assert f"the Hub at {endpoint} is unreachable" in run.stderr and "HF_ENDPOINT" in run.stderr
-    assert not (saved_config / "README.md").exists()  # nothing done before the check
+        env.update(HF_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint)
+        run = subprocess.run([sys.executable, "-c", PUSH_TWICE, str(tmp_path / "model")], capture_output=True,
+                             text=True, env=env, timeout=300, check=False)
+    lines = _lines(run.stderr)
+    assert run.returncode == 0 and len(lines) == 4, run.stderr
+    assert lines[0].startswith("hf-xarch push: error: not logged in") and "hf auth login" in lines[0]
+    assert lines[1] == "no token 2"
+    assert lines[2].startswith(f"hf-xarch push: error: the Hub at {endpoint} is unreachable") and "HF_ENDPOINT" in lines[2]
+    assert lines[3] == "unreachable 2"
+    assert not (tmp_path / "model" / "README.md").exists()  # nothing done before the check
 
 
 # ---- the base model of extend-context and finetune --------------------------------------------------------------------
@@ -148,20 +149,6 @@ def test_trained_length_is_recorded_not_guessed():
         assert trained_length(config, "base") == 16
 
 
-def test_recorded_length_survives_saving_and_loading_without_hf_xarch(tmp_path):
-    from transformers import AutoConfig
-
-    config = tiny_config(is_decoder=True)
-    setattr(config, TRAINED_LENGTH_FIELD, 16)
-    hf_xarch.XArchForCausalLM(config).save_pretrained(tmp_path)
-    assert getattr(AutoConfig.from_pretrained(tmp_path), TRAINED_LENGTH_FIELD) == 16
-    run = run_without_hf_xarch(
-        "from transformers import AutoConfig\n"
-        f"print(getattr(AutoConfig.from_pretrained({str(tmp_path)!r}, trust_remote_code=True), {TRAINED_LENGTH_FIELD!r}))\n"
-    )
-    assert run.returncode == 0 and run.stdout.split()[-1] == "16", run.stderr[-2000:]
-
-
 def test_a_base_model_without_a_tokenizer_is_named(tmp_path, capsys):
     tiny_config().save_pretrained(tmp_path / "base")
     with pytest.raises(ValueError, match=r"base_model='.*base' holds no tokenizer \(neither tokenizer.json"):
@@ -173,43 +160,52 @@ def test_a_base_model_without_a_tokenizer_is_named(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-# ---- loading a saved tokenizer without hf_xarch ---------------------------------------------------------------------
+# ---- a saved folder loaded without hf_xarch ----------------------------------------------------------------------
 PROMPT = "Do you wish to run the custom code"
 
 
 @pytest.fixture(scope="module")
 def saved_model_and_tokenizer(tmp_path_factory):
+    """A causal LM whose config records the trained length, with a tokenizer trained the recipes' way."""
     folder = tmp_path_factory.mktemp("with_tokenizer")
     tokenizer = train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, vocab_size=40)
-    hf_xarch.XArchForCausalLM(tiny_config(is_decoder=True, vocab_size=len(tokenizer))).save_pretrained(folder)
+    config = tiny_config(is_decoder=True, vocab_size=len(tokenizer))
+    setattr(config, TRAINED_LENGTH_FIELD, 16)
+    hf_xarch.XArchForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def _load_tokenizer_without_hf_xarch(folder: Path, call: str) -> subprocess.CompletedProcess:
-    script = (
-        "import sys\nsys.stdin.close()\n"  # a prompt would read stdin: closed, it cannot hang the test
-        "from transformers import AutoTokenizer, PreTrainedTokenizerFast\n"
-        f"tokenizer = {call.format(folder=repr(str(folder)))}\n"
-        "print('ids', tokenizer('def f')['input_ids'])\n"
-    )
-    return run_without_hf_xarch(script)
+def _without_hf_xarch(lines: list[str]) -> subprocess.CompletedProcess:
+    # a prompt would read stdin: closed, it cannot hang the test
+    return run_without_hf_xarch("\n".join(["import sys", "sys.stdin.close()", *lines, ""]))
 
 
-@pytest.mark.parametrize("call", ["AutoTokenizer.from_pretrained({folder}, trust_remote_code=True)",
-                                  "PreTrainedTokenizerFast.from_pretrained({folder})"])
-def test_the_documented_tokenizer_loads_need_no_prompt(saved_model_and_tokenizer, call):
-    run = _load_tokenizer_without_hf_xarch(saved_model_and_tokenizer, call)
-    assert run.returncode == 0 and "ids [2," in run.stdout, run.stderr[-2000:]
+def test_recorded_length_and_tokenizer_load_without_hf_xarch_or_a_prompt(saved_model_and_tokenizer):
+    folder = repr(str(saved_model_and_tokenizer))
+    run = _without_hf_xarch([
+        "from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast",
+        f"config = AutoConfig.from_pretrained({folder}, trust_remote_code=True)",
+        f"print('length', getattr(config, {TRAINED_LENGTH_FIELD!r}))",
+        # the two loads the README documents
+        f"print('auto', AutoTokenizer.from_pretrained({folder}, trust_remote_code=True)('def f')['input_ids'])",
+        f"print('fast', PreTrainedTokenizerFast.from_pretrained({folder})('def f')['input_ids'])",
+    ])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "length 16" in run.stdout
+    auto, fast = (line.split(" ", 1)[1] for line in run.stdout.splitlines() if line.startswith(("auto ", "fast ")))
+    assert auto == fast and auto.startswith("[2,")  # <s> first: the recipes' template survived
     assert PROMPT not in run.stdout + run.stderr
 
 
+@pytest.mark.slow  # documents transformers' behaviour, not ours
 @pytest.mark.xfail(strict=True, reason=(
     "transformers 5.x: AutoTokenizer.from_pretrained always loads the folder's config with AutoConfig first, and the "
     "config's auto_map.AutoConfig (which models need for trust_remote_code loading) makes that ask; no tokenizer file "
     "can prevent it. When this passes, drop the README's note on loading the tokenizer."))
 def test_plain_autotokenizer_loads_without_a_prompt(saved_model_and_tokenizer):
-    run = _load_tokenizer_without_hf_xarch(saved_model_and_tokenizer, "AutoTokenizer.from_pretrained({folder})")
+    run = _without_hf_xarch(["from transformers import AutoTokenizer",
+                             f"AutoTokenizer.from_pretrained({str(saved_model_and_tokenizer)!r})"])
     assert run.returncode == 0 and PROMPT not in run.stdout + run.stderr
 
 

@@ -155,7 +155,8 @@ def run_extend_context(cfg: Config, callbacks=()) -> ExtensionResult:
     output_dir = Path(cfg.output_dir)
     base_path = Path(cfg.base_model) if cfg.base_model else train_base(cfg)
     accelerator = make_accelerator(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer.path or base_path, key="tokenizer.path" if cfg.tokenizer.path else "base_model")
+    tokenizer_key = "tokenizer.path" if cfg.tokenizer.path else "base_model"
+    tokenizer = load_tokenizer(cfg.tokenizer.path or base_path, key=tokenizer_key)
     base = AutoModelForCausalLM.from_pretrained(str(base_path))
     base_length = trained_length(base.config, base_path)
     new_length = math.ceil(base_length * cfg.factor)
