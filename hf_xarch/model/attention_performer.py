@@ -18,11 +18,14 @@ import math
 
 import torch
 from transformers import initialization as init
+from transformers.utils import logging
 
 from .attention_full import XArchAttention, repeat_kv
 from .attention_performer_kernels import performer_attention, performer_attention_reference
 from .cache_performer import PERFORMER_LAYER_TYPE, PerformerStateLayer
 from .registry import AttentionFamily, register_attention
+
+logger = logging.get_logger(__name__)
 
 PERFORMER_KERNELS = ("softmax", "relu")
 DEFAULT_FEATURE_FLOOR = 1e-3  # performer_feature_floor=None with the softmax kernel (see attention_performer_kernels)
@@ -81,7 +84,11 @@ def in_backward_pass() -> bool:
 )
 class PerformerAttention(XArchAttention):
     """FAVOR+ attention with XArchAttention's projections (q_proj k_proj v_proj o_proj: PEFT targets, and the weights
-    a converted model brings). Queries and keys are rotated (RoPE) before the feature map."""
+    a converted model brings). Queries and keys are rotated (RoPE) before the feature map.
+
+    There are no attention weights to return: ``output_attentions=True`` logs a warning once (as transformers' sdpa
+    does) and ``outputs.attentions`` holds only the weights of other layer types. Under autocast the kernels compute
+    in fp32 and return the values' dtype (see ``attention_performer_kernels``)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -157,6 +164,12 @@ class PerformerAttention(XArchAttention):
     ) -> tuple[torch.Tensor, None]:
         # a block shared across layers (num_hidden_groups) runs at several depths, each with its own cache layer
         layer_idx = kwargs.pop("layer_idx", self.layer_idx)
+        if kwargs.get("output_attentions", self.config.output_attentions):
+            # as transformers' sdpa and flash attention answer output_attentions=True: a warning, and no weights
+            logger.warning_once(
+                f"{PERFORMER_LAYER_TYPE} layers (attention_type='performer') never form an attention matrix, so "
+                "output_attentions=True returns no weights for them (only other layer types' weights, if any)"
+            )
         if self.training and self.redraw_interval and not in_backward_pass():
             self.count_training_step()
         query, key, value = self.project(hidden_states, position_embeddings)

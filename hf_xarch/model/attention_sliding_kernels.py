@@ -568,6 +568,11 @@ def banded_attention(
     (the tests compare the two). Returns (B, H, N, D).
     """
     batch, heads, n, dim = query.shape
+    # Under autocast, rotary positions leave q and k in fp32 beside bf16 values (as in Llama), and autocast does not
+    # cast a custom autograd function's inputs as it does sdpa's: one dtype for all three, the widest (the C kernel
+    # reads every input as float32).
+    common = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    query, key, value = query.to(common), key.to(common), value.to(common)
     key, value = repeat_heads(key, heads), repeat_heads(value, heads)
     device, dtype, neg = query.device, query.dtype, mask_value(query.dtype)
     block = block_size or default_block_size(left, right)
