@@ -396,8 +396,6 @@ class SlidingWindowAttention(XArchAttention):
         token = index[batch_index, entry]
         # under autocast these rows come back in bf16 (matmuls) beside the band's fp32 output (rotary q, k are fp32)
         rows = rows.to(output.dtype)
-        # under autocast these rows come back in bf16 (matmuls) beside the band's fp32 output (rotary q, k are fp32)
-        rows = rows.to(output.dtype)
         merged = output.transpose(1, 2).index_put((batch_index, token), rows.transpose(1, 2)[batch_index, entry])
         return merged.transpose(1, 2)
 
