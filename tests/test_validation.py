@@ -260,3 +260,14 @@ def test_a_config_changed_into_an_impossible_one_fails_at_save_and_at_model_buil
         config.save_pretrained(tmp_path)
     config.is_decoder = True  # a decoder takes it
     assert XArchForCausalLM(config).model.layers[0].attention.window == 5
+
+
+def test_rope_parameters_set_after_construction_are_standardized_and_checked_at_save(tmp_path):
+    config = tiny_config(position_embedding_type="rope", is_decoder=True)
+    config.rope_parameters = {"rope_type": "yarn", "factor": 2.0}  # as transformers' rope tests set it
+    assert config.rope_parameters["rope_theta"] == 10000.0
+    assert config.rope_parameters["original_max_position_embeddings"] == 64
+    assert saved_and_loaded(config, tmp_path).rope_parameters == config.rope_parameters
+    config.rope_parameters = {"rope_type": "linear", "factor": -1.0}
+    with pytest.raises(ValueError, match="factor=-1.0"):
+        config.save_pretrained(tmp_path)

@@ -318,13 +318,16 @@ class XArchConfig(PreTrainedConfig):
             if key in sources and getattr(self, field) in (None, self.derived_default(field))
         ]
         layer_types = self.layer_types_after(key, value)
+        # standardize_rope_params assigns the dict it standardized back: that assignment must not standardize again
+        new_rope = key == "rope_parameters" and value is not self.__dict__.get("rope_parameters")
         super().__setattr__(key, value)
         self._assign(**{field: self.derived_default(field) for field in followers})
         if layer_types is not None:
             self._assign(layer_types=layer_types)
         if key in SLIDING_WINDOW_SOURCES:
             self.follow_sliding_window()
-        if key == "rope_parameters" and isinstance(value, dict) and self.position_embedding_type == "rope":
+        if new_rope and isinstance(value, dict) and self.position_embedding_type == "rope":
+            value.setdefault("rope_theta", self.default_theta)  # as transformers' convert_rope_params_to_dict does
             self.standardize_rope_params()
 
     def layer_types_after(self, key: str, value) -> list[str] | None:
