@@ -255,7 +255,9 @@ def test_unbounded_positions_run_past_max_position_embeddings(position):
 
 def test_sinusoidal_table_matches_the_paper():
     model = build(XArchModel, position_embedding_type="sinusoidal")
-    table = model.embeddings.position_embeddings(torch.zeros(1, 1, 32), torch.arange(50)[None])[0]
+    scale = model.embeddings.position_embeddings.scale  # learned, starting at the token embeddings' RMS
+    torch.testing.assert_close(scale.detach(), torch.tensor(model.config.initializer_range * 2**0.5))
+    table = model.embeddings.position_embeddings(torch.zeros(1, 1, 32), torch.arange(50)[None])[0] / scale.detach()
     pos = torch.arange(50.0)[:, None]
     i = torch.arange(16.0)[None]
     angle = pos / torch.pow(10000.0, 2 * i / 32)

@@ -55,14 +55,29 @@ class LearnedPositionEmbedding(nn.Module):
         name="sinusoidal",
         kind="absolute",
         paper="Vaswani et al. 2017",
-        description="fixed sin/cos features of the position (interleaved as in the paper), added to the embeddings",
+        description="fixed sin/cos features of the position (interleaved as in the paper) times a learned scale, "
+        "added to the embeddings",
     )
 )
 class SinusoidalPositionEmbedding(nn.Module):
+    """The paper's sin/cos table times a learned scalar ``scale``.
+
+    Unscaled, the table (amplitude 1) drowns out token embeddings drawn at ``initializer_range`` (0.02): the model
+    sees the position and hardly the token, and a byte-level LM stalls near the unigram loss. Vaswani et al. multiply
+    the embeddings by sqrt(d); x-transformers (``ScaledSinusoidalEmbedding``) learns a scale. We learn one too,
+    starting where the table's RMS (amplitude / sqrt(2)) equals the token embeddings' (``initial_scale``).
+    """
+
     def __init__(self, config):
         super().__init__()
         self.dim = config.embedding_size
+        self.initial_scale = self.compute_initial_scale(config.initializer_range)
+        self.scale = nn.Parameter(torch.tensor(self.initial_scale))
         self.register_buffer("inv_freq", self.compute_inv_freq(self.dim), persistent=False)
+
+    @staticmethod
+    def compute_initial_scale(initializer_range: float) -> float:
+        return initializer_range * math.sqrt(2.0)
 
     @staticmethod
     def compute_inv_freq(dim: int) -> torch.Tensor:
@@ -73,7 +88,7 @@ class SinusoidalPositionEmbedding(nn.Module):
         # computed from the positions on the fly (fp32), so any length works and nothing N-sized is stored
         angles = position_ids.to(torch.float32)[..., None] * self.inv_freq.to(hidden_states.device)
         table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., : self.dim]
-        return table.to(hidden_states.dtype)
+        return table.to(hidden_states.dtype) * self.scale.to(hidden_states.dtype)
 
 
 @register_position(
