@@ -147,9 +147,9 @@ def test_performer_kernels_compute_the_same_under_autocast(causal, kernel, floor
     either way (autocast used to run their matmuls in bf16 next to fp32 sums, and crashed)."""
     q, k, v = bf16_qkv(seed=3)
     mask = left_padded_mask([34, 40], 40).bool()
-    kwargs = dict(projection=draw_projection(24, 16, seed=5), kernel=kernel, causal=causal, key_mask=mask,
-                  feature_floor=floor)
-    fast_path = functools.partial(performer_attention, chunk_size=8)  # several chunks (and blocks' worth of scans)
+    kwargs = {"projection": draw_projection(24, 16, seed=5), "kernel": kernel, "causal": causal, "key_mask": mask,
+              "feature_floor": floor}
+    fast_path = functools.partial(performer_attention, chunk_size=8)  # several chunks per sequence
     for function in (fast_path, performer_attention_reference):
         plain, plain_grads = run_kernel(function, q, k, v, autocast=False, **kwargs)
         mixed, mixed_grads = run_kernel(function, q, k, v, autocast=True, **kwargs)
