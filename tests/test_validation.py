@@ -220,8 +220,9 @@ def test_attention_type_and_num_hidden_layers_set_after_construction_update_laye
     assert config.layer_types == ["sliding_attention"] * 3 and config.sliding_window == 512
     assert saved_and_loaded(config, tmp_path).layer_types == ["sliding_attention"] * 3
     mixed = tiny_config(layer_types=["full", "performer"])
-    with pytest.raises(ValueError, match="attention_type='full' is not allowed: set alone only on a model whose"):
-        mixed.attention_type = "full"
+    mixed.attention_type = "full"  # unchanged: nothing to follow
+    with pytest.raises(ValueError, match="attention_type='performer' is not allowed: set alone only on a model whose"):
+        mixed.attention_type = "performer"
 
 
 def test_size_defaults_follow_their_sources_after_construction(tmp_path):
