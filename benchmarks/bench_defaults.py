@@ -60,10 +60,11 @@ def build_xarch(arm: str, args) -> torch.nn.Module:
     from hf_xarch import XArchConfig, XArchForCausalLM
 
     position = arm.rsplit("-", 1)[1]
-    fields = dict(
-        vocab_size=256, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
-        max_position_embeddings=8 * args.length, is_decoder=True, position_embedding_type=position,
-    )
+    fields = {
+        "vocab_size": 256, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
+        "num_attention_heads": args.hidden // 32, "max_position_embeddings": 8 * args.length, "is_decoder": True,
+        "position_embedding_type": position,
+    }
     if arm.startswith("xarch-old-"):
         fields.update(initializer_range=0.02, tie_word_embeddings=True)
     elif arm.startswith("xarch-init"):
@@ -85,7 +86,7 @@ class XTransformersLM(torch.nn.Module):
         super().__init__()
         from x_transformers import Decoder, TransformerWrapper
 
-        options = {"rope": dict(rotary_pos_emb=True), "alibi": dict(alibi_pos_bias=True), "sinusoidal": {}}[position]
+        options = {"rope": {"rotary_pos_emb": True}, "alibi": {"alibi_pos_bias": True}, "sinusoidal": {}}[position]
         self.net = TransformerWrapper(
             num_tokens=256, max_seq_len=8 * args.length, scaled_sinu_pos_emb=position == "sinusoidal",
             attn_layers=Decoder(dim=args.hidden, depth=args.layers, heads=args.hidden // 32, attn_dim_head=32, **options),
