@@ -18,8 +18,8 @@ Global tokens' *own* rows (they attend to every token) are full attention and li
   style: the backward recomputes each block's scores), so time and memory grow like N·w. Dilation ``d`` is turned
   into ``d`` interleaved undilated sequences (slot ``i`` belongs to sequence ``i mod d``), so the kernel never
   computes the ``d-1`` of every ``d`` keys a dilated window skips. On CPU in float32 it runs the fused C kernel
-  of ``attention_sliding_native.py`` (``_NativeBandedCore``, one block at a time); elsewhere, or where that kernel
-  cannot be built, the same blocks through torch ops (``_BandedCore``, chunks of blocks).
+  of ``attention_sliding_native.py`` (the custom op ``native_banded_attention``, one block at a time); elsewhere,
+  or where that kernel cannot be built, the same blocks through torch ops (``_BandedCore``, chunks of blocks).
 - ``flex_sliding_attention``: torch's flex attention with a BlockMask built from the band's geometry (never by
   evaluating an N×N grid).
 """
@@ -343,68 +343,102 @@ class _BandedCore(torch.autograd.Function):
         return dq, dk, dv, dek.mul_(scale), dev, None, None, None, None, None, None, None, None
 
 
-class _NativeBandedCore(torch.autograd.Function):
+# The C kernel as a pair of custom ops, so that torch.compile and torch.export see one opaque call (with a fake
+# implementation giving the outputs' shapes) instead of tracing the Python around the C calls (ctypes, threads,
+# .tolist()) and breaking the graph there.
+@torch.library.custom_op("hf_xarch::sliding_window_attention", mutates_args=(), device_types="cpu")
+def native_banded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor, key_bias: torch.Tensor,
+    band_bias: torch.Tensor, extra_bias: torch.Tensor, block: int, left: int, scale: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_BandedCore``'s rule and arguments, run by the C kernel of ``attention_sliding_native.py`` block by block
-    (CPU, float32). Per head, only the keys (and in the backward the values) are copied, transposed. The forward
-    saves each row's softmax max and 1/sum, so that the backward recomputes the forward's probabilities without a
-    second max and sum. Dropout draws its mask from a hash of (seed, head, query, key) instead of torch's
+    (CPU, float32). Per head, only the keys (and in the backward the values) are copied, transposed. Returns the
+    output and each row's softmax max and 1/sum, so that the backward recomputes the forward's probabilities without
+    a second max and sum. Dropout draws its mask from a hash of (seed, head, query, key) instead of torch's
     generator, in the forward and again in the backward."""
+    batch, heads, n, _ = q.shape
+    geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed)
+    out = torch.empty_like(q)
+    prefault(out)
+    row_max, row_inv_sum = q.new_empty(batch, heads, n), q.new_empty(batch, heads, n)
+    library = native_kernel()
 
-    @staticmethod
-    def forward(ctx, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed):
-        batch, heads, n, _ = q.shape
-        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p,
-                                   seed)
-        out = torch.empty_like(q)
-        prefault(out)
-        row_max, row_inv_sum = q.new_empty(batch, heads, n), q.new_empty(batch, heads, n)
-        library = native_kernel()
+    def head(b, h, work):
+        args = geometry.head(b, h, work)
+        args.out, args.out_stride = out[b, h].data_ptr(), _row_stride(out[b, h])
+        args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
+        if library.xarch_banded_forward(ctypes.byref(args)) != 0:
+            raise RuntimeError("the native banded kernel has no BLAS")
 
-        def head(b, h, work):
-            args = geometry.head(b, h, work)
-            args.out, args.out_stride = out[b, h].data_ptr(), _row_stride(out[b, h])
-            args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
-            if library.xarch_banded_forward(ctypes.byref(args)) != 0:
-                raise RuntimeError("the native banded kernel has no BLAS")
+    run_heads(head, batch, heads, q, _Workspace)
+    return out, row_max, row_inv_sum
 
-        run_heads(head, batch, heads, q, _Workspace)
-        ctx.save_for_backward(q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum)
-        ctx.settings = (block, left, scale, dropout_p, seed)
-        ctx.windows = (geometry.clean, geometry.strips)  # derived from the biases: the backward reuses them
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum = ctx.saved_tensors
-        batch, heads = q.shape[:2]
-        geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, *ctx.settings, windows=ctx.windows)
-        # A gradient whose rows BLAS cannot take (the broadcast one of a .sum(), a strided view) is gathered block by
-        # block in C: a dense copy would be a fresh tensor as large as the output, page faults and all.
-        gather = not _blas_rows(grad_out)
-        dq = torch.empty_like(q)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)  # the kernel zeroes each row when a window first reaches it
-        prefault(dq, dk, dv)
-        dek, dev = torch.zeros_like(geometry.ek), torch.zeros_like(geometry.ev)
-        library = native_kernel()
+@native_banded_attention.register_fake
+def _(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed):
+    return torch.empty_like(q), q.new_empty(q.shape[:3]), q.new_empty(q.shape[:3])
 
-        def head(b, h, work):
-            args = geometry.head(b, h, work, backward=True)
-            args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
-            args.grad_scores = work.get("grad_scores", (geometry.scratch,)).data_ptr()
-            rows = grad_out[b, h]
-            args.grad_out, args.grad_out_stride = rows.data_ptr(), rows.stride(0) if gather else _row_stride(rows)
-            if gather:
-                args.grad_out_col_stride = rows.stride(1)
-                args.grad_out_block = work.get("grad_out_block", (geometry.block, rows.shape[1])).data_ptr()
-            args.grad_q, args.grad_q_stride = dq[b, h].data_ptr(), _row_stride(dq[b, h])
-            args.grad_k, args.grad_k_stride = dk[b, h].data_ptr(), _row_stride(dk[b, h])
-            args.grad_v, args.grad_v_stride = dv[b, h].data_ptr(), _row_stride(dv[b, h])
-            args.grad_ek, args.grad_ev = pointer(dek[b, h]), pointer(dev[b, h])
-            if library.xarch_banded_backward(ctypes.byref(args)) != 0:
-                raise RuntimeError("the native banded kernel has no BLAS")
 
-        run_heads(head, batch, heads, q, _Workspace)
-        return dq, dk, dv, dek, dev, None, None, None, None, None, None, None, None
+@torch.library.custom_op("hf_xarch::sliding_window_attention_backward", mutates_args=(), device_types="cpu")
+def native_banded_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor,
+    key_bias: torch.Tensor, band_bias: torch.Tensor, extra_bias: torch.Tensor, row_max: torch.Tensor,
+    row_inv_sum: torch.Tensor, block: int, left: int, scale: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``native_banded_attention``'s output for q, k, v, ek and ev."""
+    batch, heads = q.shape[:2]
+    geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed)
+    # A gradient whose rows BLAS cannot take (the broadcast one of a .sum(), a strided view) is gathered block by
+    # block in C: a dense copy would be a fresh tensor as large as the output, page faults and all.
+    gather = not _blas_rows(grad_out)
+    dq = torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # the kernel zeroes each row when a window first reaches it
+    prefault(dq, dk, dv)
+    dek, dev = torch.zeros_like(geometry.ek), torch.zeros_like(geometry.ev)
+    library = native_kernel()
+
+    def head(b, h, work):
+        args = geometry.head(b, h, work, backward=True)
+        args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
+        args.grad_scores = work.get("grad_scores", (geometry.scratch,)).data_ptr()
+        rows = grad_out[b, h]
+        args.grad_out, args.grad_out_stride = rows.data_ptr(), rows.stride(0) if gather else _row_stride(rows)
+        if gather:
+            args.grad_out_col_stride = rows.stride(1)
+            args.grad_out_block = work.get("grad_out_block", (geometry.block, rows.shape[1])).data_ptr()
+        args.grad_q, args.grad_q_stride = dq[b, h].data_ptr(), _row_stride(dq[b, h])
+        args.grad_k, args.grad_k_stride = dk[b, h].data_ptr(), _row_stride(dk[b, h])
+        args.grad_v, args.grad_v_stride = dv[b, h].data_ptr(), _row_stride(dv[b, h])
+        args.grad_ek, args.grad_ev = pointer(dek[b, h]), pointer(dev[b, h])
+        if library.xarch_banded_backward(ctypes.byref(args)) != 0:
+            raise RuntimeError("the native banded kernel has no BLAS")
+
+    run_heads(head, batch, heads, q, _Workspace)
+    return dq, dk, dv, dek, dev
+
+
+@native_banded_attention_backward.register_fake
+def _(grad_out, q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum, block, left, scale,
+      dropout_p, seed):
+    extra = torch.contiguous_format  # the real one's dek, dev are zeros like ek.contiguous(), ev.contiguous()
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(ek, memory_format=extra),
+            torch.empty_like(ev, memory_format=extra))
+
+
+def _save_for_backward(ctx, inputs, output):
+    *tensors, block, left, scale, dropout_p, seed = inputs
+    _, row_max, row_inv_sum = output
+    ctx.save_for_backward(*tensors, row_max, row_inv_sum)
+    ctx.settings = (block, left, scale, dropout_p, seed)
+    ctx.mark_non_differentiable(row_max, row_inv_sum)
+
+
+def _native_banded_backward(ctx, grad_out, _grad_row_max, _grad_row_inv_sum):
+    grads = native_banded_attention_backward(grad_out, *ctx.saved_tensors, *ctx.settings)
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+native_banded_attention.register_autograd(_native_banded_backward, setup_context=_save_for_backward)
 
 
 # Width of the C kernel's buffers of transposed keys and values, in windows: when one is full, the columns of the
@@ -414,22 +448,19 @@ TRANSPOSED_WINDOWS = 2
 
 
 class _NativeGeometry:
-    """What both passes of ``_NativeBandedCore`` hand the C kernel: q, k, v and their strides, contiguous biases,
-    the clean windows and bias strips (``windows``: the forward's, handed to the backward), and per head a ``Head``
-    with the transposed keys (and values) in the workspace."""
+    """What both passes of ``native_banded_attention`` hand the C kernel: q, k, v and their strides, contiguous
+    biases, the clean windows and bias strips, and per head a ``Head`` with the transposed keys (and values) in the
+    workspace."""
 
-    def __init__(self, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout, seed,
-                 windows=None):
+    def __init__(self, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout, seed):
         self.q, self.k, self.v = q, k, v
         self.block, self.left, self.scale, self.dropout, self.seed = block, left, scale, dropout, seed
         self.span, self.extra = band_bias.shape[-1], ek.shape[2]
         self.key_bias, self.band_bias = key_bias.contiguous(), band_bias.contiguous()
         self.extra_bias = extra_bias.contiguous()
         self.ek, self.ev = ek.contiguous(), ev.contiguous()
-        if windows is None:
-            windows = (torch.tensor(_clean_windows(key_bias, block, self.span), dtype=torch.uint8),
-                       torch.tensor(_band_strips(band_bias), dtype=torch.int64).reshape(-1, 2))
-        self.clean, self.strips = windows
+        self.clean = torch.tensor(_clean_windows(key_bias, block, self.span), dtype=torch.uint8)
+        self.strips = torch.tensor(_band_strips(band_bias), dtype=torch.int64).reshape(-1, 2)
         # the transposed windows' buffers: TRANSPOSED_WINDOWS windows wide (or the whole sequence, if shorter), an
         # odd number of cache lines (see _padded_length)
         self.t_stride = _padded_length(min(q.shape[2], TRANSPOSED_WINDOWS * self.span))
@@ -626,9 +657,8 @@ def banded_attention(
             ek = ev = query.new_zeros(rows_b, h_d, 0, dim)
             eb = query.new_zeros(rows_b, 1, nd, 0)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
-        core = _NativeBandedCore if native and native_supported(q_d) else _BandedCore
-        result = core.apply(q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, block, left, float(scaling),
-                            float(dropout), seed)
+        args = (q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, block, left, float(scaling), float(dropout), seed)
+        result = native_banded_attention(*args)[0] if native and native_supported(q_d) else _BandedCore.apply(*args)
         result = _undilate(result, d, n)
         if out is None:
             return result

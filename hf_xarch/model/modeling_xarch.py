@@ -32,6 +32,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .adaptive_softmax import AdaptiveSoftmaxHead
 from .attention_full import XArchAttention
+from .attention_sliding_native import fetch_kernel_source, save_kernel_source
 from .configuration_xarch import XArchConfig
 from .families import ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
 from .position_alibi import AlibiPositionBias, alibi_slopes
@@ -200,14 +201,23 @@ class XArchPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as transformers does, with `config.auto_map` naming every Auto class hf_xarch registers, so the folder
-        loads with `trust_remote_code=True` for any head, in a Python that has no hf_xarch; then run `SAVE_HOOKS`
-        (hf_xarch's model-card writer, which keeps a README.md that is already there)."""
+        loads with `trust_remote_code=True` for any head, in a Python that has no hf_xarch; write the native kernel's
+        C source beside the Python files (transformers copies only those); then run `SAVE_HOOKS` (hf_xarch's
+        model-card writer, which keeps a README.md that is already there)."""
         self.config.auto_map = dict(AUTO_MAP)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
+            save_kernel_source(save_directory)
             for hook in SAVE_HOOKS:
                 hook(self, save_directory)
         return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`; code loaded with `trust_remote_code=True` first fetches the native
+        kernel's C source from the same folder or repository (transformers fetches only the Python files)."""
+        fetch_kernel_source(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                     token: str | None = None, revision: str | None = None, create_pr: bool = False,
