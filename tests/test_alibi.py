@@ -8,16 +8,16 @@ import torch
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
 from hf_xarch import XArchForCausalLM, XArchModel
-from hf_xarch.model import position_alibi
-from hf_xarch.model.position_alibi import (
-    AlibiBias,
-    alibi_attention_checkpointed,
-    alibi_attention_flex,
-    alibi_attention_key_bias,
-    alibi_attention_reference,
-    alibi_slopes,
+from hf_xarch.model import attention_full, attention_full_kernels
+from hf_xarch.model.attention_full_kernels import (
+    biased_attention_blocked,
+    biased_attention_flex,
+    biased_attention_reference,
+    key_bias_flash_attention,
 )
-from hf_xarch.model.registry import ATTENTION_FAMILIES
+from hf_xarch.model.position_alibi import AlibiBias, alibi_slopes
+from hf_xarch.model.registry import ATTENTION_FAMILIES, POSITION_MODULES
+from hf_xarch.model.score_bias import ScoreBias
 
 from .helpers import left_padded_mask, random_ids, tiny_config
 
@@ -40,6 +40,61 @@ def test_bias_is_the_definition():
                         distance = positions[b, i] - positions[b, j]
                         expected = -slopes[h] * (distance.abs() if symmetric else distance)
                         assert torch.isclose(dense[b, h, i, j], expected)
+
+
+def test_tiles_entries_and_distances_equal_the_dense_bias():
+    """Every shape a family asks the ScoreBias for is a piece of the same dense bias: tiles of any rectangle, single
+    entries (flex's score_mod), and the bias by distance (the sliding-window band, positions = slots)."""
+    positions = torch.tensor([[0.0, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6]])
+    for symmetric in (False, True):
+        bias = AlibiBias(alibi_slopes(5), positions[:, 2:], positions, symmetric)
+        dense = bias.dense()
+        assert isinstance(bias, ScoreBias) and dense.shape == (2, 5, 5, 7)
+        for queries, keys in [(slice(0, 5), slice(0, 7)), (slice(1, 4), slice(2, 7)), (slice(4, 5), slice(0, 3))]:
+            assert torch.equal(bias.tile(queries, keys), dense[:, :, queries, keys])
+        b, h, i, j = torch.meshgrid(*(torch.arange(n) for n in dense.shape), indexing="ij")
+        assert torch.equal(bias.at(b, h, i, j), dense)
+        slots = torch.arange(7.0)
+        expected = AlibiBias(alibi_slopes(5), slots[None], slots[None], symmetric).dense()[0]
+        assert torch.equal(bias.relative(slots[None, :] - slots[:, None]), expected)
+
+
+def test_no_position_scheme_computes_attention():
+    """The seam is the family's: a position scheme's module and what it returns hold no attention entry point, and
+    a bias reaches the layer as score_bias=, never as position_embeddings."""
+    for name, module_cls in POSITION_MODULES.items():
+        assert not hasattr(module_cls, "attend"), name
+    config = tiny_config(position_embedding_type="alibi", is_decoder=True)
+    seen = []
+    model = XArchForCausalLM(config).eval()
+    for block in model.model.layers:
+        block.attention.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
+    with torch.no_grad():
+        model(random_ids(1, 5, seed=1))
+    assert seen
+    for args, kwargs in seen:
+        assert isinstance(kwargs["score_bias"], ScoreBias) and not hasattr(kwargs["score_bias"], "attend")
+        assert all(not isinstance(a, ScoreBias) for a in args) and "position_embeddings" not in kwargs
+
+
+def test_xarch_full_is_registered_and_runs_as_sdpa():
+    from transformers import AttentionInterface
+
+    assert AttentionInterface._global_mapping["xarch_full"] is attention_full.xarch_full_attention
+    model = alibi_model(6700)
+    ids = random_ids(2, 13, seed=6700)
+    mask = left_padded_mask([13, 8], 13)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("xarch_full")
+        got = model(ids, attention_mask=mask).logits
+        plain = XArchForCausalLM(tiny_config(is_decoder=True)).eval()
+        before = plain(ids, attention_mask=mask).logits
+        plain.set_attn_implementation("xarch_full")
+        after = plain(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-6, rtol=0)
+    torch.testing.assert_close(after[real], before[real], atol=1e-6, rtol=0)
 
 
 def make_case(seed, batch, heads, kv_heads, q_length, kv_length, head_dim, symmetric, padding):
@@ -65,7 +120,7 @@ def make_case(seed, batch, heads, kv_heads, q_length, kv_length, head_dim, symme
 def assert_matches_reference(fast, q, k, v, bias, mask, real, causal):
     """Forward and the gradients of a random linear loss, on every row: a padding row that sees no key outputs 0
     in every path, and its gradient is 0 too."""
-    reference, _ = alibi_attention_reference(q, k, v, bias, mask, 0.3, causal)
+    reference, _ = biased_attention_reference(q, k, v, bias, mask, 0.3, causal)
     weight = torch.randn_like(reference)
     expected = torch.autograd.grad((reference * weight).sum(), (q, k, v))
     output = fast()
@@ -87,33 +142,34 @@ CASES = [
     (2, 8, 8, 50, 50, 8, True, None, 16),  # encoder, four blocks with right-hand parts
     (1, 3, 3, 9, 9, 8, True, None, 1),  # blocks of one query
     (2, 3, 1, 30, 30, 8, True, [0, 4], 64),  # MQA encoder, one block
+    (2, 6, 2, 45, 45, 8, True, [7, 0], 11),  # GQA encoder, padding, a short last block
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_key_bias_path_matches_reference(case):
+def test_flash_path_matches_reference(case):
     batch, heads, kv_heads, q_length, kv_length, head_dim, symmetric, padding, block = case
     seed = 1000 + CASES.index(case)
     q, k, v, bias, mask, real = make_case(seed, batch, heads, kv_heads, q_length, kv_length, head_dim, symmetric, padding)
     key_padding = bias.key_padding
     assert_matches_reference(
-        lambda: alibi_attention_key_bias(q, k, v, bias, key_padding, 0.3, not symmetric, block_size=block),
+        lambda: key_bias_flash_attention(q, k, v, bias, key_padding, 0.3, not symmetric, block_size=block),
         q, k, v, bias, mask, real, not symmetric,
     )
 
 
-@pytest.mark.parametrize("case", CASES[:6], ids=[f"case{i}" for i in range(6)])
-def test_checkpointed_path_matches_reference(case):
+@pytest.mark.parametrize("case", CASES[:6] + CASES[8:], ids=[f"case{i}" for i in [*range(6), *range(8, len(CASES))]])
+def test_blocked_path_matches_reference(case):
     batch, heads, kv_heads, q_length, kv_length, head_dim, symmetric, padding, block = case
     seed = 2000 + CASES.index(case)
     q, k, v, bias, mask, real = make_case(seed, batch, heads, kv_heads, q_length, kv_length, head_dim, symmetric, padding)
     assert_matches_reference(
-        lambda: alibi_attention_checkpointed(q, k, v, bias, mask, 0.3, not symmetric, block_size=block),
+        lambda: biased_attention_blocked(q, k, v, bias, mask, 0.3, not symmetric, block_size=block),
         q, k, v, bias, mask, real, not symmetric,
     )
 
 
-def test_checkpointed_path_takes_any_mask():
+def test_blocked_path_takes_any_mask():
     """Packed sequences (positions restart, a block-diagonal mask) go through the general path."""
     q, k, v, _, _, _ = make_case(3000, 2, 4, 4, 21, 21, 8, False, None)
     positions = torch.cat([torch.arange(9), torch.arange(12)]).float()[None].expand(2, -1)
@@ -122,7 +178,7 @@ def test_checkpointed_path_takes_any_mask():
     mask = mask[None, None].expand(2, 1, 21, 21)
     bias = AlibiBias(alibi_slopes(4), positions, positions, False)
     real = torch.ones(2, 21, dtype=torch.bool)
-    assert_matches_reference(lambda: alibi_attention_checkpointed(q, k, v, bias, mask, 0.3, True, block_size=5),
+    assert_matches_reference(lambda: biased_attention_blocked(q, k, v, bias, mask, 0.3, True, block_size=5),
                              q, k, v, bias, mask, real, True)
 
 
@@ -132,18 +188,18 @@ def test_flex_score_mod_matches_reference():
     for symmetric in (False, True):
         q, k, v, bias, _, _ = make_case(4000 + symmetric, 2, 4, 2, 19, 19, 16, symmetric, None)
         q, k, v = q.detach(), k.detach(), v.detach()  # flex attention has no CPU backward
-        reference, _ = alibi_attention_reference(q, k, v, bias, None, 0.3, not symmetric)
-        output = alibi_attention_flex(q, k, v, bias, None, 0.3, not symmetric)
+        reference, _ = biased_attention_reference(q, k, v, bias, None, 0.3, not symmetric)
+        output = biased_attention_flex(q, k, v, bias, None, 0.3, not symmetric)
         torch.testing.assert_close(output, reference, atol=2e-6, rtol=1e-5)
 
 
-def test_key_bias_precision_on_a_long_sequence():
+def test_flash_path_precision_on_a_long_sequence():
     """Bias values are measured from each block's queries, so error stays near fp32 noise at long lengths."""
     q, k, v, bias, _, _ = make_case(5000, 1, 8, 8, 1500, 1500, 16, False, None)
     with torch.no_grad():
-        expected, _ = alibi_attention_reference(q.double(), k.double(), v.double(), AlibiBias(
+        expected, _ = biased_attention_reference(q.double(), k.double(), v.double(), AlibiBias(
             bias.slopes.double(), bias.query_positions.double(), bias.key_positions.double(), False), None, 0.25, True)
-        output = alibi_attention_key_bias(q, k, v, bias, None, 0.25, True)
+        output = key_bias_flash_attention(q, k, v, bias, None, 0.25, True)
     assert (output.double() - expected).abs().max() < 5e-5
 
 
@@ -169,9 +225,9 @@ def test_model_fast_path_equals_eager_reference(is_decoder, monkeypatch):
     mask = left_padded_mask([29, 20, 11], 29) if is_decoder else left_padded_mask([29, 20, 11], 29).flip(-1)
     model.set_attn_implementation("eager")
     expected = outputs(model, ids, attention_mask=mask)
-    # the default (sdpa) path must never build a per-(query, key) bias
-    monkeypatch.setattr(AlibiBias, "dense", lambda self: pytest.fail("the fast path materialised the bias"))
-    monkeypatch.setattr(position_alibi.BiasBlocks, "mask_block", lambda *a: pytest.fail("fell back to blocks"))
+    # the default (sdpa) path is the flash path: never the reference's whole bias, never the general blocks
+    monkeypatch.setattr(attention_full, "biased_attention_reference", lambda *a, **k: pytest.fail("took the reference"))
+    monkeypatch.setattr(attention_full_kernels.BiasBlocks, "mask_block", lambda *a: pytest.fail("fell back to blocks"))
     model.set_attn_implementation("sdpa")
     got = outputs(model, ids, attention_mask=mask)
     real = mask.bool()

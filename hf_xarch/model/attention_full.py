@@ -1,22 +1,43 @@
 """Full (dense) softmax attention: the reference every other family is compared with.
 
-The attention itself goes through transformers' seam, ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
+The family's one seam is ``xarch_full_attention`` (registered as ``xarch_full`` in transformers' attention and mask
+interfaces). Without a score bias it is transformers' own ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
 (``sdpa``, ``flex_attention``, ``flash_attention_2``... or any function a user registers), with
-``eager_attention_forward`` below as the plain reference. GQA/MQA: ``num_key_value_heads`` key/value heads are shared
-by groups of query heads (Ainslie et al. 2023).
+``eager_attention_forward`` below as the plain reference. With an additive score bias (``score_bias=``, a
+``ScoreBias`` such as ALiBi's, which transformers' functions cannot take), it picks one of the biased paths of
+``attention_full_kernels.py`` by the same ``config._attn_implementation``. GQA/MQA: ``num_key_value_heads``
+key/value heads are shared by groups of query heads (Ainslie et al. 2023).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    create_bidirectional_mask,
+    create_causal_mask,
+    sdpa_mask,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .attention_full_kernels import (
+    biased_attention_blocked,
+    biased_attention_flex,
+    biased_attention_reference,
+    key_bias_flash_applicable,
+    key_bias_flash_attention,
+)
 from .positions import apply_rotary
 from .registry import AttentionFamily, register_attention
+from .score_bias import ScoreBias
+
+try:  # flex attention is optional (torch >= 2.5); only the flex_attention implementation needs it
+    from torch.nn.attention.flex_attention import BlockMask
+except ImportError:  # pragma: no cover - old torch
+    BlockMask = None
+
+FULL_IMPLEMENTATION = "xarch_full"
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -55,6 +76,53 @@ def eager_attention_forward(
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
+
+
+def xarch_full_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    score_bias: ScoreBias | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full family's attention function (transformers' signature; returns (batch, q, heads, dim) and the
+    weights, eager only). ``module.config._attn_implementation`` picks the path; ``xarch_full`` itself means sdpa.
+
+    Without ``score_bias``: transformers' function of that name. With one: ``eager`` -> the dense reference;
+    a flex ``BlockMask`` -> flex attention with the bias as ``score_mod``; anything else -> the key-bias flash path
+    where it applies (a linear bias on CPU, this family's own causal/bidirectional mask with padding), else blocks of
+    queries with their bias tiles. The bias never reaches an N×N tensor outside ``eager``."""
+    implementation = getattr(module.config, "_attn_implementation", None) or "sdpa"
+    if implementation == FULL_IMPLEMENTATION:
+        implementation = "sdpa"
+    if score_bias is None:
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        return attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    bias = score_bias.for_keys(key.shape[-2])
+    causal = bool(getattr(module, "is_causal", False))
+    training = module.training
+    if implementation == "eager":
+        return biased_attention_reference(query, key, value, bias, attention_mask, scaling, causal, dropout, training)
+    if BlockMask is not None and isinstance(attention_mask, BlockMask):
+        if dropout > 0 and training:
+            raise ValueError("attention_dropout: flex_attention has no dropout; use sdpa or eager to train with it")
+        from transformers.integrations.flex_attention import compile_friendly_flex_attention
+
+        flex = lambda *a, **kw: compile_friendly_flex_attention(*a, training=training, **kw)  # noqa: E731
+        return biased_attention_flex(query, key, value, bias, attention_mask, scaling, causal, flex=flex), None
+    dropout = dropout if training else 0.0
+    # the flash path implies the mask from the positions: only for the mask this family's build_mask makes
+    own_mask = getattr(getattr(module, "family", None), "name", None) == "full"
+    if own_mask and key_bias_flash_applicable(bias, query, attention_mask, key.shape[-2], dropout):
+        key_padding = bias.key_padding if attention_mask is not None else None
+        return key_bias_flash_attention(query, key, value, bias, key_padding, scaling, causal), None
+    output = biased_attention_blocked(query, key, value, bias, attention_mask, scaling, causal, dropout, training)
+    return output, None
 
 
 @register_attention(
@@ -107,7 +175,7 @@ class XArchAttention(nn.Module):
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if position_embeddings is not None and self.config.position_embedding_type == "rope":
+        if position_embeddings is not None:
             cos, sin = position_embeddings
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         return query, key, value
@@ -118,22 +186,17 @@ class XArchAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_embeddings=None,
         cache=None,
+        score_bias: ScoreBias | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``position_embeddings``: rotary (cos, sin) or None; ``score_bias``: an additive score bias or None."""
         # a block shared across layers (num_hidden_groups) runs at several depths; XArchModel passes the depth so each
         # application reads and writes its own cache layer
         layer_idx = kwargs.pop("layer_idx", self.layer_idx)
         query, key, value = self.project(hidden_states, position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, layer_idx)
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        if hasattr(position_embeddings, "attend"):
-            # an additive score bias (ALiBi's AlibiBias) does not fit transformers' attention functions, which take a
-            # mask only; the bias runs attention itself, per query block, never materialising the N x N bias
-            attention = position_embeddings.attend
-        output, weights = attention(
+        output, weights = xarch_full_attention(
             self,
             query,
             key,
@@ -141,7 +204,12 @@ class XArchAttention(nn.Module):
             attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
+            score_bias=score_bias,
             **kwargs,
         )
         output = self.o_proj(output.reshape(*hidden_states.shape[:-1], -1).contiguous())
         return output, weights
+
+
+ALL_ATTENTION_FUNCTIONS.register(FULL_IMPLEMENTATION, xarch_full_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(FULL_IMPLEMENTATION, sdpa_mask)

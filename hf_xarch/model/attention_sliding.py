@@ -13,9 +13,10 @@ the weights); ``flex_attention`` -> flex attention with a BlockMask (CUDA, or CP
 anything else -> the banded kernel. Decoding steps (queries at other slots than the keys) use the dense rule over the
 cached keys, which the cache bounds by the window.
 
-Positions: rotary cos/sin rotate q and k before any path; ALiBi (``position_alibi.AlibiBias``) contributes its
-slopes, and the distance is counted in slots, -slope·|i - j|: the same as ALiBi's position distance whenever the
-padding is on one side (left or right), which is how batches are padded.
+Positions: rotary cos/sin (``position_embeddings``) rotate q and k before any path; an additive score bias
+(``score_bias``, a ``ScoreBias``) must be linear in the distance (``alibi_slopes``, ALiBi), which every path fuses
+with the distance counted in slots, -slope·|i - j|: the same as ALiBi's position distance whenever the padding is
+on one side (left or right), which is how batches are padded.
 
 Importing this file also registers ``xarch_sliding_window`` in transformers' attention and mask interfaces, so any
 transformers model (Mistral, Llama...) can run its attention through the banded kernel.
@@ -42,6 +43,7 @@ from .attention_sliding_kernels import (
     sliding_visibility,
 )
 from .cache_sliding import SinkSlidingWindowLayer
+from .position_alibi import alibi_distance
 from .positions import apply_rotary
 from .registry import AttentionFamily, register_attention
 
@@ -273,7 +275,8 @@ class SlidingWindowAttention(XArchAttention):
         return mask
 
     # ---- forward ---------------------------------------------------------------------------------------------------
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, score_bias=None,
+                **kwargs):
         layer_idx = kwargs.pop("layer_idx", self.layer_idx)
         mask = attention_mask if isinstance(attention_mask, SlidingWindowMask) else None
         if mask is None:
@@ -281,7 +284,14 @@ class SlidingWindowAttention(XArchAttention):
                 raise ValueError("SlidingWindowAttention takes the SlidingWindowMask its build_mask returns")
             mask = SlidingWindowMask(q_start=cache.get_seq_length(layer_idx) if cache is not None else 0)
         query, key, value = self.project(hidden_states, position_embeddings)
-        slopes = position_embeddings.slopes if hasattr(position_embeddings, "attend") else None
+        slopes = None
+        if score_bias is not None:
+            slopes = score_bias.alibi_slopes
+            if slopes is None:  # the band kernels fuse a bias as -slope·distance; nothing else fits them yet
+                raise ValueError(
+                    f"score_bias: sliding_window layers take a bias linear in the distance (ALiBi), got a "
+                    f"{type(score_bias).__name__} without alibi_slopes"
+                )
         length = query.shape[2]
         q_slots = torch.arange(mask.q_start, mask.q_start + length, device=query.device)
         k_slots = q_slots
@@ -375,7 +385,7 @@ class SlidingWindowAttention(XArchAttention):
             shape = (batch, length, -1, dim)
             k_g = self.key_global(hidden_states).view(shape).transpose(1, 2)
             v_g = self.value_global(hidden_states).view(shape).transpose(1, 2)
-            if position_embeddings is not None and self.config.position_embedding_type == "rope":
+            if position_embeddings is not None:
                 cos, sin = position_embeddings
                 k_g = apply_rotary(k_g, cos, sin)
                 pick = lambda t: torch.gather(t.expand(batch, -1, -1), 1, index[..., None].expand(-1, -1, t.shape[-1]))
@@ -388,8 +398,8 @@ class SlidingWindowAttention(XArchAttention):
         visible = visible[:, None, None, :]
         bias = None
         if slopes is not None:
-            distance = (slots[None, None, :] - index[:, :, None]).abs().to(slopes.dtype)  # (B, G, N)
-            bias = -slopes[None, :, None, None] * distance[:, None]
+            distance = alibi_distance(index[:, None, :, None], slots[None, None, None, :], symmetric=True)  # (B,1,G,N)
+            bias = slopes[None, :, None, None] * distance.to(slopes.dtype)
         dropout = self.attention_dropout if self.training else 0.0
         rows, _ = dense_sliding_attention(q_g, k_g, v_g, visible, self.scaling, bias, dropout, self.training)
         batch_index, entry = present.nonzero(as_tuple=True)

@@ -1,7 +1,9 @@
 """Kernels of sliding-window attention (Beltagy et al. 2020, Longformer): who sees whom, the dense reference, the
 banded O(N·w) kernel and the flex-attention path.
 
-Every path implements one rule, written once in ``sliding_visibility``. Positions are *slots* (indices in the padded
+Every path implements one rule, written once in ``sees``: the dense reference (``sliding_visibility``), the flex
+``mask_mod``, the torch path's band and extra-key masks derive from it (the C kernel has its own loop over the band,
+held against it by tests/test_sliding_native.py). Positions are *slots* (indices in the padded
 sequence, as transformers' sliding-window masks count them). A query at slot ``i`` of a head with dilation ``d``
 sees a key at slot ``j`` when the key is real (not padding) and
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_sliding_native import Head, native_kernel, native_supported, pointer, prefault, run_heads
+from .position_alibi import alibi_distance
 
 try:  # flex attention is optional (torch >= 2.5); the banded kernel needs nothing beyond plain torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -51,6 +54,28 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---- the rule ------------------------------------------------------------------------------------------------------
+def sees(
+    rel: torch.Tensor,
+    left: int,
+    right: int,
+    dilation,
+    key_valid: torch.Tensor | None = None,
+    global_key: torch.Tensor | None = None,
+    sink_key: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The rule, elementwise (every argument broadcasts; scalars in flex's ``mask_mod``): may a query see a key
+    ``rel`` = key slot - query slot away, in a head of ``dilation``, the key being real (``key_valid``), global
+    (``global_key``) or a sink (``sink_key``)."""
+    visible = (torch.remainder(rel, dilation) == 0) & (rel >= -left * dilation) & (rel <= right * dilation)
+    if global_key is not None:
+        visible = visible | global_key
+    if sink_key is not None:
+        visible = visible | (sink_key & (rel <= 0))
+    if key_valid is not None:
+        visible = visible & key_valid
+    return visible
+
+
 def sliding_visibility(
     q_slots: torch.Tensor,
     k_slots: torch.Tensor,
@@ -66,23 +91,17 @@ def sliding_visibility(
     q_slots (Lq,), k_slots (Lk,): slot indices; dilation (heads,): per-head dilation; key_valid, global_keys,
     sink_keys: (batch, Lk) bool flags of the keys (None: all real / none global / no sinks).
     """
-    rel = k_slots[None, :] - q_slots[:, None]  # (Lq, Lk)
-    d = dilation.to(rel.device)[:, None, None]
-    band = (torch.remainder(rel, d) == 0) & (rel >= -left * d) & (rel <= right * d)  # (H, Lq, Lk)
-    visible = band[None]
-    if global_keys is not None:
-        visible = visible | global_keys[:, None, None, :]
-    if sink_keys is not None:
-        visible = visible | (sink_keys[:, None, None, :] & (rel <= 0))
-    if key_valid is not None:
-        visible = visible & key_valid[:, None, None, :]
-    return visible
+    rel = (k_slots[None, :] - q_slots[:, None])[None, None]  # (1, 1, Lq, Lk)
+    d = dilation.to(rel.device)[None, :, None, None]
+    key_flag = lambda flags: flags[:, None, None, :] if flags is not None else None  # noqa: E731
+    return sees(rel, left, right, d, key_flag(key_valid), key_flag(global_keys), key_flag(sink_keys))
 
 
 def alibi_bias(slopes: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
-    """(heads, Lq, Lk) ALiBi bias -slope·|i - j| (Press et al. 2022; symmetric, so encoders and decoders share it)."""
-    distance = (k_slots[None, :] - q_slots[:, None]).abs().to(slopes.dtype)
-    return -slopes[:, None, None] * distance
+    """(heads, Lq, Lk) ALiBi bias -slope·|i - j| over slots (Press et al. 2022; symmetric, so encoders and decoders
+    share it: a decoder's visible keys are all at or before the query)."""
+    distance = alibi_distance(q_slots[:, None], k_slots[None, :], symmetric=True).to(slopes.dtype)
+    return slopes[:, None, None] * distance
 
 
 # ---- the dense reference -------------------------------------------------------------------------------------------
@@ -620,18 +639,22 @@ def banded_attention(
         outside.scatter_(1, extra_slots, present)  # a key seen as an extra is left out of the band (no double count)
         in_band = key_valid & ~outside
         ok = present & torch.gather(key_valid, 1, extra_slots)
-        # (B, N, G): a global key is seen by every query, a sink only by the queries at or after it
-        allowed = ok[:, None, :] & (is_global[:, None, :] | (extra_slots[:, None, :] <= slots[None, :, None]))
-        extra_bias = _additive(allowed, dtype)[:, None]  # (B, 1, N, G)
+        # (B, 1, N, G): the rule for the extra keys. Every extra key is global (seen by every query) or a sink (seen
+        # at or after it), which covers any band position too, so the band's dilation is moot here: 1 for all heads
+        rel = (extra_slots[:, None, :] - slots[None, :, None])[:, None]  # (B, 1, N, G)
+        per_key = lambda flags: flags[:, None, None, :]  # noqa: E731
+        allowed = sees(rel, left, right, 1, per_key(ok), per_key(is_global), per_key(~is_global))
+        extra_bias = _additive(allowed, dtype)
         if alibi_slopes is not None:
-            distance = (extra_slots[:, None, :] - slots[None, :, None]).abs().to(dtype)  # (B, N, G)
-            extra_bias = extra_bias - alibi_slopes.to(dtype)[None, :, None, None] * distance[:, None]
+            distance = alibi_distance(0, rel, symmetric=True).to(dtype)  # (B, 1, N, G)
+            extra_bias = extra_bias + alibi_slopes.to(dtype)[None, :, None, None] * distance
 
     width = left + right
     span = (1 + -(-width // block)) * block  # a window of whole blocks covering block + left + right keys
     r = torch.arange(block, device=device)[:, None]
     j = torch.arange(span, device=device)[None, :]
-    band = _additive((j >= r) & (j <= r + width), dtype)[None]  # (1, block, span): key j of row r's window
+    # (1, block, span): key j of row r's window is the slot j - left - r away (dilation is undone by _dilate)
+    band = _additive(sees(j - left - r, left, right, 1), dtype)[None]
     out = torch.empty_like(query) if len(set(dilation)) > 1 else None
     for d in sorted(set(dilation)):
         heads_d = [h for h in range(heads) if dilation[h] == d]
@@ -643,9 +666,10 @@ def banded_attention(
         valid_d = _dilate(in_band, d, dim=1, value=False)
         key_bias = F.pad(_additive(valid_d, dtype), (left, kp - left - nd), value=neg)  # (B', Kp), small
         band_bias = band
-        if alibi_slopes is not None:  # distance in slots is d·|t|, t the offset within the undilated window
+        if alibi_slopes is not None:  # the distance in slots is d·t, t the offset within the undilated window
             slopes = select(alibi_slopes[None]).reshape(-1).to(dtype)
-            band_bias = band - slopes[:, None, None] * d * (j - left - r).abs().to(dtype)[None]  # (h_d, block, span)
+            distance = alibi_distance(0, d * (j - left - r), symmetric=True).to(dtype)
+            band_bias = band + slopes[:, None, None] * distance[None]  # (h_d, block, span)
         if extras is not None:
             index = extra_slots[:, None, :, None].expand(-1, h_d, -1, dim)
             ek, ev = torch.gather(select(key), 2, index), torch.gather(select(value), 2, index)  # (B, h_d, G, D)
@@ -741,16 +765,8 @@ def sliding_block_mask(
     dil = torch.tensor(dilation, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        rel = kv_idx - q_idx
-        d = dil[h]
-        visible = (torch.remainder(rel, d) == 0) & (rel >= -left * d) & (rel <= right * d)
-        if glob is not None:
-            visible = visible | glob[b, kv_idx]
-        if sink is not None:
-            visible = visible | (sink[b, kv_idx] & (rel <= 0))
-        if valid is not None:
-            visible = visible & valid[b, kv_idx]
-        return visible & (kv_idx < n)
+        flag = lambda flags: flags[b, kv_idx] if flags is not None else None  # noqa: E731
+        return sees(kv_idx - q_idx, left, right, dil[h], flag(valid), flag(glob), flag(sink)) & (kv_idx < n)
 
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
                                     seq_lengths=(n, n))
@@ -786,7 +802,7 @@ def flex_sliding_attention(
         slopes = alibi_slopes.to(query.dtype)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score - slopes[h] * torch.abs(q_idx - kv_idx)
+            return score + slopes[h] * alibi_distance(q_idx, kv_idx, symmetric=True)
 
     attend = compiled_flex_attention() if compiled else flex_attention
     return attend(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,

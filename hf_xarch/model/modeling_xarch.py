@@ -389,15 +389,16 @@ class XArchModel(XArchPreTrainedModel):
                     self.config, hidden_states, attention_mask, cache, position_ids, **extra
                 )
 
-        position_embeddings = None
+        # a rotary scheme gives (cos, sin), passed as position_embeddings; a bias scheme an additive score-bias object,
+        # passed as score_bias (it also needs the positions of the cached keys, which only the model can recount)
+        position_embeddings, positions_kwargs = None, {}
         if self.layer_positions is not None:
-            # a score bias (ALiBi) also needs the positions of the cached keys, which only the model can recount
-            bias_kwargs = (
-                dict(attention_mask=attention_mask, past_length=past_length)
-                if POSITION_SCHEMES[self.config.position_embedding_type].kind == "bias"
-                else {}
-            )
-            position_embeddings = self.layer_positions(hidden_states, position_ids, **bias_kwargs)
+            if POSITION_SCHEMES[self.config.position_embedding_type].kind == "bias":
+                positions_kwargs["score_bias"] = self.layer_positions(
+                    hidden_states, position_ids, attention_mask=attention_mask, past_length=past_length
+                )
+            else:
+                position_embeddings = self.layer_positions(hidden_states, position_ids)
         for layer_idx, block in enumerate(self.block_schedule):
             layer = self.layers[block]
             hidden_states = layer(
@@ -407,6 +408,7 @@ class XArchModel(XArchPreTrainedModel):
                 cache=cache,
                 position_ids=position_ids,
                 layer_idx=layer_idx,  # a shared block runs at several depths, each with its own cache layer
+                **positions_kwargs,
                 **kwargs,
             )
         if self.norm is not None:
