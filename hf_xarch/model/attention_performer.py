@@ -88,7 +88,9 @@ class PerformerAttention(XArchAttention):
 
     There are no attention weights to return: ``output_attentions=True`` logs a warning once (as transformers' sdpa
     does) and ``outputs.attentions`` holds only the weights of other layer types. Under autocast the kernels compute
-    in fp32 and return the values' dtype (see ``attention_performer_kernels``)."""
+    in fp32 and return the values' dtype (see ``attention_performer_kernels``). Under ``attn_implementation="eager"``
+    (the family's ``reference_implementation``) a forward without a cache runs ``performer_attention_reference``, the
+    quadratic form of the same estimator (N x N memory), as the other families' eager paths run their references."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -188,18 +190,24 @@ class PerformerAttention(XArchAttention):
         if layer is not None and layer.record_past:  # assisted decoding: crop may take some of these tokens back
             layer.record(length, lambda tensors, count: self.absorb(key[:, :, :count], value[:, :, :count],
                                                                     key_mask, tensors))
-        output, state = performer_attention(
-            query,
-            key,
-            value,
-            self.projection,
-            self.kernel,
-            causal=self.is_causal,
-            key_mask=key_mask,
-            scaling=self.scaling,
-            state=layer.get_state() if layer is not None else None,
-            feature_floor=self.feature_floor,
-        )
+        if layer is None and self.config._attn_implementation == self.family.reference_implementation:
+            # the plain quadratic form of the same estimator (what the test kit holds the fast paths against); it
+            # keeps no state, so cached decoding stays on the fast path
+            output = performer_attention_reference(query, key, value, self.projection, self.kernel, self.is_causal,
+                                                   key_mask, self.scaling, self.feature_floor)
+        else:
+            output, state = performer_attention(
+                query,
+                key,
+                value,
+                self.projection,
+                self.kernel,
+                causal=self.is_causal,
+                key_mask=key_mask,
+                scaling=self.scaling,
+                state=layer.get_state() if layer is not None else None,
+                feature_floor=self.feature_floor,
+            )
         if layer is not None:
             layer.update_state(*state, num_tokens=length)
         output = self.o_proj(output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1).contiguous())

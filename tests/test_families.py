@@ -1,0 +1,147 @@
+"""Every invariant, for every registered attention family x every position scheme it accepts x encoder/decoder.
+
+The cases are read from the registry when this module is collected (with the families tests/toy_families.py
+defines), so a family is tested here the moment it is registered. Each test calls the public kit
+(``hf_xarch.testing``), so the kit is what is tested: these tests, and the ones below that feed it deliberately
+broken families, are its test suite too. Files named after a family keep only what is specific to it (parity with
+the transformers model it generalises, kernel edge cases).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import pytest
+import torch
+
+from hf_xarch.model.registry import ATTENTION_FAMILIES
+from hf_xarch.testing import (
+    NOT_SAVED,
+    check_attention_family,
+    check_case,
+    check_loads_without_hf_xarch,
+    family_cases,
+    invariants_for,
+    registered_family,
+    travels_with_saved_models,
+)
+
+from .toy_families import (
+    TOY_FAMILIES,
+    DriftingCacheAttention,
+    FutureLeakingAttention,
+    PaddingBlindAttention,
+    ToySoftmaxAttention,
+    broken_family,
+)
+
+# a family's options where the defaults would make its machinery idle on the kit's 13-token inputs
+FAMILY_OVERRIDES = {"sliding_window": {"attention_window": 4}}  # a band narrower than the sequence, a bounded cache
+
+
+def toy_families_registered() -> ExitStack:
+    stack = ExitStack()
+    for module_cls, record in TOY_FAMILIES:
+        stack.enter_context(registered_family(module_cls, record))
+    return stack
+
+
+def _collect():
+    cases, fresh = [], []
+    for name in sorted(ATTENTION_FAMILIES):
+        of_family = family_cases(name, **FAMILY_OVERRIDES.get(name, {}))
+        cases += [pytest.param(case, invariant, id=f"{case.id}-{invariant}")
+                  for case in of_family for invariant in invariants_for(case)]
+        if travels_with_saved_models(name):  # a family defined outside hf_xarch/model/ cannot travel with a model
+            first = next((case for case in of_family if case.decoder), of_family[0])
+            fresh.append(pytest.param(first, id=first.id))
+    return cases, fresh
+
+
+with toy_families_registered():  # the test-suite families are registered only while collected and tested here
+    CASES, FRESH_CASES = _collect()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _toy_families():
+    with toy_families_registered():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared machine: one thread avoids OpenMP oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("case", "invariant"), CASES)
+def test_invariant(case, invariant):
+    check_case(case, invariant)
+
+
+@pytest.mark.slow  # a fresh Python importing transformers: 14-18 s each on the shared 2-core machine
+@pytest.mark.parametrize("case", FRESH_CASES)
+def test_loads_in_a_fresh_process_without_hf_xarch(case):
+    check_loads_without_hf_xarch(case)
+
+
+def test_the_test_suite_family_gets_every_invariant():
+    """A family defined in the test suite is one file plus its registration, and is in CASES above."""
+    for _, record in TOY_FAMILIES:
+        invariants = {param.values[1] for param in CASES if param.values[0].family == record.name}
+        assert invariants == {"visibility", "padding", "reference", "cached_decode", "save_reload", "meta_init",
+                              "summary_cost", "capabilities"}
+
+
+def test_check_attention_family_reports_what_it_checked():
+    report = check_attention_family("toy_softmax", invariants=["visibility", "padding"], position_embedding_type="rope")
+    assert [(case, invariant) for case, invariant, _ in report.checked] == [
+        ("toy_softmax-rope-decoder", "visibility"), ("toy_softmax-rope-decoder", "padding"),
+        ("toy_softmax-rope-encoder", "visibility"), ("toy_softmax-rope-encoder", "padding"),
+    ]
+    assert report.skipped == [("fresh_process", NOT_SAVED)]
+    assert "toy_softmax-rope-decoder: visibility: no decoder position is influenced by a later one" in str(report)
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "invariant", "message"),
+    [
+        (FutureLeakingAttention, "visibility", r"decoder position \d+ is influenced by position \d+"),
+        (PaddingBlindAttention, "padding", r"row \d \(\d+ tokens of (left|right) padding\): the output at real token"),
+        (DriftingCacheAttention, "cached_decode",
+         r"cached decode drifts from the full forward at position \d+ of row \d, in decode step 1"),
+    ],
+    ids=["leaks-the-future", "ignores-padding", "cache-decode-drifts"],
+)
+def test_the_kit_catches_a_broken_family(module_cls, invariant, message):
+    name = f"broken_{invariant}"
+    expected = pytest.raises(AssertionError, match=rf"{name}-rope-decoder: {invariant}: {message}")
+    with registered_family(module_cls, broken_family(name)), expected:
+        check_attention_family(name, fresh_process=False, position_embedding_type="rope", is_decoder=True)
+    assert name not in ATTENTION_FAMILIES  # never left registered for other tests
+
+
+class SecretlyCausalAttention(ToySoftmaxAttention):
+    """Declares bidirectional=True (the toy's flags) but masks the future in an encoder too."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.is_causal = True
+
+
+def test_a_bidirectional_flag_that_lies_is_caught():
+    message = "secretly_causal-none-encoder: visibility: no encoder position is influenced by any later position"
+    with registered_family(SecretlyCausalAttention, broken_family("secretly_causal")), \
+            pytest.raises(AssertionError, match=message):
+        check_attention_family("secretly_causal", invariants=["visibility"], fresh_process=False, is_decoder=False,
+                               position_embedding_type="none")
+
+
+def test_unknown_family_and_invariant_raise_value_errors():
+    with pytest.raises(ValueError, match="name='nope' is not a registered family"):
+        check_attention_family("nope")
+    with pytest.raises(ValueError, match=r"invariants=\['speed'\]"):
+        check_attention_family("full", invariants=["speed"])
