@@ -73,15 +73,6 @@ CITATIONS = {
     "bert": """@inproceedings{devlin2019bert,
   title={BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding}, author={Devlin, Jacob and Chang, Ming-Wei and Lee, Kenton and Toutanova, Kristina},
   booktitle={NAACL}, year={2019}}""",
-    "longformer": """@article{beltagy2020longformer,
-  title={Longformer: The Long-Document Transformer}, author={Beltagy, Iz and Peters, Matthew E. and Cohan, Arman},
-  journal={arXiv:2004.05150}, year={2020}}""",
-    "streamingllm": """@inproceedings{xiao2024efficient,
-  title={Efficient Streaming Language Models with Attention Sinks}, author={Xiao, Guangxuan and Tian, Yuandong and Chen, Beidi and Han, Song and Lewis, Mike},
-  booktitle={ICLR}, year={2024}}""",
-    "performer": """@inproceedings{choromanski2021rethinking,
-  title={Rethinking Attention with Performers}, author={Choromanski, Krzysztof and Likhosherstov, Valerii and Dohan, David and Song, Xingyou and Gane, Andreea and Sarlos, Tamas and Hawkins, Peter and Davis, Jared and Mohiuddin, Afroz and Kaiser, Lukasz and Belanger, David and Colwell, Lucy and Weller, Adrian},
-  booktitle={ICLR}, year={2021}}""",
     "albert": """@inproceedings{lan2020albert,
   title={ALBERT: A Lite BERT for Self-supervised Learning of Language Representations}, author={Lan, Zhenzhong and Chen, Mingda and Goodman, Sebastian and Gimpel, Kevin and Sharma, Piyush and Soricut, Radu},
   booktitle={ICLR}, year={2020}}""",
@@ -110,21 +101,8 @@ def _layer_ranges(items: list[str]) -> list[tuple[int, int, str]]:
 
 
 def _family_details(config: XArchConfig, family: str) -> str:
-    if family == "sliding_window":
-        parts = [f"window {getattr(config, 'attention_window', '?')}"]
-        dilation = getattr(config, "attention_dilation", 1)
-        if dilation not in (1, None):
-            parts.append(f"dilation {dilation}")
-        sinks = getattr(config, "attention_sink_size", 0)
-        if sinks:
-            parts.append(f"{sinks} attention-sink tokens")
-        if not config.is_decoder:
-            parts.append("global tokens through `global_attention_mask`")
-        return ", ".join(parts)
-    if family == "performer":
-        return (f"{getattr(config, 'performer_nb_features', '?')} random features, "
-                f"{getattr(config, 'performer_kernel', 'softmax')} kernel")
-    return ""
+    details = ATTENTION_FAMILIES[family].card_details
+    return details(config) if details is not None else ""
 
 
 def describe_architecture(config: XArchConfig) -> list[str]:
@@ -181,13 +159,9 @@ def citations_for(config: XArchConfig) -> list[str]:
         keys.append("mqa")
     elif kv < config.num_attention_heads:
         keys.append("gqa")
-    families = {attention_family_for_layer_type(t).name for t in config.layer_types}
-    if "sliding_window" in families:
-        keys.append("longformer")
-        if getattr(config, "attention_sink_size", 0):
-            keys.append("streamingllm")
-    if "performer" in families:
-        keys.append("performer")
+    families = dict.fromkeys(attention_family_for_layer_type(t) for t in config.layer_types)  # in layer order
+    family_entries = [entry for family in families if family.citations for entry in family.citations(config)]
+    before_families = len(keys)
     scheme = config.position_embedding_type
     if scheme == "rope":
         keys.append("rope")
@@ -212,7 +186,8 @@ def citations_for(config: XArchConfig) -> list[str]:
         keys.append("rmsnorm")
     if config.mlp_type == "gated":
         keys.append("glu")
-    return [CITATIONS[key] for key in keys]
+    entries = [CITATIONS[key] for key in keys]
+    return entries[:before_families] + list(dict.fromkeys(family_entries)) + entries[before_families:]
 
 
 def parameters_by_part(model: torch.nn.Module) -> "OrderedDict[str, int]":

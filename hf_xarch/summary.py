@@ -39,103 +39,15 @@ import torch
 from torch import nn
 
 from hf_xarch.model.configuration_xarch import XArchConfig
-from hf_xarch.model.families import ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
+from hf_xarch.model.families import ATTENTION_FAMILIES, ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
+from hf_xarch.model.registry import AttentionCost
 
 HEADS = ("causal_lm", "masked_lm", "base")
 PARTS = ("embeddings", "attention", "mlp", "norms", "head")
 
 
-@dataclass(frozen=True)
-class AttentionCoreCost:
-    """The attention core of one layer (what its family computes beyond the Linear projections).
-
-    forward_flops: FLOPs per token, averaged over the tokens of one sequence of ``seq_len`` (training, prefill).
-    decode_flops: FLOPs of one new token after ``seq_len - 1`` cached tokens.
-    cache_values: numbers the layer's cache holds per sequence after ``seq_len`` tokens (0 when it keeps none).
-    projection_flops: FLOPs per token of the layer's projections; None: every ``nn.Linear`` of the module, once
-        (a family with projections that only some tokens use, such as Longformer's global ones, says so here).
-    note: anything the figures leave out (input-dependent work).
-    """
-
-    forward_flops: float
-    decode_flops: float
-    cache_values: float
-    projection_flops: float | None = None
-    note: str | None = None
-
-
-# family name -> (config, layer index, seq_len) -> AttentionCoreCost
-AttentionCostFn = Callable[[XArchConfig, int, int], AttentionCoreCost]
-ATTENTION_COSTS: dict[str, AttentionCostFn] = {}
-
-
-def register_attention_cost(family: str) -> Callable[[AttentionCostFn], AttentionCostFn]:
-    """Decorator: the cost function of the attention family ``family`` (its registry name)."""
-
-    def decorator(function: AttentionCostFn) -> AttentionCostFn:
-        ATTENTION_COSTS[family] = function
-        return function
-
-    return decorator
-
-
-@register_attention_cost("full")
-def full_attention_cost(config: XArchConfig, layer: int, seq_len: int) -> AttentionCoreCost:
-    # q·k for every visible key and the weighted sum of values: 2 x (2 FLOPs x head_dim) per head and key
-    per_key = 4 * config.num_attention_heads * config.head_dim
-    mean_keys = (seq_len + 1) / 2 if config.is_decoder else seq_len
-    cache = 2 * config.num_key_value_heads * config.head_dim * seq_len if config.is_decoder else 0
-    return AttentionCoreCost(per_key * mean_keys, per_key * seq_len, cache)
-
-
-@register_attention_cost("performer")
-def performer_attention_cost(config: XArchConfig, layer: int, seq_len: int) -> AttentionCoreCost:
-    # FAVOR+ in its linear form (Choromanski et al. 2021), per head and token: features of q and of k (m x d each),
-    # the key state phi(k)^T [v, 1] (m x (d+1)) and the query's read-out of it (m x (d+1)); the same per decoded token.
-    # The cache is the state (m x (d+1) per head) and one stabilising frame value per head (PerformerStateLayer); it
-    # covers every query head (keys are repeated before the state), so GQA does not shrink it. With the feature floor
-    # (on by default for the softmax kernel) it also keeps the running sum of [v, 1] and the largest w^T k per head.
-    from hf_xarch.model.attention_performer import default_nb_features, feature_floor_of
-
-    m = config.performer_nb_features or default_nb_features(config.head_dim)
-    d, heads = config.head_dim, config.num_attention_heads
-    per_token = heads * (2 * 2 * m * d + 2 * 2 * m * (d + 1))
-    floor_state = (d + 1) + 1 if feature_floor_of(config) else 0
-    cache = heads * (m * (d + 1) + 1 + floor_state) if config.is_decoder else 0
-    return AttentionCoreCost(per_token, per_token, cache)
-
-
-@register_attention_cost("sliding_window")
-def sliding_window_attention_cost(config: XArchConfig, layer: int, seq_len: int) -> AttentionCoreCost:
-    # Each head (its own dilation d) sees the keys of its band: itself, up to `left` keys d apart before it and
-    # `right` after it (w-1 and 0 in a decoder, w/2 and w/2 in an encoder), clipped at the sequence ends; a decoder
-    # with attention sinks also sees the first `attention_sink_size` tokens (Xiao et al. 2023). The cache keeps the
-    # last sliding_window - 1 keys, plus the sinks (transformers' DynamicSlidingWindowLayer, our SinkSlidingWindowLayer)
-    from hf_xarch.model.attention_sliding import layer_dilation, layer_window
-
-    window, sinks = layer_window(config, layer), config.attention_sink_size
-    left, right = (window - 1, 0) if config.is_decoder else (window // 2, window // 2)
-    positions = torch.arange(seq_len, dtype=torch.float64)
-    keys, last_keys = [], []
-    for dilation in layer_dilation(config, layer):
-        visible = (positions // dilation).clamp(max=left) + ((seq_len - 1 - positions) // dilation).clamp(max=right) + 1
-        for sink in range(sinks if config.is_decoder else 0):
-            distance = positions - sink
-            in_band = (distance % dilation == 0) & (distance <= left * dilation)
-            visible += ((distance >= 0) & ~in_band).to(visible.dtype)
-        keys.append(float(visible.mean()))
-        last_keys.append(float(visible[-1]))
-    per_key = 4 * config.head_dim  # q·k and the weighted value, per head and key
-    forward = per_key * sum(keys)  # the heads differ only by their dilation
-    decode = per_key * sum(last_keys)
-    cache = 0
-    if config.is_decoder:
-        kept = min(seq_len, config.sliding_window - 1) + min(sinks, max(0, seq_len - (config.sliding_window - 1)))
-        cache = 2 * config.num_key_value_heads * config.head_dim * kept
-    heads, width = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    projections = 2 * config.hidden_size * (2 * heads + 2 * width)  # q, k, v, o; the global ones serve global tokens
-    note = "global tokens (global_attention_mask) add work that depends on the input and is not counted"
-    return AttentionCoreCost(forward, decode, cache, projections, note if not config.is_decoder else None)
+# the cost functions live in each family's registry record (``AttentionFamily.cost``)
+AttentionCoreCost = AttentionCost
 
 
 @dataclass
@@ -327,7 +239,7 @@ def summary(
     unknown = []
     for layer, block in enumerate(schedule):
         family = families[layer].name
-        cost_fn = ATTENTION_COSTS.get(family)
+        cost_fn = ATTENTION_FAMILIES[family].cost
         if cost_fn is None:
             projections += 2 * attention_weights[block]
             if family not in unknown:
@@ -345,7 +257,7 @@ def summary(
         forward["attention"] = decode_core = cache_values = None
         notes.append(
             f"no cost function for attention famil{'y' if len(unknown) == 1 else 'ies'} {unknown}: attention-core "
-            "FLOPs and cache bytes unknown (add one with hf_xarch.summary.register_attention_cost)"
+            "FLOPs and cache bytes unknown (give the family's registry record a `cost`)"
         )
     if len(first_layer) < len(schedule):
         notes.append(f"{len(schedule)} layers apply {len(first_layer)} shared blocks: parameters count each once")
@@ -408,8 +320,7 @@ __all__ = [
     "summary",
     "ModelSummary",
     "AttentionCoreCost",
-    "ATTENTION_COSTS",
-    "register_attention_cost",
+    "AttentionCoreCost",
     "load_config",
     "main",
 ]

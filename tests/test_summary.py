@@ -13,7 +13,10 @@ from transformers import DynamicCache
 import hf_xarch
 from hf_xarch import ATTENTION_FAMILIES, POSITION_SCHEMES, XArchConfig, XArchForCausalLM, XArchForMaskedLM, XArchModel
 from hf_xarch.cli import main as cli_main
-from hf_xarch.summary import ATTENTION_COSTS, main, summary
+import dataclasses
+
+from hf_xarch.model.registry import ATTENTION_FAMILIES
+from hf_xarch.summary import main, summary
 
 from .helpers import random_ids, tiny_config
 
@@ -190,13 +193,13 @@ def test_encoders_keep_no_cache_and_shared_layers_cost_every_application():
 
 
 def test_unknown_family_is_reported_not_guessed(monkeypatch):
-    monkeypatch.delitem(ATTENTION_COSTS, "full")
+    monkeypatch.setitem(ATTENTION_FAMILIES, "full", dataclasses.replace(ATTENTION_FAMILIES["full"], cost=None))
     result = summary(tiny_config(is_decoder=True), seq_len=8)
     assert result.unknown_families == ["full"]
     assert result.forward_flops["attention"] is None and result.forward_flops["mlp"] > 0
     assert result.training_flops_per_token is None and result.kv_cache_bytes_per_token is None
     assert result.total_parameters == XArchForCausalLM(tiny_config(is_decoder=True)).num_parameters()
-    assert "unknown" in str(result) and "register_attention_cost" in str(result)
+    assert "unknown" in str(result) and "registry record a `cost`" in str(result)
 
 
 @pytest.mark.parametrize(

@@ -55,9 +55,11 @@ def test_past_recording_accepts_whatever_generate_passes():
     model = XArchForCausalLM(tiny_config(attention_type="performer", is_decoder=True)).eval()
     cache = DynamicCache(config=model.config)
     assert all(isinstance(layer, PastRecording) for layer in cache.layers)
-    # transformers >= 5.2x passes recurrent_states_to_keep; older releases passed nothing
-    cache.activate_past_recording(recurrent_states_to_keep=3)
+    cache.activate_past_recording()  # older transformers pass nothing to the layers
     assert all(layer.record_past for layer in cache.layers)
+    # transformers >= 5.24 passes recurrent_states_to_keep through Cache.activate_past_recording to every layer
+    for layer in cache.layers:
+        layer.activate_past_recording(recurrent_states_to_keep=3)
     assert cache.layers[0].recording_options == {"recurrent_states_to_keep": 3}
     with torch.no_grad():
         model(random_ids(1, 5, seed=1), cache=cache, use_cache=True)

@@ -23,7 +23,7 @@ from transformers.utils import logging
 from .attention_full import XArchAttention, repeat_kv
 from .attention_performer_kernels import performer_attention, performer_attention_reference
 from .cache_performer import PERFORMER_LAYER_TYPE, PerformerStateLayer
-from .registry import AttentionFamily, register_attention
+from .registry import AttentionCost, AttentionFamily, register_attention
 
 logger = logging.get_logger(__name__)
 
@@ -68,6 +68,30 @@ def in_backward_pass() -> bool:
     return graph_task is not None and graph_task() != -1
 
 
+def performer_attention_cost(config, layer: int, seq_len: int) -> AttentionCost:
+    # FAVOR+ in its linear form (Choromanski et al. 2021), per head and token: features of q and of k (m x d each),
+    # the key state phi(k)^T [v, 1] (m x (d+1)) and the query's read-out of it (m x (d+1)); the same per decoded token.
+    # The cache is the state (m x (d+1) per head) and one stabilising frame value per head (PerformerStateLayer); it
+    # covers every query head (keys are repeated before the state), so GQA does not shrink it. With the feature floor
+    # (on by default for the softmax kernel) it also keeps the running sum of [v, 1] and the largest w^T k per head.
+    m = config.performer_nb_features or default_nb_features(config.head_dim)
+    d, heads = config.head_dim, config.num_attention_heads
+    per_token = heads * (2 * 2 * m * d + 2 * 2 * m * (d + 1))
+    floor_state = (d + 1) + 1 if feature_floor_of(config) else 0
+    cache = heads * (m * (d + 1) + 1 + floor_state) if config.is_decoder else 0
+    return AttentionCost(per_token, per_token, cache)
+
+
+def performer_card_details(config) -> str:
+    return f"{config.performer_nb_features or default_nb_features(config.head_dim)} random features, " \
+        f"{config.performer_kernel} kernel"
+
+
+PERFORMER_CITATION = """@inproceedings{choromanski2021rethinking,
+  title={Rethinking Attention with Performers}, author={Choromanski, Krzysztof and Likhosherstov, Valerii and Dohan, David and Song, Xingyou and Gane, Andreea and Sarlos, Tamas and Hawkins, Peter and Davis, Jared and Mohiuddin, Afroz and Kaiser, Lukasz and Belanger, David and Colwell, Lucy and Weller, Adrian},
+  booktitle={ICLR}, year={2021}}"""
+
+
 @register_attention(
     AttentionFamily(
         name="performer",
@@ -80,6 +104,11 @@ def in_backward_pass() -> bool:
         cache_layer="recurrent",
         paper="Choromanski et al. 2021 (Performer, FAVOR+)",
         description="positive orthogonal random features: linear-time softmax-kernel estimate, constant-memory decoding",
+        cache_layer_class=PerformerStateLayer,
+        options=("performer_nb_features", "performer_kernel", "performer_redraw_interval", "performer_feature_floor"),
+        cost=performer_attention_cost,
+        card_details=performer_card_details,
+        citations=lambda config: (PERFORMER_CITATION,),
     )
 )
 class PerformerAttention(XArchAttention):
@@ -141,7 +170,8 @@ class PerformerAttention(XArchAttention):
         layers = cache.layers
         if len(layers) == layer_idx and getattr(cache, "layer_class_to_replicate", None) is not None:
             layers.append(PerformerStateLayer())  # a cache built without a config grows one layer at a time
-        if layer_idx >= len(layers) or not isinstance(layers[layer_idx], PerformerStateLayer):
+        # a model loaded with trust_remote_code may meet the copy of this class that another dynamic module defined
+        if layer_idx >= len(layers) or type(layers[layer_idx]).__qualname__ != PerformerStateLayer.__qualname__:
             found = type(layers[layer_idx]).__name__ if layer_idx < len(layers) else "nothing"
             raise ValueError(
                 f"cache: layer {layer_idx} is a performer layer and needs a PerformerStateLayer, found {found}; "

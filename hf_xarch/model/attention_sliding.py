@@ -45,7 +45,7 @@ from .attention_sliding_kernels import (
 from .cache_sliding import SinkSlidingWindowLayer
 from .position_alibi import alibi_distance
 from .positions import apply_rotary
-from .registry import AttentionFamily, register_attention
+from .registry import AttentionCost, AttentionFamily, register_attention
 
 DEFAULT_ATTENTION_WINDOW = 512  # Longformer's default
 
@@ -204,6 +204,59 @@ class SlidingWindowMask:
         return index, torch.gather(flags, 1, index)
 
 
+def sliding_window_attention_cost(config, layer: int, seq_len: int) -> AttentionCost:
+    # Each head (its own dilation d) sees the keys of its band: itself, up to `left` keys d apart before it and
+    # `right` after it (w-1 and 0 in a decoder, w/2 and w/2 in an encoder), clipped at the sequence ends; a decoder
+    # with attention sinks also sees the first `attention_sink_size` tokens (Xiao et al. 2023). The cache keeps the
+    # last sliding_window - 1 keys, plus the sinks (transformers' DynamicSlidingWindowLayer, our SinkSlidingWindowLayer)
+    window, sinks = layer_window(config, layer), config.attention_sink_size
+    left, right = (window - 1, 0) if config.is_decoder else (window // 2, window // 2)
+    positions = torch.arange(seq_len, dtype=torch.float64)
+    keys, last_keys = [], []
+    for dilation in layer_dilation(config, layer):
+        visible = (positions // dilation).clamp(max=left) + ((seq_len - 1 - positions) // dilation).clamp(max=right) + 1
+        for sink in range(sinks if config.is_decoder else 0):
+            distance = positions - sink
+            in_band = (distance % dilation == 0) & (distance <= left * dilation)
+            visible += ((distance >= 0) & ~in_band).to(visible.dtype)
+        keys.append(float(visible.mean()))
+        last_keys.append(float(visible[-1]))
+    per_key = 4 * config.head_dim  # q·k and the weighted value, per head and key
+    forward = per_key * sum(keys)  # the heads differ only by their dilation
+    decode = per_key * sum(last_keys)
+    cache = 0
+    if config.is_decoder:
+        kept = min(seq_len, config.sliding_window - 1) + min(sinks, max(0, seq_len - (config.sliding_window - 1)))
+        cache = 2 * config.num_key_value_heads * config.head_dim * kept
+    heads, width = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    projections = 2 * config.hidden_size * (2 * heads + 2 * width)  # q, k, v, o; the global ones serve global tokens
+    note = "global tokens (global_attention_mask) add work that depends on the input and is not counted"
+    return AttentionCost(forward, decode, cache, projections, note if not config.is_decoder else None)
+
+
+def sliding_card_details(config) -> str:
+    parts = [f"window {config.attention_window}"]
+    if config.attention_dilation not in (1, None):
+        parts.append(f"dilation {config.attention_dilation}")
+    if config.attention_sink_size:
+        parts.append(f"{config.attention_sink_size} attention-sink tokens")
+    if not config.is_decoder:
+        parts.append("global tokens through `global_attention_mask`")
+    return ", ".join(parts)
+
+
+LONGFORMER_CITATION = """@article{beltagy2020longformer,
+  title={Longformer: The Long-Document Transformer}, author={Beltagy, Iz and Peters, Matthew E. and Cohan, Arman},
+  journal={arXiv:2004.05150}, year={2020}}"""
+STREAMINGLLM_CITATION = """@inproceedings{xiao2024efficient,
+  title={Efficient Streaming Language Models with Attention Sinks}, author={Xiao, Guangxuan and Tian, Yuandong and Chen, Beidi and Han, Song and Lewis, Mike},
+  booktitle={ICLR}, year={2024}}"""
+
+
+def sliding_citations(config) -> tuple[str, ...]:
+    return (LONGFORMER_CITATION, STREAMINGLLM_CITATION) if config.attention_sink_size else (LONGFORMER_CITATION,)
+
+
 SLIDING_FAMILY = AttentionFamily(
     name="sliding_window",
     layer_type="sliding_attention",
@@ -216,6 +269,10 @@ SLIDING_FAMILY = AttentionFamily(
     paper="Beltagy et al. 2020 (Longformer); Child et al. 2019 (dilation); Xiao et al. 2023 (attention sinks)",
     description="each query sees a window of w keys (w/2 each side, or itself and w-1 before in a decoder), "
     "optionally dilated, plus global tokens (encoders) or attention sinks (decoders); O(N·w) time and memory",
+    options=("attention_window", "attention_dilation", "attention_sink_size", "global_projections"),
+    cost=sliding_window_attention_cost,
+    card_details=sliding_card_details,
+    citations=sliding_citations,
 )
 
 
@@ -352,7 +409,8 @@ class SlidingWindowAttention(XArchAttention):
         implementation = self.config._attn_implementation
         # queries and keys at the same slots (no cache, or a prefill into an empty one): the O(N·w) paths apply;
         # otherwise (decoding steps) the keys are what the cache kept, at most window + sinks + new ones
-        aligned = k_slots.shape[0] == q_slots.shape[0] and bool(k_slots[0] == q_slots[0])
+        # (the identity test first: without a cache, no data-dependent bool() for torch.compile and torch.export)
+        aligned = k_slots is q_slots or (k_slots.shape[0] == q_slots.shape[0] and bool(k_slots[0] == q_slots[0]))
         if implementation == "eager" or not aligned:
             dilation = torch.tensor(self.dilation, device=query.device)
             visible = sliding_visibility(q_slots, k_slots, self.left, self.right, dilation, key_valid,

@@ -15,7 +15,7 @@ from transformers.configuration_utils import PreTrainedConfig
 
 from .families import ATTENTION_FAMILIES, POSITION_SCHEMES
 from .registry import attention_family_for_layer_type
-from .transformers_private import allow_layer_type
+from .transformers_private import register_family_with_transformers
 
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -24,7 +24,7 @@ CLASSIFIER_POOLINGS = ("first", "last", "mean")
 OUTPUT_LAYERS = ("full", "adaptive")
 
 for _family in ATTENTION_FAMILIES.values():
-    allow_layer_type(_family.layer_type)
+    register_family_with_transformers(_family)
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -525,8 +525,8 @@ class XArchConfig(PreTrainedConfig):
             normalized = [attention_family_for_layer_type(entry).layer_type for entry in layer_types]
         # transformers re-reads saved configs through its base class (Trainer's resume_from_checkpoint), whose
         # validation knows only its own layer types: ours must be in its list too
-        for layer_type in set(normalized):
-            allow_layer_type(layer_type)
+        for layer_type in set(normalized):  # also a family registered after this file was imported
+            register_family_with_transformers(attention_family_for_layer_type(layer_type))
         return normalized
 
     def layer_families(self):

@@ -1,16 +1,39 @@
-"""Registries of attention families and position schemes, with the capabilities each declares.
+"""Registries of attention families and position schemes: each record is everything the package knows of one.
 
 A new attention family or position scheme is one file (its module, decorated with ``register_attention`` or
 ``register_position``) plus one import line in ``families.py``. ``XArchConfig`` validates every combination against
-the capabilities declared here, so an impossible one fails when the config is built, with a message that names it.
+the capabilities declared here, so an impossible one fails when the config is built, with a message that names it;
+``summary`` reads each family's ``cost``, the model card its ``card_details`` and ``citations``, the test kit
+(``hf_xarch.testing``) its flags and ``reference_implementation``. Nothing else in the package names a family.
 
-This file only imports the standard library: it travels to the Hub with every saved model (the README's "Sharing models").
+This file only imports the standard library: it travels to the Hub with every saved model (the Hub rules in the README's
+"Sharing models").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AttentionCost:
+    """The attention core of one layer (what its family computes beyond the Linear projections).
+
+    forward_flops: FLOPs per token, averaged over the tokens of one sequence of ``seq_len`` (training, prefill).
+    decode_flops: FLOPs of one new token after ``seq_len - 1`` cached tokens.
+    cache_values: numbers the layer's cache holds per sequence after ``seq_len`` tokens (0 when it keeps none).
+    projection_flops: FLOPs per token of the layer's projections; None: every ``nn.Linear`` of the module, once
+        (a family with projections that only some tokens use, such as Longformer's global ones, says so here).
+    note: anything the figures leave out (input-dependent work).
+    """
+
+    forward_flops: float
+    decode_flops: float
+    cache_values: float
+    projection_flops: float | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -28,6 +51,21 @@ class AttentionFamily:
     cache_layer: str = "dynamic"  # "dynamic" (growing KV), "sliding_window" (bounded KV), "recurrent" (fixed state)
     paper: str = ""
     description: str = ""
+    # the transformers cache layer `DynamicCache(config=...)` builds for `layer_type`; None: transformers' own class for
+    # a layer type it knows, else a DynamicLayer (every key and value kept)
+    cache_layer_class: type | None = None
+    # the config fields only this family reads; set on a model none of whose layers is of this family, they are refused
+    options: tuple[str, ...] = ()
+    # config -> derived values of its options ({field: value}); raises ValueError for bad ones; never writes the config
+    validate: Callable[[Any], dict] | None = None
+    # (config, layer index, seq_len) -> AttentionCost, for `summary`; None: reported as unknown, never guessed
+    cost: Callable[[Any, int, int], AttentionCost] | None = None
+    # config -> a few words for the model card ("window 512, dilation 2"); config -> the BibTeX entries of its papers
+    card_details: Callable[[Any], str] | None = None
+    citations: Callable[[Any], tuple[str, ...]] | None = None
+    # the `config._attn_implementation` under which the family runs its plain dense reference (the test kit compares
+    # the default path against it)
+    reference_implementation: str = "eager"
 
 
 @dataclass(frozen=True)
@@ -55,6 +93,15 @@ def register_attention(family: AttentionFamily) -> Callable[[type], type]:
     """Class decorator: register an attention module under ``family.name`` with its capabilities."""
 
     def decorator(module_cls: type) -> type:
+        for other in ATTENTION_FAMILIES.values():
+            if other.layer_type == family.layer_type and other.name != family.name:
+                raise ValueError(
+                    f"register_attention: family {family.name!r} has layer_type={family.layer_type!r}, already the "
+                    f"layer type of {other.name!r}; every family needs a layer type of its own (it picks the cache layer "
+                    "and tells saved configs which family a layer is)"
+                )
+            if family.layer_type in ATTENTION_FAMILIES and family.layer_type != family.name:
+                raise ValueError(f"register_attention: layer_type={family.layer_type!r} is the name of another family")
         ATTENTION_FAMILIES[family.name] = family
         ATTENTION_MODULES[family.name] = module_cls
         module_cls.family = family
@@ -77,7 +124,7 @@ def register_position(scheme: PositionScheme, module_cls: type | None = None):
 
 
 def attention_family_for_layer_type(layer_type: str) -> AttentionFamily:
-    """Map a transformers `layer_types` entry (or one of our family names) to its family."""
+    """Map a transformers `layer_types` entry (or one of our family names) to its family (layer types are unique)."""
     if layer_type in ATTENTION_FAMILIES:
         return ATTENTION_FAMILIES[layer_type]
     for family in ATTENTION_FAMILIES.values():

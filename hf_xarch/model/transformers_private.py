@@ -58,6 +58,17 @@ def cache_layer_for(layer_type: str, static: bool = False) -> type | None:
     return mapping.get(layer_type)
 
 
+def register_family_with_transformers(family) -> None:
+    """What transformers must know of an attention family (a registry record): its layer type, valid in any config,
+    and the cache layer ``DynamicCache(config=...)`` builds for it (the record's ``cache_layer_class``; for a layer type
+    transformers does not know and a family that names none, a ``DynamicLayer`` that keeps every key and value)."""
+    allow_layer_type(family.layer_type)
+    if family.cache_layer_class is not None:
+        register_cache_layer(family.layer_type, family.cache_layer_class, static=family.cache_layer == "recurrent")
+    elif cache_layer_for(family.layer_type) is None:
+        register_cache_layer(family.layer_type, cache_utils.DynamicLayer)
+
+
 class PastRecording:
     """The layer side of transformers' recording protocol for assisted decoding.
 
@@ -80,5 +91,6 @@ __all__ = [
     "allow_layer_type",
     "cache_layer_for",
     "register_cache_layer",
+    "register_family_with_transformers",
     "transformers_layer_types",
 ]
