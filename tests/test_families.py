@@ -112,7 +112,7 @@ def test_check_attention_family_reports_what_it_checked():
         (FutureLeakingAttention, "visibility", r"decoder position \d+ is influenced by position \d+"),
         (PaddingBlindAttention, "padding", r"row \d \(\d+ tokens of (left|right) padding\): the output at real token"),
         (DriftingCacheAttention, "cached_decode",
-         r"cached decode drifts from the full forward at position \d+ of row \d, in decode step 1"),
+         r"cached decode drifts from the full forward at position \d+ of row \d of \d, in decode step 1"),
     ],
     ids=["leaks-the-future", "ignores-padding", "cache-decode-drifts"],
 )

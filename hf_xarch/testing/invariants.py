@@ -59,41 +59,56 @@ def influence(model, ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, float]:
     return (out[1:] - out[:1]).abs().amax(-1).T, _scale(out[0])
 
 
+def _paths(case: FamilyCase, model):
+    """Set each path in turn: the default one, then the family's reference (when it is another): (name, suffix)."""
+    default, reference = model.config._attn_implementation, case.record.reference_implementation
+    for implementation in dict.fromkeys((default, reference)):
+        model.set_attn_implementation(implementation)
+        yield implementation, "" if implementation == default else f" (on the {implementation!r} reference path)"
+
+
+def _path_names(case: FamilyCase, model) -> str:
+    return " and ".join(repr(name) for name, _ in _paths(case, model))
+
+
 def check_visibility(case: FamilyCase) -> str:
-    """Decoder: no position sees the future. Encoder: positions see later ones (the family is bidirectional)."""
-    model = case.model()
-    moved, tolerance = influence(model, case.ids(1, LENGTH, "visibility"))
-    if case.decoder:
-        leaks = (moved > tolerance).triu(1).nonzero().tolist()
-        if leaks:
-            i, j = leaks[0]
-            _fail(case, "visibility", f"decoder position {i} is influenced by position {j} (its output moves by "
-                  f"{float(moved[i, j]):.2e}); {len(leaks)} (position, future position) pairs leak in all")
-        return "no decoder position is influenced by a later one"
-    if not bool((moved > tolerance).triu(1).any()):
-        _fail(case, "visibility", "no encoder position is influenced by any later position: the family declares "
-              "bidirectional=True but behaves causally")
-    return "encoder positions see later positions"
+    """Decoder: no position sees the future. Encoder: positions see later ones (the family is bidirectional).
+    On the default path and on the reference."""
+    model, ids = case.model(), case.ids(1, LENGTH, "visibility")
+    for _, where in _paths(case, model):
+        moved, tolerance = influence(model, ids)
+        if case.decoder:
+            leaks = (moved > tolerance).triu(1).nonzero().tolist()
+            if leaks:
+                i, j = leaks[0]
+                _fail(case, "visibility", f"decoder position {i} is influenced by position {j}{where} (its output "
+                      f"moves by {float(moved[i, j]):.2e}); {len(leaks)} (position, future position) pairs leak in all")
+        elif not bool((moved > tolerance).triu(1).any()):
+            _fail(case, "visibility", f"no encoder position is influenced by any later position{where}: the family "
+                  "declares bidirectional=True but behaves causally")
+    what = "no decoder position is influenced by a later one" if case.decoder else "encoder positions see later ones"
+    return f"{what} ({_path_names(case, model)})"
 
 
 def check_padding(case: FamilyCase) -> str:
-    """Outputs at real tokens do not change when rows are padded (left and right) and batched."""
+    """Outputs at real tokens do not change when rows are padded (left and right) and batched (on the default path
+    and on the reference)."""
     model = case.model()
     ids = case.ids(len(ROW_LENGTHS), LENGTH, "padding")
-    for side in ("left", "right"):
-        mask = _padding_mask(side)
-        with torch.no_grad():
-            batched = _hidden(model, ids, mask)
-        for row, length in enumerate(ROW_LENGTHS):
-            real = mask[row].bool()
+    for _, where in _paths(case, model):
+        for side in ("left", "right"):
+            mask = _padding_mask(side)
             with torch.no_grad():
-                alone = _hidden(model, ids[row : row + 1, real])[0]
-            moved = (batched[row, real] - alone).abs().amax(-1)
-            if bool((moved > _scale(alone)).any()):
-                token = int(moved.argmax())
-                _fail(case, "padding", f"row {row} ({LENGTH - length} tokens of {side} padding): the output at real "
-                      f"token {token} moves by {float(moved[token]):.2e} when the row is padded and batched")
-    return "outputs at real tokens ignore left and right padding in a batch"
+                batched = _hidden(model, ids, mask)
+                alone = [_hidden(model, ids[row : row + 1, mask[row].bool()])[0] for row in range(len(ROW_LENGTHS))]
+            for row, length in enumerate(ROW_LENGTHS):
+                moved = (batched[row, mask[row].bool()] - alone[row]).abs().amax(-1)
+                if bool((moved > _scale(alone[row])).any()):
+                    token = int(moved.argmax())
+                    _fail(case, "padding", f"row {row} ({LENGTH - length} tokens of {side} padding): the output at "
+                          f"real token {token} moves by {float(moved[token]):.2e} when the row is padded and "
+                          f"batched{where}")
+    return f"outputs at real tokens ignore left and right padding in a batch ({_path_names(case, model)})"
 
 
 def check_reference(case: FamilyCase) -> str:
@@ -132,24 +147,36 @@ def check_reference(case: FamilyCase) -> str:
 
 
 def check_cached_decode(case: FamilyCase) -> str:
-    """Decoding through the cache (a prefill, single tokens, then a chunk of several) equals the full forward."""
+    """Decoding through the cache equals the full forward (on the default path and on the reference): one unpadded
+    row from a one-token prefill, and a left-padded batch from a longer prefill; single tokens and chunks of several."""
     model = case.model()
-    ids, mask = case.ids(2, LENGTH, "decode"), _padding_mask("left", (LENGTH, 7))
+    scenarios = [  # (ids, mask, (start, end) of each step)
+        (case.ids(1, LENGTH, "decode-one"), torch.ones(1, LENGTH, dtype=torch.long), [(0, 1), (1, 2), (2, 6), (6, 7),
+                                                                                      (7, LENGTH)]),
+        (case.ids(2, LENGTH, "decode"), _padding_mask("left", (LENGTH, 7)), [(0, 7), (7, 8), (8, 9), (9, LENGTH)]),
+    ]
+    for _, where in _paths(case, model):
+        for ids, mask, steps in scenarios:
+            _decode_steps(case, model, ids, mask, steps, where)
+    return ("a one-token prefill and a padded batch's prefill, then single tokens and chunks through the cache, "
+            f"equal the full forward ({_path_names(case, model)})")
+
+
+def _decode_steps(case, model, ids, mask, steps, where) -> None:
     real = mask.bool()
     with torch.no_grad():
         full = _hidden(model, ids, mask)
         cache = DynamicCache(config=model.config)
-        steps = [(0, 6), (6, 7), (7, 8), (8, 9), (9, LENGTH)]  # prefill of 6, three single tokens, a chunk of 4
         for number, (start, end) in enumerate(steps):
             out = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
             cache = out.cache
             moved = (out.last_hidden_state - full[:, start:end]).abs().amax(-1).masked_fill(~real[:, start:end], 0)
             if float(moved.max()) > _scale(full):
                 row, offset = divmod(int(moved.argmax()), end - start)
-                what = "the prefill" if number == 0 else f"decode step {number} ({end - start} token(s) after {start})"
+                what = f"the prefill of {end}" if number == 0 else f"decode step {number} ({end - start} token(s) " \
+                    f"after {start})"
                 _fail(case, "cached_decode", f"cached decode drifts from the full forward at position {start + offset} "
-                      f"of row {row}, in {what}: by {float(moved.max()):.2e}")
-    return "a prefill, single-token steps and a multi-token step through the cache equal the full forward"
+                      f"of row {row} of {ids.shape[0]}, in {what}{where}: by {float(moved.max()):.2e}")
 
 
 def check_save_reload(case: FamilyCase) -> str:
