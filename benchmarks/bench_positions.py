@@ -9,12 +9,13 @@ with ``hf_xarch.convert.from_hf``; both with ``attn_implementation="sdpa"``:
 - greedy generation with the cache (a 32-token prompt, 64 new tokens), interleaved: tokens per second.
   Goal: XArch / Llama <= 1.0.
 
-Part ``alibi``: one causal attention layer (hidden 512, 8 heads x 64, batch 1) at N = 1024 ... 8192, forward +
+Part ``alibi``: attention with ALiBi (hidden 512, 8 heads x 64, batch 1) at N = 1024, 4096, 16384, forward +
 backward:
 
-- kernel level, on the same q, k, v: ``alibi_attention_key_bias`` (the default CPU path) vs
-  ``F.scaled_dot_product_attention(is_causal=True)`` without bias; goal <= 1.3x. The symmetric (encoder) form vs
-  bidirectional SDPA is reported too;
+- kernel level, on the same q, k, v: ``key_bias_flash_attention`` (the full family's default CPU path for a linear
+  score bias) vs ``F.scaled_dot_product_attention`` without bias, causal (decoder) and symmetric (encoder, against
+  bidirectional SDPA); step memory of each in its own fresh process. Goal at 4k and 16k: <= 1.3x the time and
+  <= 2x the step memory of unbiased SDPA;
 - layer level, projections included: XArch's attention with ALiBi vs the same layer without a bias (SDPA) vs
   transformers' ``BloomAttention`` with the bias tensor and float mask ``BloomModel`` builds per forward (the alibi
   tensor and the (N x N) mask are built inside the timed call, as BloomModel does). Peak memory of each layer in a
@@ -22,6 +23,7 @@ backward:
 
     python benchmarks/bench_positions.py                                  # the full run (about 15 minutes)
     python benchmarks/bench_positions.py --parts alibi --n 1024 --repeats 2 --output scratch   # a quick look
+    python benchmarks/bench_positions.py --parts alibi --n 4096 16384 --kernel-only --repeats 2   # the ALiBi goal
 """
 
 from __future__ import annotations
@@ -180,12 +182,13 @@ def layer_step(name: str, layer, extra, hidden_states: torch.Tensor) -> None:
         output, _ = layer(hidden_states, torch.zeros_like(hidden_states), alibi, mask)
     else:
         positions = extra(hidden_states, torch.arange(seq)[None]) if extra is not None else None
-        output, _ = layer(hidden_states, None, positions)
+        output, _ = layer(hidden_states, None, None, score_bias=positions)
     output.square().mean().backward()
 
 
 def kernel_step(name: str, q, k, v, causal: bool) -> None:
-    from hf_xarch.model.position_alibi import AlibiBias, alibi_attention_key_bias, alibi_slopes
+    from hf_xarch.model.attention_full_kernels import key_bias_flash_attention
+    from hf_xarch.model.position_alibi import AlibiBias, alibi_slopes
 
     for tensor in (q, k, v):
         tensor.grad = None
@@ -194,8 +197,21 @@ def kernel_step(name: str, q, k, v, causal: bool) -> None:
     else:
         positions = torch.arange(q.shape[2], dtype=torch.float32)[None]
         bias = AlibiBias(alibi_slopes(q.shape[1]), positions, positions, symmetric=not causal)
-        output = alibi_attention_key_bias(q, k, v, bias, None, q.shape[-1] ** -0.5, causal)
+        output = key_bias_flash_attention(q, k, v, bias, None, q.shape[-1] ** -0.5, causal)
     output.square().mean().backward()
+
+
+def kernel_memory(name: str, seq: int, heads: int, head_dim: int, causal: bool, threads: int) -> dict:
+    """In a fresh process: peak RSS of one kernel-level forward + backward (q, k, v and their gradients included)."""
+    torch.set_num_threads(threads)
+    q, k, v = qkv(heads, head_dim, seq)
+    kernel_step(name, q, k, v, causal)  # a first step: the libraries' one-time buffers are not the step's memory
+    release_freed_memory()
+    before = current_rss_mib()
+    exact = reset_peak_rss()
+    kernel_step(name, q, k, v, causal)
+    peak = peak_rss_mib()
+    return {"rss_before_mib": before, "peak_mib": peak, "step_mib": peak - before, "exact_reset": exact}
 
 
 def qkv(heads: int, head_dim: int, seq: int):
@@ -230,7 +246,23 @@ def run_alibi(args: argparse.Namespace) -> dict:
             row[f"kernel_{kind}_sdpa_ms"], row[f"kernel_{kind}_alibi_ms"] = (median_ms(times["sdpa"]),
                                                                              median_ms(times["alibi"]))
             row[f"kernel_{kind}_ratio"] = row[f"kernel_{kind}_alibi_ms"] / row[f"kernel_{kind}_sdpa_ms"]
+            row[f"kernel_{kind}_times_s"] = times
             del q, k, v
+            for name in ("sdpa", "alibi"):
+                settings = {"name": name, "seq": seq, "heads": heads, "head_dim": head_dim, "causal": causal,
+                            "threads": args.threads}
+                memory = run_in_fresh_process(HERE, "kernel_memory", settings,
+                                              threads=args.threads, env=STEADY_MALLOC_ENV)
+                row[f"kernel_{kind}_{name}_step_mib"] = memory["step_mib"]
+            row[f"kernel_{kind}_memory_ratio"] = (row[f"kernel_{kind}_alibi_step_mib"]
+                                                  / max(row[f"kernel_{kind}_sdpa_step_mib"], 1e-9))
+            print(f"alibi N {seq:5d} kernel {kind}: SDPA {row[f'kernel_{kind}_sdpa_ms']:.0f} ms / "
+                  f"{row[f'kernel_{kind}_sdpa_step_mib']:.0f} MiB, ALiBi {row[f'kernel_{kind}_alibi_ms']:.0f} ms / "
+                  f"{row[f'kernel_{kind}_alibi_step_mib']:.0f} MiB (time x{row[f'kernel_{kind}_ratio']:.2f}, memory "
+                  f"x{row[f'kernel_{kind}_memory_ratio']:.2f})", flush=True)
+        if args.kernel_only:
+            rows.append(row)
+            continue
         names = ["xarch_sdpa", "xarch_alibi"] + (["bloom"] if seq <= args.bloom_max_n else [])
         hidden_states = torch.randn(1, seq, args.hidden, generator=torch.Generator().manual_seed(4)).requires_grad_()
         times = interleaved_timings({name: functools.partial(layer_step, name, *layers[name], hidden_states)
@@ -306,15 +338,21 @@ def report(results: dict, args: argparse.Namespace) -> None:
             "",
             f"## ALiBi attention (hidden {args.hidden}, {args.heads} heads, batch 1, forward + backward)",
             "",
-            ("Kernel level (same q, k, v): `alibi_attention_key_bias` vs `F.scaled_dot_product_attention` without a "
-            "bias; causal (decoder) and bidirectional (encoder, symmetric ALiBi). Goal: ratio <= 1.3."),
+            ("Kernel level (same q, k, v): `key_bias_flash_attention` vs `F.scaled_dot_product_attention` without a "
+            "bias; causal (decoder) and bidirectional (encoder, symmetric ALiBi). step MiB: peak RSS of a fresh "
+            "process during forward + backward minus its RSS before. Goal at 4k and 16k: time ratio <= 1.3, memory "
+            "ratio <= 2."),
             "",
             markdown_table(
-                ["N", "SDPA causal ms", "ALiBi causal ms", "ratio", "SDPA bidir. ms", "ALiBi symmetric ms", "ratio"],
-                [[r["n"], r["kernel_causal_sdpa_ms"], r["kernel_causal_alibi_ms"], round(r["kernel_causal_ratio"], 3),
-                  r["kernel_bidirectional_sdpa_ms"], r["kernel_bidirectional_alibi_ms"],
-                  round(r["kernel_bidirectional_ratio"], 3)] for r in rows],
+                ["N", "form", "SDPA ms", "ALiBi ms", "time ratio", "SDPA step MiB", "ALiBi step MiB", "memory ratio"],
+                [[r["n"], form, r[f"kernel_{kind}_sdpa_ms"], r[f"kernel_{kind}_alibi_ms"],
+                  round(r[f"kernel_{kind}_ratio"], 3), r[f"kernel_{kind}_sdpa_step_mib"],
+                  r[f"kernel_{kind}_alibi_step_mib"], round(r[f"kernel_{kind}_memory_ratio"], 3)]
+                 for r in rows for form, kind in (("causal", "causal"), ("symmetric", "bidirectional"))],
             ),
+        ]
+        layer_rows = [r for r in rows if "layer_xarch_sdpa_ms" in r]
+        parts += [
             "",
             ("Layer level (causal, projections included; BLOOM builds its alibi tensor and float causal mask inside the "
             "call, as BloomModel does per forward). step MiB: peak RSS of a fresh process during forward + backward "
@@ -329,20 +367,23 @@ def report(results: dict, args: argparse.Namespace) -> None:
                   r["layer_xarch_alibi_step_mib"], get(r, "layer_bloom_step_mib"),
                   round(r["layer_step_memory_ratio_vs_sdpa"], 3),
                   round(r["layer_step_memory_ratio_vs_bloom"], 3) if "layer_step_memory_ratio_vs_bloom" in r else "-"]
-                 for r in rows],
+                 for r in layer_rows],
             ),
-        ]
+        ] if layer_rows else []
         panels.append(("ALiBi: time ratio", [f"N={r['n']}" for r in rows], {
             "kernel causal / SDPA": [r["kernel_causal_ratio"] for r in rows],
             "kernel symmetric / SDPA": [r["kernel_bidirectional_ratio"] for r in rows],
-            "layer / SDPA layer": [r["layer_time_ratio_vs_sdpa"] for r in rows],
+            "kernel memory causal / SDPA": [r["kernel_causal_memory_ratio"] for r in rows],
+            "kernel memory symmetric / SDPA": [r["kernel_bidirectional_memory_ratio"] for r in rows],
+            "layer / SDPA layer": [r.get("layer_time_ratio_vs_sdpa", float("nan")) for r in rows],
             "layer / BLOOM layer": [r.get("layer_time_ratio_vs_bloom", float("nan")) for r in rows],
         }))
-        panels.append(("ALiBi layer: step memory (MiB)", [f"N={r['n']}" for r in rows], {
-            "SDPA (no bias)": [r["layer_xarch_sdpa_step_mib"] for r in rows],
-            "XArch ALiBi": [r["layer_xarch_alibi_step_mib"] for r in rows],
-            "BLOOM": [r.get("layer_bloom_step_mib", float("nan")) for r in rows],
-        }))
+        if layer_rows:
+            panels.append(("ALiBi layer: step memory (MiB)", [f"N={r['n']}" for r in layer_rows], {
+                "SDPA (no bias)": [r["layer_xarch_sdpa_step_mib"] for r in layer_rows],
+                "XArch ALiBi": [r["layer_xarch_alibi_step_mib"] for r in layer_rows],
+                "BLOOM": [r.get("layer_bloom_step_mib", float("nan")) for r in layer_rows],
+            }))
     markdown = "\n".join(parts)
     write_results(args.output, markdown, {"settings": vars(args), **results})
     import matplotlib
@@ -371,7 +412,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=["llama", "alibi"], default=["llama", "alibi"])
     parser.add_argument("--seq", nargs="+", type=int, default=[512, 1024, 2048], help="Llama training lengths")
-    parser.add_argument("--n", nargs="+", type=int, default=[1024, 2048, 4096, 8192], help="ALiBi lengths")
+    parser.add_argument("--n", nargs="+", type=int, default=[1024, 4096, 16384], help="ALiBi lengths")
+    parser.add_argument("--kernel-only", action="store_true", help="ALiBi: the kernel level only (no layers, BLOOM)")
     parser.add_argument("--bloom-max-n", type=int, default=8192, help="skip BLOOM above this N (heads x N^2 scores)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)

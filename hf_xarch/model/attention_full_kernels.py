@@ -15,7 +15,6 @@ Who sees whom in the full family is ``causal_allowed`` (decoders) plus the calle
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
