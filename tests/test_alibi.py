@@ -1,5 +1,7 @@
 """ALiBi: BLOOM's slopes, the bias definition, every fast path against the dense reference (forward and backward,
-padding, batch > 1, odd sizes, GQA, cached queries), and the model-level invariants (cache, padding, causality)."""
+padding, batch > 1, odd sizes, GQA, cached queries), the model's fast path without a dense bias, and reload past
+max_position_embeddings. The invariants every family keeps with ALiBi (cache, padding, causality, fast == eager
+forward and backward) are in tests/test_families.py."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from hf_xarch.model.attention_full_kernels import (
     key_bias_flash_attention,
 )
 from hf_xarch.model.position_alibi import AlibiBias, alibi_slopes
-from hf_xarch.model.registry import ATTENTION_FAMILIES, POSITION_MODULES
+from hf_xarch.model.registry import POSITION_MODULES
 from hf_xarch.model.score_bias import ScoreBias
 
 from .helpers import left_padded_mask, random_ids, tiny_config
@@ -234,60 +236,6 @@ def test_model_fast_path_equals_eager_reference(is_decoder, monkeypatch):
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
-def test_model_gradients_fast_equal_eager():
-    model = alibi_model(6100).train()
-    ids = random_ids(2, 17, seed=6100)
-    mask = left_padded_mask([17, 12], 17)
-    grads = {}
-    for implementation in ("eager", "sdpa"):
-        model.set_attn_implementation(implementation)
-        model.zero_grad()
-        model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
-        grads[implementation] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    for name, grad in grads["eager"].items():
-        torch.testing.assert_close(grads["sdpa"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_cached_decoding_equals_full_forward_with_left_padding(implementation):
-    model = alibi_model(6200)
-    model.set_attn_implementation(implementation)
-    ids = random_ids(2, 19, seed=6200)
-    mask = left_padded_mask([19, 13], 19)
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask).logits
-        prefill = model(ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
-        cache, steps = prefill.cache, [prefill.logits]
-        for position in range(12, 19):
-            step = model(ids[:, position : position + 1], attention_mask=mask[:, : position + 1], cache=cache,
-                         use_cache=True)
-            cache = step.cache
-            steps.append(step.logits)
-    real = mask.bool()
-    torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("is_decoder", [True, False])
-def test_padding_does_not_change_real_positions(is_decoder):
-    model = alibi_model(6300 + is_decoder, is_decoder, heads=5)
-    ids = random_ids(1, 14, seed=6300)
-    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], dim=1)
-    mask = left_padded_mask([14], 19)
-    with torch.no_grad():
-        alone = outputs(model, ids)
-        batch = outputs(model, padded.expand(2, -1), attention_mask=mask.expand(2, -1))
-    torch.testing.assert_close(batch[0, 5:], alone[0], atol=1e-5, rtol=1e-5)
-
-
-def test_decoder_sees_no_future():
-    model = alibi_model(6400)
-    ids = random_ids(2, 25, seed=6400)
-    changed = ids.clone()
-    changed[:, 15:] = random_ids(2, 10, seed=6401)
-    with torch.no_grad():
-        torch.testing.assert_close(model(changed).logits[:, :15], model(ids).logits[:, :15], atol=1e-6, rtol=0)
-
-
 def test_runs_past_max_position_embeddings_and_reloads(tmp_path):
     model = alibi_model(6500, max_position_embeddings=16)
     ids = random_ids(2, 40, seed=6500)
@@ -299,16 +247,6 @@ def test_runs_past_max_position_embeddings_and_reloads(tmp_path):
     assert torch.equal(reloaded.model.layer_positions.slopes, alibi_slopes(6))  # rebuilt, not saved
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, logits, atol=1e-6, rtol=0)
-
-
-def test_families_without_score_bias_reject_alibi():
-    families = [name for name, family in ATTENTION_FAMILIES.items() if not family.additive_position_bias]
-    if not families:
-        pytest.skip("every registered attention family accepts a score bias")
-    for name in families:
-        family = ATTENTION_FAMILIES[name]
-        with pytest.raises(ValueError, match="position_embedding_type"):
-            tiny_config(position_embedding_type="alibi", attention_type=name, is_decoder=family.causal)
 
 
 @pytest.mark.slow  # a fresh Python process

@@ -1,62 +1,18 @@
-"""Decoding: a cached, token-by-token decode equals the full forward (fp32, 1e-5), with and without left padding, and
-generate() works with greedy, sampling and beam search."""
+"""generate() with greedy, sampling and beam search, left padding and static caches. That cached decoding equals the
+full forward is an invariant of every attention family: tests/test_families.py checks it over the registry."""
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from hf_xarch import XArchForCausalLM
 
 from .helpers import left_padded_mask, random_ids, tiny_config
-
-POSITIONS = ["learned", "sinusoidal", "rope", "none"]
 
 
 def build(attn="sdpa", **overrides):
     config = tiny_config(is_decoder=True, **overrides)
     config._attn_implementation = attn
     return XArchForCausalLM(config).eval()
-
-
-def decode_step_by_step(model, ids, mask=None, prefill=1):
-    """Prefill `prefill` tokens, then feed one token at a time through the cache; return the logits of every step."""
-    cache = DynamicCache(config=model.config)
-    logits = []
-    out = model(ids[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill], cache=cache, use_cache=True)
-    logits.append(out.logits)
-    for t in range(prefill, ids.shape[1]):
-        step_mask = None if mask is None else mask[:, : t + 1]
-        out = model(ids[:, t : t + 1], attention_mask=step_mask, cache=out.cache, use_cache=True)
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
-
-
-@pytest.mark.parametrize("position", POSITIONS)
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kv_heads", [4, 1])
-def test_cached_decode_equals_full_forward(position, attn, kv_heads):
-    model = build(attn, position_embedding_type=position, num_key_value_heads=kv_heads)
-    ids = random_ids(2, 13, seed=11)
-    full = model(ids).logits
-    for prefill in (1, 5):
-        torch.testing.assert_close(decode_step_by_step(model, ids, prefill=prefill), full, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("position", POSITIONS)
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_cached_decode_with_left_padding(position, attn):
-    model = build(attn, position_embedding_type=position, num_key_value_heads=2, norm_type="rmsnorm", mlp_type="gated")
-    ids = random_ids(3, 12, seed=12)
-    mask = left_padded_mask([12, 8, 5], 12)
-    ids = ids.masked_fill(mask == 0, 0)
-    full = model(ids, attention_mask=mask).logits
-    stepped = decode_step_by_step(model, ids, mask, prefill=6)
-    real = mask.bool()
-    torch.testing.assert_close(stepped[real], full[real], atol=1e-5, rtol=1e-5)
-    # and each padded row equals the same sequence decoded alone, unpadded
-    for row, length in enumerate([12, 8, 5]):
-        alone = model(ids[row : row + 1, 12 - length :]).logits[0]
-        torch.testing.assert_close(full[row, 12 - length :], alone, atol=1e-5, rtol=1e-5)
 
 
 def greedy_without_cache(model, ids, steps):

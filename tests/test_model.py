@@ -1,5 +1,6 @@
-"""Core behaviour of the XArch stack and heads with full attention: every structural option, eager == sdpa, padding
-invariance, causality, losses as transformers computes them, hidden states/attentions, gradient checkpointing."""
+"""Core behaviour of the XArch stack and heads with full attention: every structural option, eager == sdpa, losses as
+transformers computes them, hidden states/attentions, gradient checkpointing. Padding invariance and causality, for
+every family and position scheme, are in tests/test_families.py."""
 
 import itertools
 
@@ -46,54 +47,6 @@ def test_eager_reference_equals_sdpa(norm_position, norm_type, mlp_type, kv_head
     out_sdpa = sdpa(ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(out_sdpa[real], out_eager[real], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope", "none"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_encoder_outputs_do_not_change_with_padding(position, attn):
-    model = build(XArchModel, attn, position_embedding_type=position)
-    ids = random_ids(1, 9, seed=1)
-    alone = model(ids).last_hidden_state[0]
-    # right padding: real tokens keep their positions
-    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
-    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], dim=1).long()
-    torch.testing.assert_close(model(padded, attention_mask=mask).last_hidden_state[0, :9], alone, atol=1e-5, rtol=1e-5)
-    # left padding: positions skip the padding, so the real tokens see exactly the same thing
-    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
-    mask = left_padded_mask([9], 13)
-    torch.testing.assert_close(model(padded, attention_mask=mask).last_hidden_state[0, 4:], alone, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope", "none"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_decoder_left_padding_and_batching(position, attn):
-    model = build(XArchForCausalLM, attn, position_embedding_type=position, num_key_value_heads=2)
-    a, b = random_ids(1, 10, seed=2), random_ids(1, 6, seed=3)
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], dim=1)])
-    mask = left_padded_mask([10, 6], 10)
-    logits = model(batch, attention_mask=mask).logits
-    torch.testing.assert_close(logits[0], model(a).logits[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits[1, 4:], model(b).logits[0], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_decoder_never_sees_the_future(attn):
-    model = build(XArchModel, attn, is_decoder=True, num_key_value_heads=1)
-    ids = random_ids(2, 12, seed=4)
-    changed = ids.clone()
-    changed[:, 7:] = random_ids(2, 5, seed=5)
-    before = model(ids).last_hidden_state
-    after = model(changed).last_hidden_state
-    torch.testing.assert_close(before[:, :7], after[:, :7], atol=1e-6, rtol=1e-6)
-    assert not torch.allclose(before[:, 7:], after[:, 7:])
-
-
-def test_encoder_sees_both_sides():
-    model = build(XArchModel, is_decoder=False)
-    ids = random_ids(1, 8, seed=6)
-    changed = ids.clone()
-    changed[0, -1] = (ids[0, -1] % 98) + 1
-    assert not torch.allclose(model(ids).last_hidden_state[0, 0], model(changed).last_hidden_state[0, 0])
 
 
 def test_inputs_embeds_equal_input_ids():

@@ -1,5 +1,6 @@
-"""Performer attention (FAVOR+): fast paths against the quadratic reference, approximation quality, causality,
-padding, cached decoding, reload, redraws, the config fields, and swapping the attention of a converted BERT."""
+"""Performer attention (FAVOR+): fast paths against the quadratic reference, approximation quality, cached decoding in
+mixed stacks, crop, redraws, the config fields, and swapping the attention of a converted BERT. The invariants every
+family keeps (causality, padding, cache, reload, the eager reference) are in tests/test_families.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from hf_xarch.model.attention_performer import (
 )
 from hf_xarch.model.cache_performer import PerformerStateLayer
 
-from .helpers import assisted_and_greedy, left_padded_mask, random_ids, run_without_hf_xarch, tiny_config
+from .helpers import assisted_and_greedy, left_padded_mask, random_ids, tiny_config
 
 
 def performer_config(**overrides) -> XArchConfig:
@@ -228,55 +229,6 @@ def test_feature_floor_defaults_by_kernel():
 
 
 # ---- the layer inside models --------------------------------------------------------------------------------------
-def test_layer_equals_reference_with_rope_and_gqa():
-    """PerformerAttention = its projections, RoPE, repeated kv heads and the reference estimator, bidirectional."""
-    config = performer_config(position_embedding_type="rope", num_key_value_heads=2)
-    model = XArchModel(config).eval()
-    layer = model.layers[0].attention
-    hidden = torch.randn(2, 9, config.hidden_size)
-    positions = torch.arange(9)[None].expand(2, -1)
-    cos_sin = model.layer_positions(hidden, positions)
-    with torch.no_grad():
-        got, weights = layer(hidden, None, cos_sin)
-        q, k, v = layer.project(hidden, cos_sin)
-        k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))
-        ref = performer_attention_reference(q, k, v, layer.projection, scaling=layer.scaling)
-        want = layer.o_proj(ref.transpose(1, 2).reshape(2, 9, -1))
-    assert weights is None
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("position", ["rope", "learned"])
-def test_decoder_is_causal(position):
-    model = XArchModel(performer_config(is_decoder=True, position_embedding_type=position)).eval()
-    ids = random_ids(2, 14, seed=3)
-    changed = ids.clone()
-    changed[:, 9:] = random_ids(2, 5, seed=4)
-    with torch.no_grad():
-        a, b = model(ids).last_hidden_state, model(changed).last_hidden_state
-    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(a[:, 9:], b[:, 9:])
-
-
-@pytest.mark.parametrize("is_decoder", [False, True])
-def test_padding_does_not_change_real_positions(is_decoder):
-    model = XArchModel(performer_config(is_decoder=is_decoder, position_embedding_type="rope")).eval()
-    ids = random_ids(1, 7, seed=5)
-    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
-    with torch.no_grad():
-        alone = model(ids).last_hidden_state
-        left = model(padded, attention_mask=left_padded_mask([7], 11)).last_hidden_state[:, 4:]
-        assert torch.isfinite(model(padded, attention_mask=left_padded_mask([7], 11)).last_hidden_state).all()
-    torch.testing.assert_close(left, alone, rtol=1e-5, atol=1e-6)
-    if not is_decoder:  # right padding, with a batch whose other row is full
-        batch = torch.cat([torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1), random_ids(1, 10, seed=6)])
-        mask = torch.ones(2, 10, dtype=torch.long)
-        mask[0, 7:] = 0
-        with torch.no_grad():
-            right = model(batch, attention_mask=mask).last_hidden_state[:1, :7]
-        torch.testing.assert_close(right, alone, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize(
     "layer_types",
     [None, ["performer", "full", "performer"], ["performer", "sliding_window", "performer"]],
@@ -376,40 +328,6 @@ def test_crop_without_recording_raises():
     cache.crop(0)  # nothing to take back: fine
     with pytest.raises(ValueError, match="activate_past_recording"):
         cache.crop(-2)
-
-
-def test_save_and_reload_give_identical_outputs(tmp_path):
-    model = XArchForCausalLM(performer_config(is_decoder=True, performer_kernel="relu")).eval()
-    ids = random_ids(2, 11, seed=12)
-    model.save_pretrained(tmp_path)
-    again = XArchForCausalLM.from_pretrained(tmp_path).eval()
-    assert again.config.layer_types == ["performer_attention"] * 2
-    for a, b in zip(model.model.layers, again.model.layers):
-        assert torch.equal(a.attention.projection, b.attention.projection)
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, again(ids).logits)
-
-
-@pytest.mark.slow  # a fresh Python importing transformers
-def test_reload_and_generate_without_hf_xarch(tmp_path):
-    """trust_remote_code in a Python without hf_xarch: same logits, and generate() builds the Performer cache."""
-    config = performer_config(is_decoder=True, position_embedding_type="rope", num_key_value_heads=2)
-    model = XArchForCausalLM(config).eval()
-    model.save_pretrained(tmp_path / "m")
-    ids = random_ids(1, 6, seed=13)
-    expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    torch.save(model(ids).logits.detach(), tmp_path / "logits.pt")
-    script = f"""
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True).eval()
-ids = torch.tensor({ids.tolist()})
-torch.testing.assert_close(model(ids).logits, torch.load({str(tmp_path / 'logits.pt')!r}), rtol=0, atol=0)
-print(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0).tolist())
-"""
-    result = run_without_hf_xarch(script)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().splitlines()[-1] == str(expected.tolist())
 
 
 # ---- random features: defaults, redraws ------------------------------------------------------------------------------
