@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import torch
 
 import hf_xarch
 from hf_xarch import XArchConfig
+from hf_xarch.testing import run_without_hf_xarch  # a Python in which `import hf_xarch` fails
 
 
 def tiny_config(**overrides) -> XArchConfig:
@@ -40,34 +37,6 @@ def left_padded_mask(lengths: list[int], total: int) -> torch.Tensor:
     for row, length in enumerate(lengths):
         mask[row, total - length :] = 1
     return mask
-
-
-def run_without_hf_xarch(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh Python in which `import hf_xarch` fails (a meta-path blocker), as a user without
-    hf_xarch would load a saved model with trust_remote_code=True."""
-    blocker = (
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'hf_xarch' or name.startswith('hf_xarch.'):\n"
-        "            raise ImportError('hf_xarch is blocked in this process')\n"
-        "        return None\n"
-        "sys.meta_path.insert(0, _Block())\n"
-        "try:\n"
-        "    import hf_xarch\n"
-        "    raise SystemExit('hf_xarch imported although blocked')\n"
-        "except ImportError:\n"
-        "    pass\n"
-    )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
-    return subprocess.run(
-        [sys.executable, "-c", blocker + script],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd="/",
-    )
 
 
 __all__ = ["tiny_config", "random_ids", "left_padded_mask", "run_without_hf_xarch", "hf_xarch"]
