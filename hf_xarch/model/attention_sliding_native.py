@@ -3,9 +3,9 @@
 ``_BandedCore`` (``attention_sliding_kernels.py``) runs every op over a chunk of ~1 MiB of scores, so that Python's
 per-op cost is paid once per chunk. That working set spills a core's L2 and every op streams it again: its forward
 reaches about 40-45% of the machine's matmul rate on the band's useful work, its forward + backward about 30-35%.
-The C kernel (``attention_sliding_native.c``, beside this file) runs each op on one block of queries, with MKL's ``sgemm`` (from the torch library already
-loaded) for the matmuls, so that a block's scores stay in cache from the matmul that writes them to the ones that
-read them, and no Python runs per block.
+The C kernel (``attention_sliding_native.c``, beside this file) runs each op on one block of queries, with MKL's
+``sgemm`` (from the torch library already loaded) for the matmuls, so that a block's scores stay in cache from the
+matmul that writes them to the ones that read them, and no Python runs per block.
 
 - ``native_kernel()``: the compiled library, or None where it cannot be had (no C compiler, no ``sgemm_`` in torch's
   library, ``HF_XARCH_NATIVE_KERNEL=0``, no C source); ``native_kernel_error()`` says which. Compiled once per
