@@ -15,6 +15,8 @@ Arms (``--arms``):
 - ``xarch-old-<pos>``: XArch before issue 22: ``initializer_range=0.02``, tied embeddings;
 - ``xarch-<pos>``: XArch with the current defaults (whatever ``XArchConfig()`` gives now);
 - ``xarch-init<std>-<pos>``, ``xarch-untied-<pos>``: single changes, for the record;
+- ``xarch-init<std>-depth-<pos>``: ``initializer_range=<std>`` with GPT-2's depth scaling of the projections that write
+  into the residual stream (attention ``o_proj``, MLP ``down_proj``): std / sqrt(2 x layers);
 - ``xt-<pos>``: x-transformers' ``TransformerWrapper(Decoder(...))`` with its defaults and the same sizes (heads of
   32, not its default 64; skipped
   when x-transformers is not installed: ``pip install x-transformers``);
@@ -23,6 +25,9 @@ Arms (``--arms``):
 
     python benchmarks/bench_defaults.py                      # the run recorded in results/defaults.md
     python benchmarks/bench_defaults.py --steps 50 --arms xarch-rope xt-rope --output scratch   # a quick look
+
+Results are written after every run (an interrupted run keeps what it finished); ``--first-seed`` adds seeds to a
+protocol already run (its rows are then merged by hand: results/defaults.md says how).
 """
 
 from __future__ import annotations
@@ -72,6 +77,11 @@ def build_xarch(arm: str, args) -> torch.nn.Module:
     elif arm.startswith("xarch-untied-"):
         fields["tie_word_embeddings"] = False
     model = XArchForCausalLM(XArchConfig(**fields))
+    if "-depth-" in arm:  # GPT-2: the residual stream adds 2 projections per layer; keep its variance at init
+        std = model.config.initializer_range / math.sqrt(2 * args.layers)
+        for name, module in model.named_modules():
+            if name.endswith(("attention.o_proj", "mlp.down_proj")):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
     if arm == "xarch-old-sinusoidal":  # the sinusoid as it was: amplitude 1, not learned
         scale = model.model.embeddings.position_embeddings.scale
         scale.data.fill_(1.0)
@@ -132,7 +142,7 @@ def train_arm(arm: str, seed: int, train: torch.Tensor, heldout: torch.Tensor, a
         losses.append(loss.item())
     row = {
         "arm": arm, "seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
-        "train_bpb_last10": sum(losses[-10:]) / 10 / math.log(2),
+        "train_bpb_last10": sum(losses[-10:]) / len(losses[-10:]) / math.log(2),
         "heldout_bpb": heldout_bits_per_byte(model, heldout, args.length),
         "seconds": time.perf_counter() - start,
     }
@@ -146,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
@@ -159,12 +170,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     train, heldout = load_corpus()
     arms = [arm for arm in args.arms if not arm.startswith("xt-") or _have_x_transformers()]
-    rows = [train_arm(arm, seed, train, heldout, args) for seed in range(args.seeds) for arm in arms]
+    rows = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for arm in arms:
+            rows.append(train_arm(arm, seed, train, heldout, args))
+            report(rows, arms, args, train, heldout)
+    print(report(rows, arms, args, train, heldout))
 
+
+def report(rows: list[dict], arms: list[str], args, train: torch.Tensor, heldout: torch.Tensor) -> str:
+    """Write the results of the runs done so far; return the markdown."""
     columns = ["train_bpb_last10", "heldout_bpb"] + (["heldout_bpb_8x"] if args.long else [])
     table = []
     for arm in arms:
         mine = [row for row in rows if row["arm"] == arm]
+        if not mine:
+            continue
         means = [sum(row[c] for row in mine) / len(mine) for c in columns]
         spread = max(row["heldout_bpb"] for row in mine) - min(row["heldout_bpb"] for row in mine)
         table.append([arm, mine[0]["parameters"], *means, spread, sum(row["seconds"] for row in mine) / len(mine)])
@@ -176,15 +197,15 @@ def main() -> None:
         "",
         f"Corpus: `pydoc_data.topics` (English prose of the Python docs), {len(train)} train / {len(heldout)} held-out "
         f"bytes. {args.steps} AdamW steps (lr {args.lr}, wd 0.01) x batch {args.batch} x {args.length} bytes, hidden "
-        f"{args.hidden}, {args.layers} layers, {args.hidden // 32} heads, {args.seeds} seed(s) per arm (means shown). "
+        f"{args.hidden}, {args.layers} layers, {args.hidden // 32} heads, seeds {sorted({row['seed'] for row in rows})} "
+        "(means shown). "
         f"Held out: every byte of the held-out text, in windows of {args.length}"
         + (f" (and {8 * args.length})" if args.long else "") + ".",
         "",
         markdown_table(headers, table),
     ])
-    print(markdown)
-    write_results(args.output, markdown, {"args": vars(args), "rows": rows},
-                  directory=RESULTS_DIR)
+    write_results(args.output, markdown, {"args": vars(args), "rows": rows}, directory=RESULTS_DIR)
+    return markdown
 
 
 def _have_x_transformers() -> bool:
