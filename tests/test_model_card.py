@@ -107,8 +107,11 @@ class FakeHub:
 
 
 def code_files() -> set[str]:
+    """The Python files transformers copies (modeling and its relative imports), and the native kernel's C source,
+    which save_pretrained writes beside them."""
     modeling = Path(hf_xarch.model.modeling_xarch.__file__)
-    return {modeling.name} | {Path(f).name for f in get_relative_import_files(str(modeling))}
+    python = {modeling.name} | {Path(f).name for f in get_relative_import_files(str(modeling))}
+    return python | {hf_xarch.model.attention_sliding_native.KERNEL_FILE}
 
 
 def test_push_to_hub_uploads_exactly_weights_config_code_and_our_card(monkeypatch):

@@ -109,6 +109,16 @@ def test_sliding_options_on_layers_that_do_not_read_them_raise(family, overrides
         tiny_config(attention_type=family, **overrides)
 
 
+@pytest.mark.parametrize("family", ["full", "sliding_window"])
+@pytest.mark.parametrize("option, value", [("performer_nb_features", 64), ("performer_kernel", "relu"),
+                                           ("performer_redraw_interval", 10), ("performer_feature_floor", 0.0)])
+def test_family_options_of_a_family_no_layer_uses_raise(family, option, value):
+    """The registry record's `options`: set on a model none of whose layers reads them, they would be ignored."""
+    with pytest.raises(ValueError, match=rf"XArchConfig\.{option}=.*read only by attention_type='performer'"):
+        tiny_config(attention_type=family, **{option: value})
+    tiny_config(layer_types=[family, "performer"], is_decoder=True, **{option: value})  # one layer reads them: fine
+
+
 def test_dilation_is_per_layer_and_only_for_sliding_layers_of_a_mixed_stack():
     layer_types = ["sliding_window", "full"]
     assert tiny_config(layer_types=layer_types, attention_window=4, attention_dilation=[2, 1]).sliding_window == 7

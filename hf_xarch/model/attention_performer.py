@@ -23,7 +23,7 @@ from transformers.utils import logging
 from .attention_full import XArchAttention, repeat_kv
 from .attention_performer_kernels import performer_attention, performer_attention_reference
 from .cache_performer import PERFORMER_LAYER_TYPE, PerformerStateLayer
-from .registry import AttentionCost, AttentionFamily, register_attention
+from .registry import AttentionCost, AttentionFamily, config_error, register_attention
 
 logger = logging.get_logger(__name__)
 
@@ -82,6 +82,26 @@ def performer_attention_cost(config, layer: int, seq_len: int) -> AttentionCost:
     return AttentionCost(per_token, per_token, cache)
 
 
+def validate_performer_config(config) -> dict:
+    """The Performer options of an ``XArchConfig`` (the family record's ``validate``); derives nothing."""
+    count = config.performer_nb_features
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count <= 0):
+        raise config_error("performer_nb_features", count, "a positive integer, or None for int(head_dim * ln(head_dim))")
+    if config.performer_kernel not in PERFORMER_KERNELS:
+        raise config_error("performer_kernel", config.performer_kernel, f"one of {list(PERFORMER_KERNELS)}")
+    interval = config.performer_redraw_interval
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+        raise config_error("performer_redraw_interval", interval, "an integer >= 0 (training forwards between redraws; 0 = never)")
+    floor = config.performer_feature_floor
+    if floor is not None:
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
+            raise config_error("performer_feature_floor", floor, "a finite number >= 0 (0 = the unbiased estimate), or None")
+        if floor and config.performer_kernel != "softmax":
+            raise config_error("performer_feature_floor", floor,
+                  f"0 or None with performer_kernel={config.performer_kernel!r} (the floor is for 'softmax')")
+    return {}
+
+
 def performer_card_details(config) -> str:
     return f"{config.performer_nb_features or default_nb_features(config.head_dim)} random features, " \
         f"{config.performer_kernel} kernel"
@@ -106,6 +126,7 @@ PERFORMER_CITATION = """@inproceedings{choromanski2021rethinking,
         description="positive orthogonal random features: linear-time softmax-kernel estimate, constant-memory decoding",
         cache_layer_class=PerformerStateLayer,
         options=("performer_nb_features", "performer_kernel", "performer_redraw_interval", "performer_feature_floor"),
+        validate=validate_performer_config,
         cost=performer_attention_cost,
         card_details=performer_card_details,
         citations=lambda config: (PERFORMER_CITATION,),

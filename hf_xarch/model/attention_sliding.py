@@ -45,7 +45,7 @@ from .attention_sliding_kernels import (
 from .cache_sliding import SinkSlidingWindowLayer
 from .position_alibi import alibi_distance
 from .positions import apply_rotary
-from .registry import AttentionCost, AttentionFamily, register_attention
+from .registry import AttentionCost, AttentionFamily, config_error, register_attention
 
 DEFAULT_ATTENTION_WINDOW = 512  # Longformer's default
 
@@ -56,7 +56,7 @@ def _positive_int(value) -> bool:
 
 
 def _fail(name: str, value, allowed: str):
-    raise ValueError(f"XArchConfig.{name}={value!r} is not allowed: {allowed}")
+    raise config_error(name, value, allowed)
 
 
 def _per_layer(value, layer: int):
@@ -269,7 +269,9 @@ SLIDING_FAMILY = AttentionFamily(
     paper="Beltagy et al. 2020 (Longformer); Child et al. 2019 (dilation); Xiao et al. 2023 (attention sinks)",
     description="each query sees a window of w keys (w/2 each side, or itself and w-1 before in a decoder), "
     "optionally dilated, plus global tokens (encoders) or attention sinks (decoders); O(N·w) time and memory",
-    options=("attention_window", "attention_dilation", "attention_sink_size", "global_projections"),
+    # no `options`: validate_sliding_config refuses its unread options itself (dilation is per layer, and
+    # `attention_window` is transformers' `sliding_window`, which its common tests set on every model)
+    validate=validate_sliding_config,
     cost=sliding_window_attention_cost,
     card_details=sliding_card_details,
     citations=sliding_citations,

@@ -14,7 +14,7 @@ from typing import Any
 from transformers.configuration_utils import PreTrainedConfig
 
 from .families import ATTENTION_FAMILIES, POSITION_SCHEMES
-from .registry import attention_family_for_layer_type
+from .registry import attention_family_for_layer_type, config_error
 from .transformers_private import register_family_with_transformers
 
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -28,7 +28,7 @@ for _family in ATTENTION_FAMILIES.values():
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"XArchConfig.{field}={value!r} is not allowed: {allowed}")
+    raise config_error(field, value, allowed)
 
 
 # Fields filled in from others when not given: field -> (the fields it follows, its value from them). After
@@ -279,8 +279,7 @@ class XArchConfig(PreTrainedConfig):
         self.check_choices()
         self.check_combinations()
         self.check_position_offset()
-        self.check_performer()
-        self._assign(**self.check_sliding_window())
+        self._assign(**self.check_families())
         self.check_sharing_and_output_layer()
         if self.adaptive_cutoffs is not None:
             self._assign(adaptive_cutoffs=list(self.adaptive_cutoffs))
@@ -385,8 +384,7 @@ class XArchConfig(PreTrainedConfig):
         self.check_choices()
         self.check_combinations()
         self.check_position_offset()
-        self.check_performer()
-        self.check_sliding_window()
+        self.check_families()
         self.check_sharing_and_output_layer()
         self.validate_rope()
 
@@ -618,30 +616,22 @@ class XArchConfig(PreTrainedConfig):
                 f"(embedding_size={self.embedding_size} // div_value**{len(cutoffs)} is 0)",
             )
 
-    def check_performer(self) -> None:
-        from .attention_performer import PERFORMER_KERNELS
-
-        count = self.performer_nb_features
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count <= 0):
-            _fail("performer_nb_features", count, "a positive integer, or None for int(head_dim * ln(head_dim))")
-        if self.performer_kernel not in PERFORMER_KERNELS:
-            _fail("performer_kernel", self.performer_kernel, f"one of {list(PERFORMER_KERNELS)}")
-        interval = self.performer_redraw_interval
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-            _fail("performer_redraw_interval", interval, "an integer >= 0 (training forwards between redraws; 0 = never)")
-        floor = self.performer_feature_floor
-        if floor is not None:
-            if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
-                _fail("performer_feature_floor", floor, "a finite number >= 0 (0 = the unbiased estimate), or None")
-            if floor and self.performer_kernel != "softmax":
-                _fail("performer_feature_floor", floor,
-                      f"0 or None with performer_kernel={self.performer_kernel!r} (the floor is for 'softmax')")
-
-    def check_sliding_window(self) -> dict:
-        """The sliding-window checks; returns the values they derive (``__post_init__`` assigns them)."""
-        from .attention_sliding import validate_sliding_config
-
-        return validate_sliding_config(self)
+    def check_families(self) -> dict:
+        """Each registered family's own checks (its registry record's ``validate``), and its ``options`` refused on a
+        model none of whose layers reads them (they would be silently ignored). Returns the values the families
+        derive (``__post_init__`` assigns them)."""
+        used = {family.name for family in self.layer_families()}
+        derived: dict = {}
+        for family in ATTENTION_FAMILIES.values():
+            if family.name not in used:
+                for option in family.options:
+                    value, default = getattr(self, option, None), getattr(type(self), option, None)
+                    if value != default:
+                        _fail(option, value, f"{default!r}: it is read only by attention_type={family.name!r} layers, "
+                              f"and no layer is one (layer_types={self.layer_types})")
+            if family.validate is not None:
+                derived.update(family.validate(self))
+        return derived
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):

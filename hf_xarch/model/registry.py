@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def config_error(field: str, value: Any, allowed: str) -> ValueError:
+    """The one wording of a bad config value: the field, the value and what is allowed."""
+    return ValueError(f"XArchConfig.{field}={value!r} is not allowed: {allowed}")
+
+
 @dataclass(frozen=True)
 class AttentionCost:
     """The attention core of one layer (what its family computes beyond the Linear projections).
@@ -54,7 +59,8 @@ class AttentionFamily:
     # the transformers cache layer `DynamicCache(config=...)` builds for `layer_type`; None: transformers' own class for
     # a layer type it knows, else a DynamicLayer (every key and value kept)
     cache_layer_class: type | None = None
-    # the config fields only this family reads; set on a model none of whose layers is of this family, they are refused
+    # the config fields only this family reads: on a model none of whose layers is of this family, a value other than
+    # the field's default is refused (a family whose `validate` checks its unread options itself lists none)
     options: tuple[str, ...] = ()
     # config -> derived values of its options ({field: value}); raises ValueError for bad ones; never writes the config
     validate: Callable[[Any], dict] | None = None
