@@ -9,18 +9,11 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _distribution_version
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+import transformers
 
 from .model.configuration_xarch import XArchConfig
 from .model.modeling_xarch import (
+    HEADS,
     XArchForCausalLM,
     XArchForMaskedLM,
     XArchForQuestionAnswering,
@@ -36,15 +29,6 @@ try:  # one source of truth: pyproject.toml's version, as installed
 except PackageNotFoundError:  # a checkout on sys.path that was never installed
     __version__ = "0+unknown"
 
-AUTO_CLASSES = {
-    AutoModel: XArchModel,
-    AutoModelForCausalLM: XArchForCausalLM,
-    AutoModelForMaskedLM: XArchForMaskedLM,
-    AutoModelForSequenceClassification: XArchForSequenceClassification,
-    AutoModelForTokenClassification: XArchForTokenClassification,
-    AutoModelForQuestionAnswering: XArchForQuestionAnswering,
-}
-
 # the attention projections every family keeps (PEFT's LoRA default for Llama-like models is q_proj/v_proj; we
 # adapt all four, as the QLoRA paper found adapting every attention projection matters)
 PEFT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -53,9 +37,9 @@ PEFT_FEEDFORWARD_MODULES = ["down_proj"]
 
 def register() -> None:
     """Register ``xarch`` with transformers' Auto classes and PEFT's default target tables (idempotent)."""
-    AutoConfig.register("xarch", XArchConfig, exist_ok=True)
-    for auto_class, model_class in AUTO_CLASSES.items():
-        auto_class.register(XArchConfig, model_class, exist_ok=True)
+    transformers.AutoConfig.register("xarch", XArchConfig, exist_ok=True)
+    for head in HEADS:  # every model class with its Auto class, listed once in modeling_xarch.HEADS
+        getattr(transformers, head.auto_class).register(XArchConfig, head.model_class, exist_ok=True)
     _register_peft()
 
 
@@ -96,6 +80,7 @@ __all__ = [
     "__version__",
     "XArchConfig",
     "XArchPreTrainedModel",
+    # the model classes of modeling_xarch.HEADS, imported by name above (tests/test_model.py checks the two agree)
     "XArchModel",
     "XArchForCausalLM",
     "XArchForMaskedLM",

@@ -29,22 +29,9 @@ EVAL_RESULTS_NAME = "eval_results.json"  # what the recipes scored; a card rewri
 # the templates live in the repository's model_cards/; an installed wheel carries them under share/hf-xarch/
 TEMPLATE_DIRS = [Path(__file__).resolve().parent.parent / "model_cards", Path(sys.prefix) / "share" / "hf-xarch" / "model_cards"]
 
-PIPELINE_TAGS = {
-    "XArchModel": "feature-extraction",
-    "XArchForCausalLM": "text-generation",
-    "XArchForMaskedLM": "fill-mask",
-    "XArchForSequenceClassification": "text-classification",
-    "XArchForTokenClassification": "token-classification",
-    "XArchForQuestionAnswering": "question-answering",
-}
-AUTO_CLASS_OF = {
-    "XArchModel": "AutoModel",
-    "XArchForCausalLM": "AutoModelForCausalLM",
-    "XArchForMaskedLM": "AutoModelForMaskedLM",
-    "XArchForSequenceClassification": "AutoModelForSequenceClassification",
-    "XArchForTokenClassification": "AutoModelForTokenClassification",
-    "XArchForQuestionAnswering": "AutoModelForQuestionAnswering",
-}
+# the card's pipeline tag and the Auto class its usage example loads, per architecture (modeling_xarch.HEADS)
+PIPELINE_TAGS = {head.model_class.__name__: head.pipeline_tag for head in modeling_xarch.HEADS}
+AUTO_CLASS_OF = {head.model_class.__name__: head.auto_class for head in modeling_xarch.HEADS}
 
 CITATIONS = {
     "transformer": """@inproceedings{vaswani2017attention,

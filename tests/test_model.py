@@ -166,6 +166,39 @@ def test_token_classification_and_question_answering_losses():
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_every_head_of_the_list_is_exported_registered_and_named_in_auto_map():
+    """`modeling_xarch.HEADS` is the one list of heads: each is exported by hf_xarch, loads through its Auto class,
+    saves under that Auto class in config.auto_map, and its pipeline task (where transformers has that pipeline)
+    loads it through the same Auto class."""
+    import transformers
+    from transformers.pipelines import SUPPORTED_TASKS
+
+    import hf_xarch
+    from hf_xarch.model.modeling_xarch import AUTO_MAP, HEADS
+
+    assert {head.model_class for head in HEADS} >= {XArchModel, XArchForCausalLM, XArchForMaskedLM}
+    for head in HEADS:
+        name = head.model_class.__name__
+        assert getattr(hf_xarch, name) is head.model_class and name in hf_xarch.__all__
+        assert type(getattr(transformers, head.auto_class).from_config(tiny_config())) is head.model_class
+        assert head.model_class._auto_class == head.auto_class
+        assert AUTO_MAP[head.auto_class] == f"modeling_xarch.{name}"
+        if head.pipeline_tag in SUPPORTED_TASKS:
+            assert head.auto_class in [auto.__name__ for auto in SUPPORTED_TASKS[head.pipeline_tag]["pt"]]
+
+
+@pytest.mark.parametrize("model_class", [XArchModel, XArchForMaskedLM, XArchForSequenceClassification,
+                                         XArchForTokenClassification, XArchForQuestionAnswering])
+def test_encoder_heads_name_token_types_and_global_tokens_in_forward(model_class):
+    """Trainer (remove_unused_columns=True, its default) drops every dataset column that the model's forward does not
+    name. transformers' GenericForTokenClassification / GenericForQuestionAnswering take these through **kwargs only
+    (one reason our heads are not those), so a BERT-style dataset would lose its token types."""
+    import inspect
+
+    parameters = inspect.signature(model_class.forward).parameters
+    assert {"token_type_ids", "global_attention_mask", "attention_mask"} <= set(parameters)
+
+
 def test_token_types():
     model = build(XArchModel, type_vocab_size=2)
     ids = random_ids(2, 5)

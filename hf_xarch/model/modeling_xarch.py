@@ -8,6 +8,8 @@ Everything this file imports from the package is a sibling (``from .x import Y``
 a self-contained set of files next to the weights (the README's "Sharing models").
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -35,8 +37,6 @@ from .attention_full import XArchAttention
 from .attention_sliding_native import fetch_kernel_source, save_kernel_source
 from .configuration_xarch import XArchConfig
 from .families import ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
-from .position_alibi import AlibiPositionBias, alibi_slopes
-from .positions import SinusoidalPositionEmbedding
 from .registry import attention_family_for_layer_type
 
 logger = logging.get_logger(__name__)
@@ -184,20 +184,14 @@ class XArchPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, SinusoidalPositionEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.dim))
-            init.constant_(module.scale, module.initial_scale)
+        # an attention family's or position scheme's own buffers and parameters: its registry record's `init`
+        record = getattr(module, "family", None) or getattr(module, "position_scheme", None)
+        if record is not None and record.init is not None:
+            record.init(module)
         elif isinstance(module, XArchRMSNorm):
             init.ones_(module.weight)
-        elif type(module).__name__ == "LearnedPositionEmbedding":
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, AlibiPositionBias):
-            init.copy_(module.slopes, alibi_slopes(module.num_heads))
         elif isinstance(module, XArchMLMHead):
             init.zeros_(module.decoder.bias)
-        elif hasattr(module, "reset_features"):  # Performer: the saved random projection (drawn if not loaded)
-            module.reset_features()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as transformers does, with `config.auto_map` naming every Auto class hf_xarch registers, so the folder
@@ -296,8 +290,6 @@ def check_attention_mask(attention_mask: torch.Tensor, batch: int, length: int, 
 
 class XArchModel(XArchPreTrainedModel):
     """The bare XArch stack: embeddings, blocks, final norm. Encoder when ``config.is_decoder`` is False."""
-
-    _auto_class = "AutoModel"
 
     def __init__(self, config: XArchConfig):
         config.check_all()  # fields changed since the config was built are checked before any layer reads them
@@ -427,7 +419,6 @@ class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
     labels, `logits` hold the full distribution.
     """
 
-    _auto_class = "AutoModelForCausalLM"
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
 
     @staticmethod
@@ -546,7 +537,6 @@ class XArchMLMHead(nn.Module):
 
 
 class XArchForMaskedLM(XArchPreTrainedModel):
-    _auto_class = "AutoModelForMaskedLM"
     _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: XArchConfig):
@@ -634,9 +624,9 @@ def pool_sequence(
     return hidden_states[torch.arange(batch, device=hidden_states.device), last]
 
 
+# Not transformers' GenericForSequenceClassification: that one scores only the last non-pad token with a bias-free
+# `score`; ours pools `first` (BERT's tanh pooler), `last` or `mean`, with dropout and BERT's biased `classifier`.
 class XArchForSequenceClassification(XArchPreTrainedModel):
-    _auto_class = "AutoModelForSequenceClassification"
-
     def __init__(self, config: XArchConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -685,9 +675,9 @@ class XArchForSequenceClassification(XArchPreTrainedModel):
         )
 
 
+# Not GenericForTokenClassification: it names the layer `score` (saved models and the BERT conversions use
+# `classifier`), and its forward has no token_type_ids / global_attention_mask (see XArchForQuestionAnswering).
 class XArchForTokenClassification(XArchPreTrainedModel):
-    _auto_class = "AutoModelForTokenClassification"
-
     def __init__(self, config: XArchConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -728,9 +718,10 @@ class XArchForTokenClassification(XArchPreTrainedModel):
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
+# Not GenericForQuestionAnswering: its forward has no token_type_ids / global_attention_mask parameters, so Trainer
+# (remove_unused_columns) would drop those dataset columns; and it builds the stack with AutoModel.from_config, which
+# a trust_remote_code load without hf_xarch cannot resolve (only the loaded head is registered there).
 class XArchForQuestionAnswering(XArchPreTrainedModel):
-    _auto_class = "AutoModelForQuestionAnswering"
-
     def __init__(self, config: XArchConfig):
         super().__init__(config)
         self.model = XArchModel(config)
@@ -776,24 +767,35 @@ class XArchForQuestionAnswering(XArchPreTrainedModel):
         )
 
 
-# Auto class -> "module.Class" for config.auto_map: every head, whichever one is saved (the README's "Sharing models").
-AUTO_MAP = {
-    "AutoConfig": "configuration_xarch.XArchConfig",
-    "AutoModel": "modeling_xarch.XArchModel",
-    "AutoModelForCausalLM": "modeling_xarch.XArchForCausalLM",
-    "AutoModelForMaskedLM": "modeling_xarch.XArchForMaskedLM",
-    "AutoModelForSequenceClassification": "modeling_xarch.XArchForSequenceClassification",
-    "AutoModelForTokenClassification": "modeling_xarch.XArchForTokenClassification",
-    "AutoModelForQuestionAnswering": "modeling_xarch.XArchForQuestionAnswering",
-}
+class Head(NamedTuple):
+    model_class: type
+    auto_class: str  # the transformers Auto class that loads it
+    pipeline_tag: str  # its task, as the Hub's pipeline tags name it
 
-__all__ = [
-    "XArchPreTrainedModel",
-    "XArchModel",
-    "XArchForCausalLM",
-    "XArchForMaskedLM",
-    "XArchForSequenceClassification",
-    "XArchForTokenClassification",
-    "XArchForQuestionAnswering",
-    "AUTO_MAP",
-]
+
+# Every model class hf_xarch registers, written once. Derived from it: each class's `_auto_class` and `AUTO_MAP` (so
+# `save_pretrained` copies these files and names every head in config.auto_map), the Auto registration in
+# hf_xarch/__init__.py, the model card's Auto class and pipeline tag (hf_xarch/hub.py) and `__all__`.
+HEADS = (
+    Head(XArchModel, "AutoModel", "feature-extraction"),
+    Head(XArchForCausalLM, "AutoModelForCausalLM", "text-generation"),
+    Head(XArchForMaskedLM, "AutoModelForMaskedLM", "fill-mask"),
+    Head(XArchForSequenceClassification, "AutoModelForSequenceClassification", "text-classification"),
+    Head(XArchForTokenClassification, "AutoModelForTokenClassification", "token-classification"),
+    Head(XArchForQuestionAnswering, "AutoModelForQuestionAnswering", "question-answering"),
+)
+for _head in HEADS:
+    _head.model_class.register_for_auto_class(_head.auto_class)
+del _head
+
+
+def _class_ref(cls: type) -> str:
+    """"module.Class" as config.auto_map names a class in a saved folder (the file name without the package)."""
+    return f"{cls.__module__.rpartition('.')[2]}.{cls.__name__}"
+
+
+# Auto class -> "module.Class" for config.auto_map: every head, whichever one is saved (the README's "Sharing models").
+AUTO_MAP = {"AutoConfig": _class_ref(XArchConfig), **{head.auto_class: _class_ref(head.model_class) for head in HEADS}}
+
+__all__ = ["XArchPreTrainedModel", "Head", "HEADS", "AUTO_MAP"]
+__all__ += [head.model_class.__name__ for head in HEADS]
