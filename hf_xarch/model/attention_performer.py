@@ -127,6 +127,7 @@ PERFORMER_CITATION = """@inproceedings{choromanski2021rethinking,
         cache_layer_class=PerformerStateLayer,
         options=("performer_nb_features", "performer_kernel", "performer_redraw_interval", "performer_feature_floor"),
         validate=validate_performer_config,
+        init=lambda module: module.reset_features(),  # the saved random projection (drawn from its seed if not loaded)
         cost=performer_attention_cost,
         card_details=performer_card_details,
         citations=lambda config: (PERFORMER_CITATION,),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import initialization as init
 from torch import nn
 from torch.nn import functional as F
 
@@ -118,6 +119,7 @@ class AlibiBias:
         kind="bias",
         paper="Press et al. 2022 (ALiBi); slopes as in BLOOM (BigScience 2022)",
         description="a per-head linear distance penalty added to attention scores; no position vectors, extrapolates",
+        init=lambda module: init.copy_(module.slopes, alibi_slopes(module.num_heads)),
     )
 )
 class AlibiPositionBias(nn.Module):

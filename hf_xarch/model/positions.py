@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .registry import PositionScheme, register_position
@@ -37,12 +38,14 @@ def check_position_limit(position_ids: torch.Tensor, limit: int, scheme: str) ->
         bounded=True,
         paper="Devlin et al. 2019 (BERT); Radford et al. 2019 (GPT-2)",
         description="a trained table of max_position_embeddings vectors added to the token embeddings",
+        init=lambda module: init.normal_(module.weight, mean=0.0, std=module.initializer_range),
     )
 )
 class LearnedPositionEmbedding(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.limit = config.max_position_embeddings
+        self.initializer_range = config.initializer_range
         self.weight = nn.Parameter(torch.empty(config.max_position_embeddings, config.embedding_size))
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -57,6 +60,7 @@ class LearnedPositionEmbedding(nn.Module):
         paper="Vaswani et al. 2017",
         description="fixed sin/cos features of the position (interleaved as in the paper) times a learned scale, "
         "added to the embeddings",
+        init=lambda module: module.reset_parameters(),
     )
 )
 class SinusoidalPositionEmbedding(nn.Module):
@@ -74,6 +78,11 @@ class SinusoidalPositionEmbedding(nn.Module):
         self.initial_scale = self.compute_initial_scale(config.initializer_range)
         self.scale = nn.Parameter(torch.tensor(self.initial_scale))
         self.register_buffer("inv_freq", self.compute_inv_freq(self.dim), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """The frequencies (a non-persistent buffer) and, unless loaded, the scale's starting value."""
+        init.copy_(self.inv_freq, self.compute_inv_freq(self.dim))
+        init.constant_(self.scale, self.initial_scale)
 
     @staticmethod
     def compute_initial_scale(initializer_range: float) -> float:

@@ -72,6 +72,9 @@ class AttentionFamily:
     # the `config._attn_implementation` under which the family runs its plain dense reference (the test kit compares
     # the default path against it)
     reference_implementation: str = "eager"
+    # module -> None: rebuilds the buffers a checkpoint does not hold or that a meta-device build left empty (random
+    # features drawn from a saved seed...); `_init_weights` calls it, so FSDP and `init_empty_weights` builds work
+    init: Callable[[Any], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class PositionScheme:
     bounded: bool = False  # True when it cannot represent positions >= max_position_embeddings (learned tables)
     paper: str = ""
     description: str = ""
+    init: Callable[[Any], None] | None = None  # module -> None: what `_init_weights` sets (as AttentionFamily.init)
 
 
 ATTENTION_FAMILIES: dict[str, AttentionFamily] = {}
@@ -122,6 +126,8 @@ def register_position(scheme: PositionScheme, module_cls: type | None = None):
     def decorator(cls: type | None) -> type | None:
         POSITION_SCHEMES[scheme.name] = scheme
         POSITION_MODULES[scheme.name] = cls
+        if cls is not None:
+            cls.position_scheme = scheme
         return cls
 
     if module_cls is not None or scheme.kind == "none":
