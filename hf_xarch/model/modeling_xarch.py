@@ -37,8 +37,6 @@ from .attention_full import XArchAttention
 from .attention_sliding_native import fetch_kernel_source, save_kernel_source
 from .configuration_xarch import XArchConfig
 from .families import ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
-from .position_alibi import AlibiPositionBias, alibi_slopes
-from .positions import SinusoidalPositionEmbedding
 from .registry import attention_family_for_layer_type
 
 logger = logging.get_logger(__name__)
@@ -186,20 +184,14 @@ class XArchPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, SinusoidalPositionEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.dim))
-            init.constant_(module.scale, module.initial_scale)
+        # an attention family's or position scheme's own buffers and parameters: its registry record's `init`
+        record = getattr(module, "family", None) or getattr(module, "position_scheme", None)
+        if record is not None and record.init is not None:
+            record.init(module)
         elif isinstance(module, XArchRMSNorm):
             init.ones_(module.weight)
-        elif type(module).__name__ == "LearnedPositionEmbedding":
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, AlibiPositionBias):
-            init.copy_(module.slopes, alibi_slopes(module.num_heads))
         elif isinstance(module, XArchMLMHead):
             init.zeros_(module.decoder.bias)
-        elif hasattr(module, "reset_features"):  # Performer: the saved random projection (drawn if not loaded)
-            module.reset_features()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as transformers does, with `config.auto_map` naming every Auto class hf_xarch registers, so the folder
