@@ -1,5 +1,7 @@
 """The FAVOR+ kernels behind ``attention_performer.PerformerAttention``: the feature map, the bidirectional and
 causal fast paths with their hand-written backwards, the feature floor, and the plain quadratic reference.
+Longer than 600 lines because the two fast paths and their backwards share the feature map and the stabiliser: split
+apart, each would need the other's internals.
 
 Three implementations of one estimator, compared in the tests:
 - ``performer_attention_reference``: the plain quadratic form φ(Q)φ(K)ᵀV with the same features (autograd backward).

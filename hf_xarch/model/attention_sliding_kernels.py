@@ -1,5 +1,6 @@
 """Kernels of sliding-window attention (Beltagy et al. 2020, Longformer): who sees whom, the dense reference, the
-banded O(N·w) kernel and the flex-attention path.
+banded O(N·w) kernel and the flex-attention path. Longer than 600 lines because every path derives from the one
+visibility rule here, and the custom op that wraps the native kernel needs the torch path's layout helpers.
 
 Every path implements one rule, written once in ``sees``: the dense reference (``sliding_visibility``), the flex
 ``mask_mod``, the torch path's band and extra-key masks derive from it (the C kernel has its own loop over the band,

@@ -4,6 +4,7 @@ Field names follow transformers wherever the concept already exists there (``num
 ``rope_parameters``, ``layer_types``, ``sliding_window``...). Every value is validated when the config is built and a
 bad one raises ``ValueError`` naming the field, the value and what is allowed. Combinations are checked against the
 capabilities that attention families and position schemes declare in the registry (``registry.py``).
+Longer than 600 lines because of its docstring: every field is documented here, where ``help(XArchConfig)`` finds it.
 """
 
 from __future__ import annotations

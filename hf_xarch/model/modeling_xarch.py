@@ -2,7 +2,8 @@
 
 Reads like transformers' Llama and BERT files: one block class whose attention is chosen per layer from the registry
 (``ATTENTION_MODULES``), positions from ``POSITION_MODULES``, masks from transformers' masking utilities, caches from
-transformers' cache classes, and the heads as transformers' own heads compute their losses.
+transformers' cache classes, and the heads as transformers' own heads compute their losses. Longer than 600 lines
+because it holds the six heads, as transformers' modeling files do: a reader finds the whole model in one file.
 
 Everything this file imports from the package is a sibling (``from .x import Y``) so that ``save_pretrained`` copies
 a self-contained set of files next to the weights (the README's "Sharing models").
