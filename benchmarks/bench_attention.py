@@ -12,7 +12,7 @@ Cases come from ``benchmarks/cases_*.py``: every such module exposes ``CASES``, 
 
 Every (case, length, mode) runs in a fresh Python (``common.run_in_fresh_process``) with one torch thread, so that its
 peak memory is its own: the RSS high-water mark is reset once the case's module is imported, so the peak covers the
-inputs, the module and the work (as BENCHMARKS.md counts them). Case modules therefore import their libraries at the
+inputs, the module and the work (as our peer figures count them). Case modules therefore import their libraries at the
 top, not in ``build``. glibc's default allocator settings are kept (``STEADY_MALLOC_ENV`` would make every large
 allocation a fresh mmap, and its page faults would penalise the peers that allocate per step). Time: median of the repeats after one warm-up; both wall-clock
 and the process's CPU time are recorded. On a shared machine the CPU time (``time.process_time``, which with one

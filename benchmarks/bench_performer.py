@@ -5,7 +5,7 @@ full attention. Time and memory of one attention layer are cases of ``bench_atte
    {16, 64, 256, 1024}: ours and lucidrains' performer-pytorch ``FastAttention`` on the same inputs AND the same random
    features (its buffer is overwritten with ours, so only the estimators' arithmetic differs; ours with the default
    feature floor and without it), at q, k ~ N(0, 1)/d^¼
-   (BENCHMARKS.md's table) and at logit std 1 (q, k ~ N(0, 1)), beside the mean(v) baseline (uniform attention);
+   (the peers' published table) and at logit std 1 (q, k ~ N(0, 1)), beside the mean(v) baseline (uniform attention);
    mean over 3 feature draws. Also ours at m = 256 over a sweep of logit scales.
 2. decoding: an XArchForCausalLM (hidden 512, 8 heads, 2 layers, vocab 1000, rope) prefilled with a 16k-token context,
    then greedy steps one token at a time from the cache: tokens/s (CPU time), cache MiB and the RSS growth during

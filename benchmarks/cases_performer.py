@@ -5,7 +5,7 @@ Kernel level, like SDPA: q, k, v (batch 1, 8 heads of 64, fp32) -> output, m = 2
 Performers. Bidirectional cases join the "attention" group (whose reference is ``cases_sliding``'s dense SDPA);
 causal ones form the "causal attention" group with causal SDPA as its reference. performer-pytorch's causal path
 without its CUDA kernel is forward-only here and stops at 8k: it keeps a (chunk × m × d) context per position and
-takes minutes beyond that (BENCHMARKS.md). Approximation error and decoding speed are in ``bench_performer.py``.
+takes minutes beyond that. Approximation error and decoding speed are in ``bench_performer.py``.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_causal_backward_saves_no_feature_sized_tensor():
 # ---- the estimator: error against exact softmax ----------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [False, True])
 def test_error_against_softmax_falls_like_inverse_sqrt_features(causal):
-    """q, k ~ N(0, 1)/d^¼ (the regime BENCHMARKS.md tabulates): the relative error roughly halves per 4x features,
+    """q, k ~ N(0, 1)/d^¼ (the regime the peer figures tabulate): the relative error roughly halves per 4x features,
     and with enough features beats the mean(v) baseline."""
     q, k, v = random_qkv(5, batch=1, heads=2, length=256, dim=64, value_dim=64, scale=64**-0.25, dtype=torch.float32)
     q, k, v = q.detach(), k.detach(), v.detach()
