@@ -283,29 +283,34 @@ class KeyBiasFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, query, key, value, plan: KeyBiasPlan, scaling: float):
-        batch, heads = query.shape[:2]
-        outputs, lses = [], []
+        batch, heads, q_length, head_dim = query.shape
+        # written block by block in place, laid out as (batch, q, heads, dim) like the kernel's own output: the
+        # caller's transpose back to that layout is then free (no list of blocks, no concatenation, no copy)
+        output = query.new_empty(batch, q_length, heads, head_dim).transpose(1, 2)
+        lse = torch.empty(batch, heads, q_length, dtype=torch.float32, device=query.device)
         for start, end in plan.blocks():
             part_outputs, part_lses = [], []
             for part in plan.parts(start, end):
                 keys = slice(part.key_start, part.key_end)
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                out, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     query[:, :, start:end], key[:, :, keys], value[:, :, keys], is_causal=part.causal,
                     attn_mask=plan.mask(part, start, end), scale=scaling,
                 )
                 # the log-sum-exp of the true scores, which differ from the kernel's by a constant per row
                 part_outputs.append(out)
-                part_lses.append(lse + plan.shift(part, start, end))
+                part_lses.append(part_lse + plan.shift(part, start, end))
             if len(part_outputs) == 1:
-                out, lse = part_outputs[0], part_lses[0].expand(batch, heads, -1)
-            else:  # merge the parts as split-KV flash attention does: weight each by its share of the softmax mass
-                lse = torch.logsumexp(torch.stack(torch.broadcast_tensors(*part_lses)), dim=0)
-                out = sum(o.float() * torch.exp(l - lse)[..., None] for o, l in zip(part_outputs, part_lses))
-            outputs.append(out.to(query.dtype))
-            lses.append(lse)
-        output, lse = torch.cat(outputs, dim=2), torch.cat(lses, dim=-1)
-        # a query that sees no real key (its parts' masks all hold the fp32 minimum) attends to nothing: output 0
-        output = output.masked_fill((lse < DEAD_LSE)[..., None], 0)
+                output[:, :, start:end] = part_outputs[0]
+                lse[..., start:end] = part_lses[0]
+                continue
+            # merge the parts as split-KV flash attention does: weight each by its share of the softmax mass
+            block_lse = torch.logsumexp(torch.stack(torch.broadcast_tensors(*part_lses)), dim=0)
+            merged = sum(o.float() * torch.exp(l - block_lse)[..., None] for o, l in zip(part_outputs, part_lses))
+            output[:, :, start:end] = merged
+            lse[..., start:end] = block_lse
+        if plan.padding is not None:
+            # a query that sees no real key (its parts' masks all hold the fp32 minimum) attends to nothing: output 0
+            output.masked_fill_((lse < DEAD_LSE)[..., None], 0)
         ctx.plan, ctx.scaling = plan, scaling
         ctx.save_for_backward(query, key, value, output, lse)
         return output
@@ -316,23 +321,32 @@ class KeyBiasFlashAttention(torch.autograd.Function):
         plan, scaling = ctx.plan, ctx.scaling
         batch, heads = query.shape[:2]
         grad_query, grad_key, grad_value = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        grad_output = grad_output.masked_fill((lse < DEAD_LSE)[..., None], 0).contiguous()  # those rows output 0
         for start, end in plan.blocks():
             block = slice(start, end)
             block_lse = lse[..., block]
+            # per block, never a whole copy of grad_output or output (the kernel wants them contiguous)
             d_out, out = grad_output[:, :, block].contiguous(), output[:, :, block].contiguous()
+            if plan.padding is not None:
+                d_out.masked_fill_((block_lse < DEAD_LSE)[..., None], 0)  # rows that see nothing output 0
             for part in plan.parts(start, end):
-                keys = slice(part.key_start, part.key_end)
                 # the kernel's backward, given the merged output and the merged log-sum-exp in this part's frame,
                 # returns exactly this part's share of the gradients
                 part_lse = (block_lse - plan.shift(part, start, end)).expand(batch, heads, -1).contiguous()
-                dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    d_out, query[:, :, block], key[:, :, keys], value[:, :, keys], out, part_lse, 0.0, part.causal,
-                    attn_mask=plan.mask(part, start, end), scale=scaling,
-                )
-                grad_query[:, :, block] += dq
-                grad_key[:, :, keys] += dk
-                grad_value[:, :, keys] += dv
+                mask = plan.mask(part, start, end)
+                # the kernel returns its key and value gradients as new tensors as long as its key range: a long
+                # key-only range runs as chunks of block_size keys (the same mask, sliced) so that they stay small
+                step = part.key_end - part.key_start if part.causal or part.tile else plan.block_size
+                for key_start in range(part.key_start, part.key_end, step):
+                    keys = slice(key_start, min(key_start + step, part.key_end))
+                    local = slice(keys.start - part.key_start, keys.stop - part.key_start)
+                    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                        d_out, query[:, :, block], key[:, :, keys], value[:, :, keys], out, part_lse, 0.0,
+                        part.causal, attn_mask=mask[..., local], scale=scaling,
+                    )
+                    grad_query[:, :, block] += dq
+                    grad_key[:, :, keys] += dk
+                    grad_value[:, :, keys] += dv
+                    del dq, dk, dv  # freed before the next chunk's are made
         return grad_query, grad_key, grad_value, None, None
 
 
