@@ -62,6 +62,20 @@ def test_longformer_round_trip_and_sequence_classification():
     assert (back(ids, attention_mask=mask, global_attention_mask=glob).logits - want).abs().max() < 1e-6
 
 
+def test_longformer_positions_keep_their_table_and_round_trip_exactly():
+    """RoBERTa's positions as position_offset: the table is not shifted, so to_hf gives back every weight."""
+    torch.manual_seed(4)
+    hf = LongformerForMaskedLM(LongformerConfig(attention_window=4, max_position_embeddings=80, **TINY)).eval()
+    model = from_hf(hf)
+    assert model.config.position_offset == hf.config.pad_token_id + 1
+    assert model.config.max_position_embeddings == 80
+    back = to_hf(model, "LongformerForMaskedLM")
+    want = hf.state_dict()
+    assert back.state_dict().keys() == want.keys()
+    for name, tensor in back.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+
+
 def test_mistral_causal_lm_converts_exactly():
     torch.manual_seed(2)
     hf = MistralForCausalLM(MistralConfig(sliding_window=5, num_key_value_heads=2, max_position_embeddings=128,

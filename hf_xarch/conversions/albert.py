@@ -1,6 +1,6 @@
 """ALBERT (Lan et al. 2020) <-> XArch.
 
-ALBERT is BERT with two parameter savings, both XArch options:
+ALBERT is BERT (see ``bert.py``: its shape and field vocabulary) with two parameter savings, both XArch options:
 
 - factorized embeddings: a V x E table (E = ``embedding_size``) with BERT's learned positions, token types and
   LayerNorm, all E wide, then ``embedding_hidden_mapping_in`` (E -> H): XArch's ``XArchEmbeddings.projection``;
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from transformers import AlbertConfig
 from transformers.configuration_utils import PreTrainedConfig
 
@@ -31,13 +30,15 @@ from hf_xarch.model.configuration_xarch import XArchConfig
 from .base import (
     Converter,
     StateDict,
+    activation_problems,
     check_xarch_config,
+    qa_problems,
     register_converter,
     rename,
-    shared_config_kwargs,
-    shared_hf_kwargs,
     unsupported,
 )
+from .bert import add_token_type_row, required_fields
+from .fields import BERT_FIELDS, POST_NORM_ENCODER, ConfigTable, fold_shared_bias, unfold_shared_bias, without
 
 HEADS = {
     "AlbertModel": "XArchModel",
@@ -72,9 +73,22 @@ TABLE = [
 ]
 
 # AlbertForMaskedLM keeps the decoder bias twice (`predictions.bias` is tied to `predictions.decoder.bias`)
-SHARED_BIAS = "predictions.bias"
+SHARED_BIAS = ("predictions.bias", "predictions.decoder.bias")
 GROUPED = re.compile(r"albert\.encoder\.albert_layer_groups\.(\d+)\.albert_layers\.(\d+)\.(.*)")
 FLAT = re.compile(r"albert_block\.(\d+)\.(.*)")
+
+
+# BERT's fields, but the layer count (ALBERT counts group applications, XArch block applications) and the classifier's
+# dropout, which ALBERT calls classifier_dropout_prob
+FIELDS = ConfigTable(
+    AlbertConfig,
+    renamed=(
+        *without(BERT_FIELDS, "num_hidden_layers"),
+        ("embedding_size", "embedding_size"),
+        ("classifier_dropout_prob", "classifier_dropout"),
+    ),
+    fixed=POST_NORM_ENCODER,
+)
 
 
 def flatten_groups(state_dict: StateDict, inner_group_num: int) -> StateDict:
@@ -119,110 +133,40 @@ def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConf
             f"hidden_size={hf_config.hidden_size} is not a multiple of num_attention_heads="
             f"{hf_config.num_attention_heads}"
         )
-    if not isinstance(hf_config.hidden_act, str):
-        problems.append(f"hidden_act={hf_config.hidden_act!r}: only activation names (ACT2FN keys) can be saved")
-    if hf_class_name == "AlbertForQuestionAnswering" and hf_config.num_labels != 2:
-        problems.append(f"AlbertForQuestionAnswering with num_labels={hf_config.num_labels}: XArch's QA head has 2")
+    problems += activation_problems("hidden_act", hf_config.hidden_act) + qa_problems(hf_config, hf_class_name)
     unsupported("ALBERT", problems)
-    return XArchConfig(
-        vocab_size=hf_config.vocab_size,
-        embedding_size=hf_config.embedding_size,
-        hidden_size=hf_config.hidden_size,
+    return FIELDS.to_xarch(
+        hf_config,
         num_hidden_layers=hf_config.num_hidden_layers * hf_config.inner_group_num,
         num_hidden_groups=hf_config.num_hidden_groups,
         inner_group_num=hf_config.inner_group_num,
-        num_attention_heads=hf_config.num_attention_heads,
-        intermediate_size=hf_config.intermediate_size,
-        hidden_act=hf_config.hidden_act,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        type_vocab_size=hf_config.type_vocab_size,
-        is_decoder=False,
-        position_embedding_type="learned",
-        norm_type="layernorm",
-        norm_position="post",
-        norm_eps=hf_config.layer_norm_eps,
-        final_norm=False,
-        embedding_norm=True,
-        mlp_type="plain",
-        attention_bias=True,
-        mlp_bias=True,
-        hidden_dropout=hf_config.hidden_dropout_prob,
-        attention_dropout=hf_config.attention_probs_dropout_prob,
-        classifier_dropout=hf_config.classifier_dropout_prob,
         classifier_pooling="first",
-        initializer_range=hf_config.initializer_range,
-        **shared_config_kwargs(hf_config),
+    )
+
+
+def config_to_hf(config: XArchConfig, hf_class_name: str) -> AlbertConfig:
+    required = required_fields(FIELDS, hf_class_name)
+    unsupported("XArch", check_xarch_config(config, "ALBERT", required, factorized_embeddings=True))
+    inner = config.inner_group_num or 1
+    return FIELDS.to_hf(
+        config,
+        num_hidden_layers=config.num_hidden_layers // inner,
+        num_hidden_groups=config.num_hidden_groups or config.num_hidden_layers // inner,
+        inner_group_num=inner,
+        type_vocab_size=max(config.type_vocab_size, 1),  # see bert.add_token_type_row
+        classifier_dropout_prob=(
+            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
+        ),
     )
 
 
 def state_dict_from_hf(state_dict: StateDict, hf_config: PreTrainedConfig, hf_class_name: str) -> StateDict:
-    state_dict = dict(state_dict)
-    shared_bias = state_dict.pop(SHARED_BIAS, None)
-    if shared_bias is not None:
-        state_dict.setdefault("predictions.decoder.bias", shared_bias)
-    return rename(flatten_groups(state_dict, hf_config.inner_group_num), TABLE)
-
-
-def config_to_hf(config: XArchConfig, hf_class_name: str) -> AlbertConfig:
-    required = dict(
-        is_decoder=False,
-        position_embedding_type="learned",
-        norm_type="layernorm",
-        norm_position="post",
-        final_norm=False,
-        embedding_norm=True,
-        mlp_type="plain",
-        attention_bias=True,
-        mlp_bias=True,
-        output_layer="full",
-    )
-    if hf_class_name == "AlbertForSequenceClassification":
-        required["classifier_pooling"] = "first"  # ALBERT classifies through the tanh pooler on [CLS]
-    # the shared checks flag factorized embeddings, which are exactly what ALBERT has; it lacks the unfactorized case
-    problems = [
-        problem
-        for problem in check_xarch_config(config, "ALBERT", required)
-        if not problem.startswith("XArchConfig.embedding_size=")
-    ]
-    if config.embedding_size == config.hidden_size:
-        problems.append(
-            f"XArchConfig.embedding_size == hidden_size == {config.hidden_size}: ALBERT always factorizes its "
-            "embeddings (embedding_size < hidden_size)"
-        )
-    unsupported("XArch", problems)
-    inner = config.inner_group_num or 1
-    return AlbertConfig(
-        vocab_size=config.vocab_size,
-        embedding_size=config.embedding_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers // inner,
-        num_hidden_groups=config.num_hidden_groups or config.num_hidden_layers // inner,
-        inner_group_num=inner,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        hidden_act=config.hidden_act,
-        hidden_dropout_prob=config.hidden_dropout,
-        attention_probs_dropout_prob=config.attention_dropout,
-        max_position_embeddings=config.max_position_embeddings,
-        # ALBERT always has a token-type table; one zero row adds nothing, as a model without token types
-        type_vocab_size=max(config.type_vocab_size, 1),
-        initializer_range=config.initializer_range,
-        layer_norm_eps=config.norm_eps,
-        classifier_dropout_prob=(
-            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
-        ),
-        **shared_hf_kwargs(config),
-    )
+    return rename(flatten_groups(fold_shared_bias(state_dict, *SHARED_BIAS), hf_config.inner_group_num), TABLE)
 
 
 def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: str) -> StateDict:
     out = regroup(rename(state_dict, TABLE, reverse=True), config.inner_group_num or 1)
-    if config.type_vocab_size == 0:
-        word = out["albert.embeddings.word_embeddings.weight"]
-        out["albert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, word.shape[1], dtype=word.dtype)
-    if "predictions.decoder.bias" in out:
-        out[SHARED_BIAS] = out["predictions.decoder.bias"]
-    return out
+    return add_token_type_row(unfold_shared_bias(out, *SHARED_BIAS), "albert.embeddings.token_type_embeddings.weight", config)
 
 
 ALBERT = register_converter(

@@ -18,8 +18,9 @@ The family files only import torch, transformers and this module; they never bui
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.configuration_utils import PreTrainedConfig
@@ -63,50 +64,58 @@ def unsupported(family: str, problems: list[str]) -> None:
         raise ValueError(f"cannot convert this {family} model exactly:\n  - {listing}")
 
 
+# the fields every transformers config has whose meaning XArch keeps, under the same names (labels, special tokens,
+# tying), with the value of those some families' configs lack
+SHARED_FIELDS = {
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "tie_word_embeddings": True,
+    "problem_type": None,
+    "use_cache": True,
+}
+
+
 def shared_config_kwargs(hf_config: PreTrainedConfig) -> dict[str, Any]:
-    """The fields every transformers config has whose meaning XArch keeps as is: labels, special tokens, tying."""
-    kwargs = dict(
-        pad_token_id=hf_config.pad_token_id,
-        bos_token_id=hf_config.bos_token_id,
-        eos_token_id=hf_config.eos_token_id,
-        tie_word_embeddings=getattr(hf_config, "tie_word_embeddings", True),
-        problem_type=hf_config.problem_type,
-        use_cache=getattr(hf_config, "use_cache", True),
-    )
+    """``SHARED_FIELDS`` of a transformers config, and its labels if it has any."""
+    kwargs = {name: getattr(hf_config, name, default) for name, default in SHARED_FIELDS.items()}
     if hf_config.id2label is not None:
-        kwargs["id2label"] = dict(hf_config.id2label)
-        kwargs["label2id"] = dict(hf_config.label2id)
+        kwargs |= {"id2label": dict(hf_config.id2label), "label2id": dict(hf_config.label2id)}
     return kwargs
 
 
 def shared_hf_kwargs(config: XArchConfig) -> dict[str, Any]:
     """``shared_config_kwargs`` the other way."""
-    return dict(
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        tie_word_embeddings=config.tie_word_embeddings,
-        problem_type=config.problem_type,
-        use_cache=config.use_cache,
-        id2label=dict(config.id2label),
-        label2id=dict(config.label2id),
-    )
+    kwargs = {name: getattr(config, name) for name in SHARED_FIELDS}
+    return kwargs | {"id2label": dict(config.id2label), "label2id": dict(config.label2id)}
 
 
-def check_xarch_config(config: XArchConfig, family: str, required: dict[str, Any]) -> list[str]:
-    """Compare ``config`` with the values a ``family`` model needs; return one line per mismatch."""
-    problems = []
-    for name, wanted in required.items():
-        value = getattr(config, name)
-        if value != wanted:
-            problems.append(f"XArchConfig.{name}={value!r}, but {family} needs {wanted!r}")
+def mismatches(config: XArchConfig, family: str, required: dict[str, Any]) -> list[str]:
+    """One line per field of ``required`` whose value in ``config`` is not the one ``family`` needs."""
+    return [
+        f"XArchConfig.{name}={getattr(config, name)!r}, but {family} needs {wanted!r}"
+        for name, wanted in required.items()
+        if getattr(config, name) != wanted
+    ]
+
+
+def check_xarch_config(
+    config: XArchConfig,
+    family: str,
+    required: dict[str, Any],
+    layer_type: str = "full_attention",
+    factorized_embeddings: bool = False,
+) -> list[str]:
+    """Compare ``config`` with what a multi-head ``family`` model (one ``layer_type`` in every layer, embeddings
+    factorized or not) can express; return one line per mismatch."""
     # options most families lack, unless `required` names them
-    for name, plain in (("qkv_bias", config.attention_bias), ("position_offset", 0)):
-        if name not in required and getattr(config, name) != plain:
-            problems.append(f"XArchConfig.{name}={getattr(config, name)!r}, but {family} needs {plain!r}")
+    plain = {"qkv_bias": config.attention_bias, "position_offset": 0}
+    problems = mismatches(config, family, required | {name: value for name, value in plain.items() if name not in required})
     families = sorted(set(config.layer_types))
-    if families != ["full_attention"]:
-        problems.append(f"XArchConfig.layer_types use {families}, but {family} has only full attention")
+    if families != [layer_type]:
+        problems.append(
+            f"XArchConfig.layer_types use {families}, but {family} has only {layer_type.replace('_', ' ')}"
+        )
     if config.num_key_value_heads != config.num_attention_heads:
         problems.append(
             f"XArchConfig.num_key_value_heads={config.num_key_value_heads} (grouped-query attention), but {family} "
@@ -119,7 +128,12 @@ def check_xarch_config(config: XArchConfig, family: str, required: dict[str, Any
         )
     if getattr(config, "output_layer", "full") != "full":
         problems.append(f"XArchConfig.output_layer={config.output_layer!r}, but {family} has a plain linear output")
-    if config.embedding_size != config.hidden_size:
+    if factorized_embeddings and config.embedding_size == config.hidden_size:
+        problems.append(
+            f"XArchConfig.embedding_size == hidden_size == {config.hidden_size}: {family} always factorizes its "
+            "embeddings (embedding_size < hidden_size)"
+        )
+    if not factorized_embeddings and config.embedding_size != config.hidden_size:
         problems.append(
             f"XArchConfig.embedding_size={config.embedding_size} (factorized embeddings), but {family} embeds "
             f"straight into hidden_size={config.hidden_size}"
@@ -127,14 +141,28 @@ def check_xarch_config(config: XArchConfig, family: str, required: dict[str, Any
     return problems
 
 
+def activation_problems(field: str, value: Any) -> list[str]:
+    """One line if the activation ``field`` holds a function object: only names (ACT2FN keys) go into a config."""
+    if isinstance(value, str):
+        return []
+    return [f"{field}={value!r}: only activation names (ACT2FN keys) can be saved"]
+
+
+def qa_problems(hf_config: PreTrainedConfig, hf_class_name: str) -> list[str]:
+    """One line if a question-answering head has other than XArch's two outputs (span start and end)."""
+    if hf_class_name.endswith("ForQuestionAnswering") and hf_config.num_labels != 2:
+        return [f"{hf_class_name} with num_labels={hf_config.num_labels}: XArch's QA head has 2"]
+    return []
+
+
 def check_no_layer_sharing(config: XArchConfig, family: str) -> list[str]:
     """One line if ``config`` shares blocks across layers (ALBERT's ``num_hidden_groups``), which ``family`` lacks."""
     groups, inner = getattr(config, "num_hidden_groups", None), getattr(config, "inner_group_num", None)
     if (groups is not None and groups * (inner or 1) != config.num_hidden_layers) or (inner or 1) != 1:
-        return [
+        return [(
             f"XArchConfig.num_hidden_groups={groups}, inner_group_num={inner} share blocks across layers, but "
             f"{family} has its own weights in every layer"
-        ]
+        )]
     return []
 
 
@@ -169,14 +197,17 @@ def rename(state_dict: StateDict, table: list[tuple[str, str]], reverse: bool = 
 
 
 __all__ = [
-    "Converter",
     "CONVERTERS",
+    "Converter",
     "StateDict",
+    "activation_problems",
+    "check_no_layer_sharing",
+    "check_xarch_config",
+    "mismatches",
+    "qa_problems",
     "register_converter",
-    "unsupported",
+    "rename",
     "shared_config_kwargs",
     "shared_hf_kwargs",
-    "check_xarch_config",
-    "check_no_layer_sharing",
-    "rename",
+    "unsupported",
 ]

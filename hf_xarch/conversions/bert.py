@@ -7,6 +7,9 @@ positions, token-type (segment) embeddings and a LayerNorm on the embeddings, no
 LayerNorm, decoder tied to the word embeddings, one output bias) is ``XArchMLMHead``; the pooler (tanh(W h[CLS]))
 is ``XArchPooler`` with ``classifier_pooling="first"``.
 
+The config is ``BERT_FIELDS`` (``fields.py``) and the weights are ``TABLE``, both read in both directions; RoBERTa,
+XLM-RoBERTa, Longformer and ALBERT build on them and on the helpers here.
+
 Positions: BERT numbers positions 0..n-1 whatever the mask, XArch skips padding on the left. With right padding (how
 BERT is used) both agree at every real token; pass ``position_ids`` to reproduce BERT on left-padded batches too.
 """
@@ -22,14 +25,15 @@ from hf_xarch.model.configuration_xarch import XArchConfig
 from .base import (
     Converter,
     StateDict,
+    activation_problems,
     check_no_layer_sharing,
     check_xarch_config,
+    qa_problems,
     register_converter,
     rename,
-    shared_config_kwargs,
-    shared_hf_kwargs,
     unsupported,
 )
+from .fields import BERT_FIELDS, POST_NORM_ENCODER, ConfigTable, fold_shared_bias, unfold_shared_bias
 
 HEADS = {
     "BertModel": "XArchModel",
@@ -60,9 +64,39 @@ TABLE = [
     ("classifier.{p}", "classifier.{p}"),
     ("qa_outputs.{p}", "qa_outputs.{p}"),
 ]
-
 # BertForMaskedLM keeps the decoder bias twice (`cls.predictions.bias` is tied to `cls.predictions.decoder.bias`)
-SHARED_BIAS = "cls.predictions.bias"
+SHARED_BIAS = ("cls.predictions.bias", "cls.predictions.decoder.bias")
+
+FIELDS = ConfigTable(BertConfig, (*BERT_FIELDS, ("classifier_dropout", "classifier_dropout")), POST_NORM_ENCODER)
+
+
+def encoder_problems(hf_config: PreTrainedConfig, hf_class_name: str, family: str, decoder_class: str) -> list[str]:
+    """What stops any BERT-like encoder (BERT, RoBERTa, Longformer) from converting: a decoder or cross-attention
+    set in its config, an activation that is not a name, a QA head with other than two outputs."""
+    problems = []
+    if getattr(hf_config, "is_decoder", False):
+        problems.append(f"is_decoder=True ({decoder_class}): only the {family} encoder converts")
+    if getattr(hf_config, "add_cross_attention", False):
+        problems.append("add_cross_attention=True: XArch has no cross-attention")
+    return problems + activation_problems("hidden_act", hf_config.hidden_act) + qa_problems(hf_config, hf_class_name)
+
+
+def required_fields(fields: ConfigTable, hf_class_name: str, **family_required) -> dict:
+    """What ``to_hf`` needs of an XArch config for a BERT-like ``hf_class_name``: the family's fixed values, and the
+    first token's pooler for a sequence classifier (BERT's tanh pooler on [CLS], RoBERTa's head on <s>)."""
+    required = {**fields.fixed, **family_required}
+    if hf_class_name.endswith("ForSequenceClassification"):
+        required["classifier_pooling"] = "first"
+    return required
+
+
+def add_token_type_row(state_dict: StateDict, key: str, config: XArchConfig) -> StateDict:
+    """BERT and ALBERT always have a token-type table; for a model without token types it is one zero row, which adds
+    nothing (``to_hf`` sets ``type_vocab_size=1`` for it)."""
+    if config.type_vocab_size == 0:
+        word = state_dict[key.replace("token_type_embeddings", "word_embeddings")]
+        state_dict = {**state_dict, key: torch.zeros(1, word.shape[1], dtype=word.dtype)}
+    return state_dict
 
 
 def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
@@ -73,94 +107,23 @@ def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConf
             f"position_embedding_type={position_type!r}: XArch has BERT's learned absolute positions only "
             "('absolute'); the relative_key variants add a learned distance embedding to the attention scores"
         )
-    if hf_config.is_decoder:
-        problems.append("is_decoder=True (BERT as a causal decoder, BertLMHeadModel): only the BERT encoder converts")
-    if getattr(hf_config, "add_cross_attention", False):
-        problems.append("add_cross_attention=True: XArch has no cross-attention")
-    if not isinstance(hf_config.hidden_act, str):
-        problems.append(f"hidden_act={hf_config.hidden_act!r}: only activation names (ACT2FN keys) can be saved")
-    if hf_class_name == "BertForQuestionAnswering" and hf_config.num_labels != 2:
-        problems.append(f"BertForQuestionAnswering with num_labels={hf_config.num_labels}: XArch's QA head has 2")
-    unsupported("BERT", problems)
-    return XArchConfig(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_hidden_layers=hf_config.num_hidden_layers,
-        num_attention_heads=hf_config.num_attention_heads,
-        intermediate_size=hf_config.intermediate_size,
-        hidden_act=hf_config.hidden_act,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        type_vocab_size=hf_config.type_vocab_size,
-        is_decoder=False,
-        position_embedding_type="learned",
-        norm_type="layernorm",
-        norm_position="post",
-        norm_eps=hf_config.layer_norm_eps,
-        final_norm=False,
-        embedding_norm=True,
-        mlp_type="plain",
-        attention_bias=True,
-        mlp_bias=True,
-        hidden_dropout=hf_config.hidden_dropout_prob,
-        attention_dropout=hf_config.attention_probs_dropout_prob,
-        classifier_dropout=hf_config.classifier_dropout,
-        classifier_pooling="first",
-        initializer_range=hf_config.initializer_range,
-        **shared_config_kwargs(hf_config),
-    )
-
-
-def state_dict_from_hf(state_dict: StateDict, hf_config: PreTrainedConfig, hf_class_name: str) -> StateDict:
-    state_dict = dict(state_dict)
-    shared_bias = state_dict.pop(SHARED_BIAS, None)
-    if shared_bias is not None:
-        state_dict.setdefault("cls.predictions.decoder.bias", shared_bias)
-    return rename(state_dict, TABLE)
+    unsupported("BERT", problems + encoder_problems(hf_config, hf_class_name, "BERT", "BertLMHeadModel"))
+    return FIELDS.to_xarch(hf_config, classifier_pooling="first")
 
 
 def config_to_hf(config: XArchConfig, hf_class_name: str) -> BertConfig:
-    required = dict(
-        is_decoder=False,
-        position_embedding_type="learned",
-        norm_type="layernorm",
-        norm_position="post",
-        final_norm=False,
-        embedding_norm=True,
-        mlp_type="plain",
-        attention_bias=True,
-        mlp_bias=True,
-    )
-    if hf_class_name == "BertForSequenceClassification":
-        required["classifier_pooling"] = "first"  # BERT classifies through the tanh pooler on [CLS]
-    problems = check_xarch_config(config, "BERT", required) + check_no_layer_sharing(config, "BERT")
-    unsupported("XArch", problems)
-    return BertConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        hidden_act=config.hidden_act,
-        hidden_dropout_prob=config.hidden_dropout,
-        attention_probs_dropout_prob=config.attention_dropout,
-        max_position_embeddings=config.max_position_embeddings,
-        # BERT always has a token-type table; one zero row adds nothing, as a model without token types
-        type_vocab_size=max(config.type_vocab_size, 1),
-        initializer_range=config.initializer_range,
-        layer_norm_eps=config.norm_eps,
-        classifier_dropout=config.classifier_dropout,
-        **shared_hf_kwargs(config),
-    )
+    required = required_fields(FIELDS, hf_class_name)
+    unsupported("XArch", check_xarch_config(config, "BERT", required) + check_no_layer_sharing(config, "BERT"))
+    return FIELDS.to_hf(config, type_vocab_size=max(config.type_vocab_size, 1))  # see add_token_type_row
+
+
+def state_dict_from_hf(state_dict: StateDict, hf_config: PreTrainedConfig, hf_class_name: str) -> StateDict:
+    return rename(fold_shared_bias(state_dict, *SHARED_BIAS), TABLE)
 
 
 def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: str) -> StateDict:
-    out = rename(state_dict, TABLE, reverse=True)
-    if config.type_vocab_size == 0:
-        word = out["bert.embeddings.word_embeddings.weight"]
-        out["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, word.shape[1], dtype=word.dtype)
-    if "cls.predictions.decoder.bias" in out:
-        out[SHARED_BIAS] = out["cls.predictions.decoder.bias"]
-    return out
+    out = unfold_shared_bias(rename(state_dict, TABLE, reverse=True), *SHARED_BIAS)
+    return add_token_type_row(out, "bert.embeddings.token_type_embeddings.weight", config)
 
 
 BERT = register_converter(

@@ -22,8 +22,10 @@ from hf_xarch.model.configuration_xarch import XArchConfig
 from .base import (
     Converter,
     StateDict,
+    activation_problems,
     check_no_layer_sharing,
     check_xarch_config,
+    qa_problems,
     register_converter,
     rename,
     unsupported,
@@ -77,12 +79,7 @@ FIELDS = ConfigTable(
 
 
 def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
-    problems = []
-    if not isinstance(hf_config.activation, str):
-        problems.append(f"activation={hf_config.activation!r}: only activation names (ACT2FN keys) can be saved")
-    if hf_class_name == "DistilBertForQuestionAnswering" and hf_config.num_labels != 2:
-        problems.append(f"DistilBertForQuestionAnswering with num_labels={hf_config.num_labels}: XArch's QA head has 2")
-    unsupported("DistilBERT", problems)
+    unsupported("DistilBERT", activation_problems("activation", hf_config.activation) + qa_problems(hf_config, hf_class_name))
     if hf_class_name == "DistilBertForQuestionAnswering":
         warn_extra_dropout(hf_class_name, hf_config.qa_dropout)
     return FIELDS.to_xarch(hf_config)
