@@ -18,7 +18,7 @@ import math
 
 import torch
 from transformers import initialization as init
-from transformers.utils import logging
+from transformers.utils import is_tracing, logging
 
 from .attention_full import XArchAttention, repeat_kv
 from .attention_performer_kernels import performer_attention, performer_attention_reference
@@ -185,7 +185,9 @@ class PerformerAttention(XArchAttention):
                 "padding mask (1 = real token); they have no score matrix a 4D mask could shape"
             )
         mask = attention_mask.to(torch.bool)
-        return None if bool(mask.all()) else mask
+        # under torch.export / compile the mask is kept (as transformers' masking utilities do): no data-dependent
+        # branch
+        return None if not is_tracing(mask) and bool(mask.all()) else mask
 
     @staticmethod
     def state_layer(cache, layer_idx: int) -> PerformerStateLayer:

@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import is_tracing
 
 from .attention_full import XArchAttention
 from .attention_sliding_kernels import (
@@ -311,7 +312,9 @@ class SlidingWindowAttention(XArchAttention):
                     f"padding mask, got shape {tuple(attention_mask.shape)}"
                 )
             valid = attention_mask.to(device=inputs_embeds.device) != 0
-            if not bool(valid.all()):
+            # under torch.export / compile the mask is kept (as transformers' masking utilities do): no data-dependent
+            # branch
+            if is_tracing(valid) or not bool(valid.all()):
                 mask.key_valid = valid
             if config.attention_sink_size:
                 mask.real_index = valid.long().cumsum(-1) - 1
