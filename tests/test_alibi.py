@@ -205,6 +205,28 @@ def test_flash_path_precision_on_a_long_sequence():
     assert (output.double() - expected).abs().max() < 5e-5
 
 
+def large_allocations(attention, causal: bool) -> list[int]:
+    """The sizes of the allocations at least half as large as q that one forward + backward of ``attention(q, k, v,
+    bias, None, scaling, causal, block_size=128)`` makes (1024 tokens, 2 heads of 64: blocks and the kernel's own
+    buffers stay far below that)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, bias, _, _ = make_case(5100, 1, 2, 2, 1024, 1024, 64, not causal, None)
+    half = q.numel() * q.element_size() // 2
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        output = attention(q, k, v, bias, None, 0.125, causal, block_size=128)
+        torch.autograd.grad(output.sum(), (q, k, v))
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage >= half]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "symmetric"])
+def test_flash_path_makes_no_sequence_sized_temporaries(causal):
+    """Memory (issue 17: <= 2x unbiased SDPA): the only sequence-sized tensors of a step are the output (written in
+    place, in the layout the caller transposes back to for free) and the three gradients; the backward's per-part
+    key gradients stay block-sized however many keys a part spans."""
+    assert len(large_allocations(key_bias_flash_attention, causal)) == 4
+
+
 # ---- in the model ------------------------------------------------------------------------------------------------------
 def alibi_model(seed, is_decoder=True, heads=6, **overrides):
     torch.manual_seed(seed)
