@@ -14,6 +14,7 @@ from transformers import (
     LongformerForSequenceClassification,
     MistralConfig,
     MistralForCausalLM,
+    MistralForTokenClassification,
 )
 
 import hf_xarch
@@ -90,6 +91,17 @@ def test_mistral_causal_lm_converts_exactly():
     assert torch.equal(model.generate(ids, **generate), hf.generate(ids, **generate))
     back = to_hf(model, "MistralForCausalLM").eval()
     assert torch.equal(back(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
+
+
+def test_mistral_is_llama_with_a_window():
+    """Mistral reads Llama's conversion: the generic token classifier's dropout, and every export check."""
+    config = MistralConfig(sliding_window=5, num_key_value_heads=2, max_position_embeddings=128, num_labels=3, **TINY)
+    hf = MistralForTokenClassification(config)
+    model = from_hf(hf)
+    assert model.dropout.p == hf.dropout.p == 0.1
+    shared = hf_xarch.XArchForCausalLM(hf_xarch.XArchConfig.from_dict({**model.config.to_dict(), "num_hidden_groups": 1}))
+    with pytest.raises(ValueError, match="Mistral has no cross-layer sharing"):
+        to_hf(shared, "mistral")
 
 
 def test_longformerize_a_converted_bert():

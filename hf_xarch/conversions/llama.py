@@ -7,6 +7,9 @@ llama3), grouped-query attention, optional biases and a final RMSNorm. In XArch 
 same ``rope_parameters`` dict (XArch computes them through the same transformers functions), full attention. The
 weights keep their names (q_proj ... down_proj); only the prefixes move.
 
+Mistral (``mistral.py``) and Qwen2 (``qwen2.py``) are built like Llama: they read ``llama_config`` /
+``llama_hf_config`` with their own config tables, and Llama's weight table.
+
 ``to_hf(model, "llama")`` exports any XArch decoder whose parts Llama has, so a model trained with hf_xarch can be
 served by every engine that knows Llama; any other part raises a ValueError that names it.
 
@@ -18,13 +21,21 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from transformers import LlamaConfig
 from transformers.configuration_utils import PreTrainedConfig
 
 from hf_xarch.model.configuration_xarch import XArchConfig
 
-from .base import Converter, StateDict, register_converter, rename, shared_config_kwargs, shared_hf_kwargs, unsupported
+from .base import Converter, StateDict, activation_problems, mismatches, register_converter, rename, unsupported
+from .fields import (
+    LLAMA_FIELDS,
+    PRE_NORM_DECODER,
+    ConfigTable,
+    add_zero_bias,
+    drop_zero_bias,
+    token_classifier_dropout,
+    window_problems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,102 +64,70 @@ TABLE = [
 ]
 
 
-def llama_rope_parameters(hf_config: PreTrainedConfig) -> dict:
+FIELDS = ConfigTable(
+    LlamaConfig,
+    renamed=(*LLAMA_FIELDS, ("attention_bias", "attention_bias"), ("mlp_bias", "mlp_bias")),
+    fixed=PRE_NORM_DECODER,
+)
+
+
+def llama_rope_parameters(hf_config: PreTrainedConfig, family: str = "Llama") -> dict:
     """Llama's ``rope_parameters`` as XArch reads them. Llama's default rope ignores ``partial_rotary_factor``
     (it always rotates the whole head), so the factor is dropped there to reproduce Llama exactly; the scaled
     types honour it in transformers' functions while Llama's attention rotates whole heads, so Llama itself cannot
-    run them and neither do we."""
+    run them and neither do we. The same holds for every ``family`` built like Llama (Mistral, Qwen2)."""
     rope = dict(hf_config.rope_parameters)
     partial = rope.get("partial_rotary_factor", 1.0)
     if partial != 1.0:
         if rope.get("rope_type", "default") != "default":
-            unsupported("Llama", [(
+            unsupported(family, [(
                 f"rope_parameters={rope}: partial_rotary_factor={partial} with rope_type={rope['rope_type']!r}; "
-                "Llama rotates whole heads and cannot run this (use position_embedding_type='rope' in XArch directly)"
+                f"{family} rotates whole heads and cannot run this (use position_embedding_type='rope' in XArch "
+                "directly)"
             )])
-        logger.warning("Llama ignores partial_rotary_factor=%s with the default rope; the XArch model does too", partial)
+        logger.warning("%s ignores partial_rotary_factor=%s with the default rope; the XArch model does too", family,
+                       partial)
         rope.pop("partial_rotary_factor")
     return rope
 
 
 def generic_head_dropout(hf_config: PreTrainedConfig, hf_class_name: str) -> float:
-    """The dropout of transformers' generic heads: 0.1 unless configured for a token classifier, none otherwise."""
-    if not hf_class_name.endswith("ForTokenClassification"):
-        return 0.0
-    for name in ("classifier_dropout", "hidden_dropout"):
-        if getattr(hf_config, name, None) is not None:
-            return getattr(hf_config, name)
-    return 0.1
+    """The dropout of transformers' generic heads: the token classifier's (``token_classifier_dropout``), none for
+    the others."""
+    return token_classifier_dropout(hf_config) if hf_class_name.endswith("ForTokenClassification") else 0.0
 
 
-def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
-    problems = []
-    if not isinstance(hf_config.hidden_act, str):
-        problems.append(f"hidden_act={hf_config.hidden_act!r}: only activation names (ACT2FN keys) can be saved")
-    if (getattr(hf_config, "pretraining_tp", 1) or 1) > 1:
-        logger.info("Llama pretraining_tp=%s only splits matmuls; the XArch model computes them whole",
-                    hf_config.pretraining_tp)
-    unsupported("Llama", problems)
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    return XArchConfig(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_hidden_layers=hf_config.num_hidden_layers,
-        num_attention_heads=hf_config.num_attention_heads,
-        num_key_value_heads=hf_config.num_key_value_heads,
-        head_dim=head_dim,
-        intermediate_size=hf_config.intermediate_size,
-        hidden_act=hf_config.hidden_act,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        is_decoder=True,
-        attention_type="full",
-        position_embedding_type="rope",
-        rope_parameters=llama_rope_parameters(hf_config),
-        norm_type="rmsnorm",
-        norm_position="pre",
-        norm_eps=hf_config.rms_norm_eps,
-        final_norm=True,
-        embedding_norm=False,
-        mlp_type="gated",
-        attention_bias=hf_config.attention_bias,
-        mlp_bias=hf_config.mlp_bias,
-        attention_dropout=hf_config.attention_dropout,
-        hidden_dropout=0.0,
-        classifier_dropout=generic_head_dropout(hf_config, hf_class_name),
-        classifier_pooling="last",
-        initializer_range=hf_config.initializer_range,
-        **shared_config_kwargs(hf_config),
-    )
+def llama_config(
+    fields: ConfigTable, hf_config: PreTrainedConfig, hf_class_name: str, family: str, problems=(), **options
+) -> XArchConfig:
+    """The XArch config of a ``family`` model built like Llama (Llama, Mistral, Qwen2): its config table ``fields``
+    and what Llama derives; ``problems`` are the family's own reasons not to convert, ``options`` its own XArch
+    fields (Mistral's window)."""
+    unsupported(family, activation_problems("hidden_act", hf_config.hidden_act) + list(problems))
+    derived = {
+        "attention_type": "full",
+        "head_dim": getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+        "rope_parameters": llama_rope_parameters(hf_config, family),
+        "hidden_dropout": 0.0,
+        "classifier_dropout": generic_head_dropout(hf_config, hf_class_name),
+        "classifier_pooling": "last",
+    }
+    return fields.to_xarch(hf_config, **(derived | options))
 
 
-def state_dict_from_hf(state_dict: StateDict, hf_config: PreTrainedConfig, hf_class_name: str) -> StateDict:
-    state_dict = dict(state_dict)
-    if hf_class_name.endswith("ForSequenceClassification"):  # a bias-free `score`; a zero bias is the same function
-        score = state_dict["score.weight"]
-        state_dict["score.bias"] = torch.zeros(score.shape[0], dtype=score.dtype, device=score.device)
-    return rename(state_dict, TABLE)
-
-
-def llama_problems(config: XArchConfig, hf_class_name: str, family: str = "Llama", **family_required) -> list[str]:
+def llama_problems(
+    config: XArchConfig, hf_class_name: str, family: str = "Llama", sliding: bool = False, **family_required
+) -> list[str]:
     """Every part of ``config`` that Llama's ``hf_class_name`` (or a ``family`` built like it, with
-    ``family_required`` values) cannot express, one line each."""
-    required = dict(
-        is_decoder=True,
-        position_embedding_type="rope",
-        norm_type="rmsnorm",
-        norm_position="pre",
-        final_norm=True,
-        embedding_norm=False,
-        mlp_type="gated",
-        embedding_size=config.hidden_size,
-        type_vocab_size=0,
-        qkv_bias=config.attention_bias,  # one `attention_bias` for all four projections
-    ) | family_required
-    problems = [
-        f"XArchConfig.{name}={getattr(config, name)!r}, but {family} needs {wanted!r}"
-        for name, wanted in required.items()
-        if getattr(config, name) != wanted
-    ]
+    ``family_required`` values; ``sliding``: one sliding window in every layer, or full attention, as Mistral) cannot
+    express, one line each."""
+    required = {
+        **PRE_NORM_DECODER,
+        "embedding_size": config.hidden_size,
+        "type_vocab_size": 0,
+        "qkv_bias": config.attention_bias,  # one `attention_bias` for all four projections
+    } | family_required
+    problems = mismatches(config, family, required)
     if getattr(config, "output_layer", "full") != "full":
         problems.append(f"XArchConfig.output_layer={config.output_layer!r}: {family}'s output layer is one linear layer")
     if not _no_sharing(config):
@@ -156,8 +135,16 @@ def llama_problems(config: XArchConfig, hf_class_name: str, family: str = "Llama
             f"XArchConfig.num_hidden_groups={config.num_hidden_groups!r}, inner_group_num={config.inner_group_num!r}: "
             f"{family} has no cross-layer sharing"
         )
-    if set(config.layer_types) != {"full_attention"}:
+    kinds = set(config.layer_types)
+    if not sliding and kinds != {"full_attention"}:
         problems.append(f"XArchConfig.layer_types={config.layer_types}: {family} has full attention in every layer")
+    if sliding and kinds not in ({"sliding_attention"}, {"full_attention"}):
+        problems.append(f"XArchConfig.layer_types={config.layer_types}: {family} has one kind of layer throughout")
+    if sliding and kinds == {"sliding_attention"}:
+        windows = config.attention_window if isinstance(config.attention_window, list) else [config.attention_window]
+        if len(set(windows)) != 1:
+            problems.append(f"XArchConfig.attention_window={config.attention_window!r}: {family} has one window")
+        problems += window_problems(config, family)
     if config.position_embedding_type == "rope":
         partial = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
         if partial != 1.0:
@@ -167,46 +154,43 @@ def llama_problems(config: XArchConfig, hf_class_name: str, family: str = "Llama
     return problems
 
 
-def warn_hidden_dropout(config: XArchConfig, family: str) -> None:
-    if config.hidden_dropout:
-        logger.warning("%s has no hidden dropout; the exported model trains without hidden_dropout=%s", family,
-                       config.hidden_dropout)
-
-
 def _no_sharing(config: XArchConfig) -> bool:
     schedule = getattr(config, "block_schedule", None)
     return schedule is None or schedule() == list(range(config.num_hidden_layers))
 
 
+def llama_hf_config(
+    fields: ConfigTable, config: XArchConfig, hf_class_name: str, family: str, sliding: bool = False, **options
+) -> PreTrainedConfig:
+    """``llama_config`` the other way: raises for whatever ``family`` cannot express (``llama_problems``, with the
+    values ``fields`` fixes), ``options`` are the family's own fields."""
+    unsupported("XArch", llama_problems(config, hf_class_name, family, sliding, **fields.fixed))
+    if config.hidden_dropout:
+        logger.warning("%s has no hidden dropout; the exported model trains without hidden_dropout=%s", family,
+                       config.hidden_dropout)
+    return fields.to_hf(config, head_dim=config.head_dim, rope_parameters=dict(config.rope_parameters), **options)
+
+
+def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
+    if (getattr(hf_config, "pretraining_tp", 1) or 1) > 1:
+        logger.info("Llama pretraining_tp=%s only splits matmuls; the XArch model computes them whole",
+                    hf_config.pretraining_tp)
+    return llama_config(FIELDS, hf_config, hf_class_name, "Llama")
+
+
 def config_to_hf(config: XArchConfig, hf_class_name: str) -> LlamaConfig:
-    unsupported("XArch", llama_problems(config, hf_class_name))
-    warn_hidden_dropout(config, "Llama")
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        initializer_range=config.initializer_range,
-        rms_norm_eps=config.norm_eps,
-        rope_parameters=dict(config.rope_parameters),
-        attention_bias=config.attention_bias,
-        attention_dropout=config.attention_dropout,
-        mlp_bias=config.mlp_bias,
-        **shared_hf_kwargs(config),
-    )
+    return llama_hf_config(FIELDS, config, hf_class_name, "Llama")
+
+
+def state_dict_from_hf(state_dict: StateDict, hf_config: PreTrainedConfig, hf_class_name: str) -> StateDict:
+    if hf_class_name.endswith("ForSequenceClassification"):  # a bias-free `score`; a zero bias is the same function
+        state_dict = add_zero_bias(state_dict, "score")
+    return rename(state_dict, TABLE)
 
 
 def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: str) -> StateDict:
-    state_dict = dict(state_dict)
-    if hf_class_name.endswith("ForSequenceClassification") and bool(state_dict.pop("classifier.bias").any()):
-        unsupported("XArch", [
-            f"XArchForSequenceClassification has a non-zero classifier bias; {hf_class_name}'s `score` has none"
-        ])
+    if hf_class_name.endswith("ForSequenceClassification"):
+        state_dict = drop_zero_bias(state_dict, "classifier", hf_class_name)
     return rename(state_dict, TABLE, reverse=True)
 
 

@@ -17,54 +17,28 @@ from transformers.configuration_utils import PreTrainedConfig
 from hf_xarch.model.configuration_xarch import XArchConfig
 
 from . import llama
-from .base import Converter, register_converter, unsupported
-from .fields import PRE_NORM_DECODER, ConfigTable
+from .base import Converter, register_converter
+from .fields import LLAMA_FIELDS, PRE_NORM_DECODER, ConfigTable
 
 HEADS = {name.replace("Llama", "Qwen2"): xarch for name, xarch in llama.HEADS.items()}
 
 FIELDS = ConfigTable(
     Qwen2Config,
-    renamed=(
-        ("vocab_size", "vocab_size"),
-        ("hidden_size", "hidden_size"),
-        ("intermediate_size", "intermediate_size"),
-        ("num_hidden_layers", "num_hidden_layers"),
-        ("num_attention_heads", "num_attention_heads"),
-        ("num_key_value_heads", "num_key_value_heads"),
-        ("hidden_act", "hidden_act"),
-        ("max_position_embeddings", "max_position_embeddings"),
-        ("initializer_range", "initializer_range"),
-        ("rms_norm_eps", "norm_eps"),
-        ("attention_dropout", "attention_dropout"),
-    ),
+    renamed=LLAMA_FIELDS,
     fixed={**PRE_NORM_DECODER, "attention_bias": False, "qkv_bias": True, "mlp_bias": False},
 )
 
 
 def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
     problems = []
-    if not isinstance(hf_config.hidden_act, str):
-        problems.append(f"hidden_act={hf_config.hidden_act!r}: only activation names (ACT2FN keys) can be saved")
     if set(hf_config.layer_types) != {"full_attention"}:
         problems.append(f"layer_types={hf_config.layer_types} (use_sliding_window={hf_config.use_sliding_window}): "
                         "only Qwen2 with full attention in every layer converts")
-    unsupported("Qwen2", problems)
-    return FIELDS.to_xarch(
-        hf_config,
-        attention_type="full",
-        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
-        rope_parameters=llama.llama_rope_parameters(hf_config),
-        hidden_dropout=0.0,
-        classifier_dropout=llama.generic_head_dropout(hf_config, hf_class_name),
-        classifier_pooling="last",
-    )
+    return llama.llama_config(FIELDS, hf_config, hf_class_name, "Qwen2", problems)
 
 
 def config_to_hf(config: XArchConfig, hf_class_name: str) -> Qwen2Config:
-    unsupported("XArch", llama.llama_problems(config, hf_class_name, "Qwen2", **FIELDS.fixed))
-    llama.warn_hidden_dropout(config, "Qwen2")
-    return FIELDS.to_hf(config, head_dim=config.head_dim, rope_parameters=dict(config.rope_parameters),
-                        use_sliding_window=False)
+    return llama.llama_hf_config(FIELDS, config, hf_class_name, "Qwen2", use_sliding_window=False)
 
 
 QWEN2 = register_converter(
