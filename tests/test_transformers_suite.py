@@ -1,13 +1,14 @@
 """transformers' own model test suite (``ModelTesterMixin``, ``ConfigTester``) run against every XArch head.
 
 The mixins come from the sdist of the installed transformers (``tests/transformers_suite/fetch.py`` downloads it once
-into the git-ignored ``tests/.cache/``). Each configuration below runs the whole suite on its heads:
+into the git-ignored ``tests/.cache/``; later runs, offline ones included, read that copy). Each test class runs the
+whole suite on its heads (``modeling_xarch.HEADS``: the bare model and every head but the one its kind cannot have):
 
-- encoder: BERT-like (post-norm, LayerNorm, plain MLP, learned positions, token types): ``XArchModel``,
-  ``XArchForMaskedLM``, ``XArchForSequenceClassification``, ``XArchForTokenClassification``,
-  ``XArchForQuestionAnswering``;
-- decoder: Llama-like (pre-norm, RMSNorm, SwiGLU, RoPE, GQA, untied output): ``XArchModel(is_decoder=True)``,
-  ``XArchForCausalLM``, and the classification / QA heads on a causal stack;
+- every registered attention family (``ATTENTION_FAMILIES``, read at collection, so a new family is covered the day it
+  is registered) in an encoder and a decoder variant, as its capability flags allow: ``XArch<Family>EncoderModelTest``
+  in BERT's layout (post-norm, LayerNorm, plain MLP, learned positions, token types) and
+  ``XArch<Family>DecoderModelTest`` in Llama's (pre-norm, RMSNorm, SwiGLU, RoPE, GQA, untied output); ``full`` runs by
+  default, the other families are marked slow;
 - slow: an ALBERT-like encoder (factorized embeddings, sinusoidal positions, MQA, mean pooling) and a GPT-2-like
   decoder with tied, factorized embeddings (learned positions), for the embedding / tying paths.
 
@@ -26,7 +27,7 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers.models.auto import modeling_auto
+import transformers
 
 from hf_xarch import (
     XArchConfig,
@@ -37,7 +38,11 @@ from hf_xarch import (
     XArchForTokenClassification,
     XArchModel,
 )
+from hf_xarch.model.modeling_xarch import HEADS
+from hf_xarch.model.registry import ATTENTION_FAMILIES, POSITION_SCHEMES, AttentionFamily
+from hf_xarch.testing import allowed
 
+from .test_families import FAMILY_OVERRIDES
 from .transformers_suite.fetch import PyPIUnreachable, import_transformers_tests
 
 try:
@@ -57,16 +62,11 @@ with warnings.catch_warnings():
         random_attention_mask,
     )
 
-# The mixins decide which labels a head takes by looking its class name up in transformers' *_MAPPING_NAMES tables.
-# Ours are added there only while our test classes run (setUpClass/tearDownClass), not for the whole process.
-MAPPING_NAMES = {
-    "MODEL_MAPPING_NAMES": "XArchModel",
-    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "XArchForCausalLM",
-    "MODEL_FOR_MASKED_LM_MAPPING_NAMES": "XArchForMaskedLM",
-    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": "XArchForSequenceClassification",
-    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": "XArchForTokenClassification",
-    "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": "XArchForQuestionAnswering",
-}
+# The mixins decide which labels a head takes by looking its class name up in transformers' *_MAPPING_NAMES tables
+# (model type -> class name), the very dicts behind each Auto class's mapping. Ours (modeling_xarch.HEADS) are added
+# there only while our test classes run (setUpClass/tearDownClass), not for the whole process.
+MAPPING_NAMES = [(getattr(transformers, head.auto_class)._model_mapping._model_mapping, head.model_class.__name__)
+                 for head in HEADS]
 
 # Every skip we add, with its reason: SKIPS for every configuration, WITHOUT_ROPE_SKIPS for those without RoPE.
 # `apply_skips` fails if a name here is not a test of the class (a stale entry). Hardware skips are not here: they
@@ -94,11 +94,27 @@ SKIPS: dict[str, str] = {}
 _ROPE_ONLY = (
     "this configuration has no RoPE (position_embedding_type is not 'rope'): `rope_parameters` is an XArchConfig "
     "field that only the 'rope' scheme reads (None otherwise), and the mixin takes its mere presence for RoPE "
-    "support; XArchDecoderModelTest (RoPE) runs it"
+    "support; XArchFullDecoderModelTest (RoPE) runs it"
 )
 WITHOUT_ROPE_SKIPS: dict[str, str] = {
     "test_model_rope_scaling_from_config": _ROPE_ONLY,
     "test_model_rope_with_partial_rotation": _ROPE_ONLY,
+}
+# A family's own departures from the mixin's assumptions, by family name: each with the property that replaces it.
+_NO_WEIGHTS = (
+    "performer layers have no attention weights to return: FAVOR+ never forms the attention matrix, and "
+    "output_attentions=True warns and returns none, as transformers' sdpa does (README, mixed precision)"
+)
+FAMILY_SKIPS: dict[str, dict[str, str]] = {
+    "performer": {
+        "test_attention_outputs": _NO_WEIGHTS,
+        "test_retain_grad_hidden_states_attentions": _NO_WEIGHTS,
+        "test_init_weights_can_init_buffers": (
+            "the mixin assumes buffers are not random; performer's `feature_seed` (and the `projection` drawn from it) "
+            "is drawn at random per model like a weight, and saved, so two constructions differ; tests/test_families.py's "
+            "meta_init and save_reload invariants check a meta-device build and that reload is identical"
+        ),
+    },
 }
 
 
@@ -281,9 +297,7 @@ class _XArchSuite(ModelTesterMixin):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls._mapping_patches = [
-            mock.patch.dict(getattr(modeling_auto, table), {"xarch": name}) for table, name in MAPPING_NAMES.items()
-        ]
+        cls._mapping_patches = [mock.patch.dict(table, {"xarch": name}) for table, name in MAPPING_NAMES]
         for patch in cls._mapping_patches:
             patch.start()
 
@@ -330,90 +344,110 @@ class _XArchSuite(ModelTesterMixin):
 
 
 class _EncoderHeads(_XArchSuite):
-    all_model_classes = (
-        XArchModel,
-        XArchForMaskedLM,
-        XArchForSequenceClassification,
-        XArchForTokenClassification,
-        XArchForQuestionAnswering,
-    )
+    all_model_classes = tuple(head.model_class for head in HEADS if head.model_class is not XArchForCausalLM)
 
     def test_for_masked_lm(self):
         self.model_tester.check_for_masked_lm(*self.model_tester.prepare_config_and_inputs())
 
 
 class _DecoderHeads(_XArchSuite, GenerationTesterMixin):
-    all_model_classes = (
-        XArchModel,
-        XArchForCausalLM,
-        XArchForSequenceClassification,
-        XArchForTokenClassification,
-        XArchForQuestionAnswering,
-    )
-    config_tester_kwargs = dict(is_decoder=True)
+    all_model_classes = tuple(head.model_class for head in HEADS if head.model_class is not XArchForMaskedLM)
+    config_tester_kwargs: ClassVar[dict] = {"is_decoder": True}
 
     def test_for_causal_lm(self):
         self.model_tester.check_for_causal_lm(*self.model_tester.prepare_config_and_inputs())
 
 
-class XArchEncoderModelTest(_EncoderHeads, unittest.TestCase):
-    # BERT's layout: post-norm LayerNorm, plain GELU MLP, learned positions, embedding norm, token types, tied MLM
-    tester_kwargs = dict(
-        is_decoder=False,
-        type_vocab_size=16,
-        config_overrides=dict(norm_position="post", embedding_norm=True, position_embedding_type="learned"),
-    )
+# The layouts every family runs in: BERT's for encoders (post-norm LayerNorm, plain GELU MLP, learned positions,
+# embedding norm, token types, tied MLM), Llama's for decoders (pre-norm RMSNorm, SwiGLU, RoPE, grouped-query
+# attention, untied output embeddings). A family whose flags refuse the layout's position scheme gets the first scheme
+# it accepts.
+ENCODER_LAYOUT = {
+    "is_decoder": False,
+    "type_vocab_size": 16,
+    "config_overrides": {"norm_position": "post", "embedding_norm": True, "position_embedding_type": "learned"},
+}
+DECODER_LAYOUT = {
+    "is_decoder": True,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "config_overrides": {
+        "norm_type": "rmsnorm",
+        "mlp_type": "gated",
+        "position_embedding_type": "rope",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+    },
+}
+# Families other than `full` run the whole suite too, marked slow (about 100 s each on CPU); the default run keeps
+# `full`, whose layouts also stand for the families' shared stack, embeddings and heads.
+DEFAULT_RUN_FAMILIES = ("full",)
 
 
-class XArchDecoderModelTest(_DecoderHeads, unittest.TestCase):
-    # Llama's layout: pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention, untied output embeddings
-    tester_kwargs = dict(
-        is_decoder=True,
-        num_key_value_heads=2,
-        hidden_act="silu",
-        config_overrides=dict(
-            norm_type="rmsnorm",
-            mlp_type="gated",
-            position_embedding_type="rope",
-            attention_bias=False,
-            mlp_bias=False,
-            tie_word_embeddings=False,
-        ),
+def family_variant(family: AttentionFamily, decoder: bool) -> type:
+    """The test class for ``family`` in the decoder (or encoder) layout, with its options from tests/test_families.py
+    (a window narrower than the tester's 7 tokens, so the band is exercised)."""
+    layout = DECODER_LAYOUT if decoder else ENCODER_LAYOUT
+    position = layout["config_overrides"]["position_embedding_type"]
+    if not allowed(family, POSITION_SCHEMES[position], decoder):
+        position = next(name for name, scheme in POSITION_SCHEMES.items() if allowed(family, scheme, decoder))
+    options = {"attention_type": family.name, **FAMILY_OVERRIDES.get(family.name, {})}
+    overrides = {**layout["config_overrides"], "position_embedding_type": position, **options}
+    name = "".join(part.capitalize() for part in family.name.split("_"))
+    test_class = type(
+        f"XArch{name}{'Decoder' if decoder else 'Encoder'}ModelTest",
+        (_DecoderHeads if decoder else _EncoderHeads, unittest.TestCase),
+        {
+            "tester_kwargs": {**layout, "config_overrides": overrides},
+            "config_tester_kwargs": {**(_DecoderHeads if decoder else _EncoderHeads).config_tester_kwargs, **options},
+            "__module__": __name__,
+            "__qualname__": f"XArch{name}{'Decoder' if decoder else 'Encoder'}ModelTest",
+        },
     )
+    return test_class if family.name in DEFAULT_RUN_FAMILIES else pytest.mark.slow(test_class)
+
+
+# an encoder and a decoder variant of every registered family its flags allow, read from the registry at collection
+FAMILY_TEST_CLASSES = tuple(
+    family_variant(family, decoder)
+    for family in sorted(ATTENTION_FAMILIES.values(), key=lambda family: family.name)
+    for decoder in (False, True)
+    if (family.causal if decoder else family.bidirectional)
+)
+globals().update({test_class.__name__: test_class for test_class in FAMILY_TEST_CLASSES})
 
 
 @pytest.mark.slow
 class XArchFactorizedEncoderModelTest(_EncoderHeads, unittest.TestCase):
     # ALBERT-like: factorized embeddings (16 -> 32), sinusoidal positions, multi-query attention, pre-norm, mean pooling
-    tester_kwargs = dict(
-        is_decoder=False,
-        num_key_value_heads=1,
-        config_overrides=dict(
-            embedding_size=16, position_embedding_type="sinusoidal", norm_position="pre", classifier_pooling="mean"
-        ),
-    )
+    tester_kwargs: ClassVar[dict] = {
+        "is_decoder": False,
+        "num_key_value_heads": 1,
+        "config_overrides": {
+            "embedding_size": 16, "position_embedding_type": "sinusoidal", "norm_position": "pre", "classifier_pooling": "mean"
+        },
+    }
 
 
 @pytest.mark.slow
 class XArchTiedDecoderModelTest(_DecoderHeads, unittest.TestCase):
     # GPT-2-like with tied, factorized embeddings: learned positions, LayerNorm, plain MLP, output projected 32 -> 16
     # onto the tied table
-    tester_kwargs = dict(
-        is_decoder=True,
-        config_overrides=dict(embedding_size=16, position_embedding_type="learned", tie_word_embeddings=True),
-    )
+    tester_kwargs: ClassVar[dict] = {
+        "is_decoder": True,
+        "config_overrides": {"embedding_size": 16, "position_embedding_type": "learned", "tie_word_embeddings": True},
+    }
 
 
-TEST_CLASSES = (
-    XArchEncoderModelTest,
-    XArchDecoderModelTest,
-    XArchFactorizedEncoderModelTest,
-    XArchTiedDecoderModelTest,
-)
+TEST_CLASSES = (*FAMILY_TEST_CLASSES, XArchFactorizedEncoderModelTest, XArchTiedDecoderModelTest)
+
 
 def _skips_for(test_class: type) -> dict[str, str]:
-    uses_rope = test_class.tester_kwargs["config_overrides"].get("position_embedding_type") == "rope"
-    return {**SKIPS, **({} if uses_rope else WITHOUT_ROPE_SKIPS)}
+    overrides = test_class.tester_kwargs["config_overrides"]
+    uses_rope = overrides.get("position_embedding_type") == "rope"
+    family_skips = FAMILY_SKIPS.get(overrides.get("attention_type", "full"), {})
+    return {**SKIPS, **({} if uses_rope else WITHOUT_ROPE_SKIPS), **family_skips}
 
 
 # (a loop variable holding a TestCase class would be collected by pytest a second time, hence no module-level loop)
