@@ -248,3 +248,13 @@ def test_xarch_alibi_decoder_exports_to_bloom():
     ids = random_ids(2, 15, seed=800)
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, xarch(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_bloom_export_refuses_shared_layers():
+    config = XArchConfig(
+        vocab_size=99, hidden_size=30, num_hidden_layers=2, num_attention_heads=5, intermediate_size=120,
+        is_decoder=True, position_embedding_type="alibi", embedding_norm=True, hidden_act="gelu_pytorch_tanh",
+        num_hidden_groups=1,
+    )
+    with pytest.raises(ValueError, match="BLOOM has its own weights in every layer"):
+        to_hf(XArchForCausalLM(config), "bloom")

@@ -12,6 +12,9 @@ GPT-2's two attention-scale options change the score scale, ``scale_attn_weights
 ``scale_attn_by_inverse_layer_idx`` (a further 1/(layer+1)). Scores are linear in q, so both are folded into q_proj
 (weight and bias multiplied by GPT-2's scale over XArch's 1/sqrt(d)): same outputs, the options need no XArch field.
 
+The config is ``FIELDS`` over GPT-2's shape (``fields.LAYERNORM_DECODER``, which BLOOM shares), the weights are
+``TABLE`` after the fused projection is split (``split_fused_qkv``, which BLOOM shares), both read in both directions.
+
 Inputs that differ: GPT-2 numbers positions 0..n-1 whatever the mask, XArch skips left padding (so a left-padded
 row starts at position 0, as it would unpadded); without left padding, or given ``position_ids``, both agree. GPT-2
 also accepts ``token_type_ids`` and embeds them with its token table; the converted model has no token types and
@@ -35,10 +38,9 @@ from .base import (
     check_xarch_config,
     register_converter,
     rename,
-    shared_config_kwargs,
-    shared_hf_kwargs,
     unsupported,
 )
+from .fields import LAYERNORM_DECODER, ConfigTable, add_zero_bias, drop_zero_bias, token_classifier_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ HEADS = {
     "GPT2ForQuestionAnswering": "XArchForQuestionAnswering",
 }
 
-# (transformers key, XArch key) after `split_fused` below; `{i}` is the layer, `{p}` weight or bias
+# (transformers key, XArch key) after `split_fused_qkv`; `{i}` is the layer, `{p}` weight or bias
 TABLE = [
     ("transformer.wte.weight", "model.embeddings.word_embeddings.weight"),
     ("transformer.wpe.weight", "model.embeddings.position_embeddings.weight"),
@@ -68,8 +70,68 @@ TABLE = [
     ("qa_outputs.{p}", "qa_outputs.{p}"),
 ]
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+FUSED, PARTS = ".attn.c_attn.", ".attn.{}_proj."
 # buffers that GPT-2 checkpoints older than transformers 4.3x carry (the causal mask); masks are built on the fly now
 LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+FIELDS = ConfigTable(
+    GPT2Config,
+    renamed=(
+        ("vocab_size", "vocab_size"),
+        ("n_embd", "hidden_size"),
+        ("n_layer", "num_hidden_layers"),
+        ("n_head", "num_attention_heads"),
+        ("n_inner", "intermediate_size"),  # None: 4 * n_embd in both
+        ("activation_function", "hidden_act"),
+        ("n_positions", "max_position_embeddings"),
+        ("layer_norm_epsilon", "norm_eps"),
+        ("resid_pdrop", "hidden_dropout"),
+        ("attn_pdrop", "attention_dropout"),
+        ("initializer_range", "initializer_range"),
+    ),
+    fixed=LAYERNORM_DECODER,
+)
+
+
+def head_table(hf_class_name: str) -> list[tuple[str, str]]:
+    """The weight table of one head: GPT2ForSequenceClassification's classifier is its `score` (bias-free: given a
+    zero bias, see ``add_zero_bias``)."""
+    if hf_class_name.endswith("ForSequenceClassification"):
+        return [("score.{p}", "classifier.{p}") if hf == "classifier.{p}" else (hf, xarch) for hf, xarch in TABLE]
+    return TABLE
+
+
+def split_fused_qkv(state_dict: StateDict, fused: str, parts: str, groups: int) -> StateDict:
+    """Every ``<prefix><fused><param>`` weight split into ``<prefix><parts.format(q|k|v)><param>``. The fused
+    projection's output rows are laid out (groups, 3, rows): GPT-2 has one group, [q | k | v]; BLOOM one per head,
+    [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if fused not in key:
+            out[key] = tensor
+            continue
+        prefix, param = key.split(fused)
+        per_group = tensor.reshape(groups, 3, -1, *tensor.shape[1:])
+        for index, name in enumerate("qkv"):
+            out[f"{prefix}{parts.format(name)}{param}"] = per_group[:, index].reshape(-1, *tensor.shape[1:])
+    return out
+
+
+def fuse_qkv(state_dict: StateDict, fused: str, parts: str, groups: int) -> StateDict:
+    """``split_fused_qkv`` the other way."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if parts.format("k") in key or parts.format("v") in key:
+            continue
+        if parts.format("q") not in key:
+            out[key] = tensor
+            continue
+        prefix, param = key.split(parts.format("q"))
+        qkv = [state_dict[f"{prefix}{parts.format(name)}{param}"] for name in "qkv"]
+        stacked = torch.stack([part.reshape(groups, -1, *part.shape[1:]) for part in qkv], dim=1)
+        out[f"{prefix}{fused}{param}"] = stacked.reshape(-1, *tensor.shape[1:])
+    return out
 
 
 def q_scale(hf_config: PreTrainedConfig, layer: int) -> float:
@@ -94,126 +156,50 @@ def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConf
             "GPT-2 embd_pdrop=%s differs from resid_pdrop=%s; the XArch model uses hidden_dropout=%s for both",
             hf_config.embd_pdrop, hf_config.resid_pdrop, hf_config.resid_pdrop,
         )
-    # GPT2ForSequenceClassification has no dropout before `score`; GPT2ForTokenClassification reads these fields
-    if hf_class_name == "GPT2ForSequenceClassification":
-        classifier_dropout = 0.0
-    else:
-        classifier_dropout = getattr(hf_config, "classifier_dropout", None)
-        if classifier_dropout is None:
-            classifier_dropout = getattr(hf_config, "hidden_dropout", None)
-        if classifier_dropout is None:
-            classifier_dropout = 0.1
-    return XArchConfig(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.n_embd,
-        num_hidden_layers=hf_config.n_layer,
-        num_attention_heads=hf_config.n_head,
-        intermediate_size=hf_config.n_inner if hf_config.n_inner is not None else 4 * hf_config.n_embd,
-        hidden_act=hf_config.activation_function,
-        max_position_embeddings=hf_config.n_positions,
-        type_vocab_size=0,
-        is_decoder=True,
-        position_embedding_type="learned",
-        norm_type="layernorm",
-        norm_position="pre",
-        norm_eps=hf_config.layer_norm_epsilon,
-        final_norm=True,
-        embedding_norm=False,
-        mlp_type="plain",
-        attention_bias=True,
-        mlp_bias=True,
-        hidden_dropout=hf_config.resid_pdrop,
-        attention_dropout=hf_config.attn_pdrop,
-        classifier_dropout=classifier_dropout,
+    return FIELDS.to_xarch(
+        hf_config,
+        # GPT2ForSequenceClassification has no dropout before `score`; GPT2ForTokenClassification has the generic one
+        classifier_dropout=0.0 if hf_class_name == "GPT2ForSequenceClassification" else token_classifier_dropout(hf_config),
         classifier_pooling="last",
-        initializer_range=hf_config.initializer_range,
         train_pad_embedding=True,  # GPT-2's wte has no padding_idx: its pad token (often EOS) trains like any other
-        **shared_config_kwargs(hf_config),
     )
+
+
+def config_to_hf(config: XArchConfig, hf_class_name: str) -> GPT2Config:
+    required = dict(FIELDS.fixed)
+    if hf_class_name == "GPT2ForSequenceClassification":
+        required["classifier_pooling"] = "last"  # GPT-2 classifies from the last real token
+    unsupported("XArch", check_xarch_config(config, "GPT-2", required) + check_no_layer_sharing(config, "GPT-2"))
+    return FIELDS.to_hf(config, embd_pdrop=config.hidden_dropout)
 
 
 def state_dict_from_hf(state_dict: StateDict, hf_config: PreTrainedConfig, hf_class_name: str) -> StateDict:
     if hf_config.reorder_and_upcast_attn:
         dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
         if dtypes != {torch.float32}:
-            unsupported("GPT-2", [
+            unsupported("GPT-2", [(
                 f"reorder_and_upcast_attn=True with {sorted(map(str, dtypes))} weights: GPT-2 then computes the "
                 "attention scores in fp32; XArch computes them in the model dtype (identical for fp32 models only)"
-            ])
-    state_dict = dict(state_dict)
-    split = {}
-    if "score.weight" in state_dict:  # GPT2ForSequenceClassification: a bias-free `score`; a zero bias is the same
-        score = state_dict.pop("score.weight")
-        split["classifier.weight"] = score
-        split["classifier.bias"] = torch.zeros(score.shape[0], dtype=score.dtype, device=score.device)
-    for key, tensor in state_dict.items():
-        if key.endswith(LEGACY_BUFFERS):
-            continue
-        if key.endswith(CONV1D):
-            tensor = tensor.t()  # Conv1D keeps (in, out); nn.Linear keeps (out, in)
-        if ".attn.c_attn." in key:
-            prefix, param = key.split(".attn.c_attn.")
-            layer = int(prefix.rsplit(".", 1)[1])
-            query, key_, value = tensor.chunk(3, dim=0)
-            split[f"{prefix}.attn.q_proj.{param}"] = query * q_scale(hf_config, layer)
-            split[f"{prefix}.attn.k_proj.{param}"] = key_
-            split[f"{prefix}.attn.v_proj.{param}"] = value
-        else:
-            split[key] = tensor
-    return {key: tensor.contiguous() for key, tensor in rename(split, TABLE).items()}
-
-
-def config_to_hf(config: XArchConfig, hf_class_name: str) -> GPT2Config:
-    required = dict(
-        is_decoder=True,
-        type_vocab_size=0,
-        position_embedding_type="learned",
-        norm_type="layernorm",
-        norm_position="pre",
-        final_norm=True,
-        embedding_norm=False,
-        mlp_type="plain",
-        attention_bias=True,
-        mlp_bias=True,
-    )
-    if hf_class_name == "GPT2ForSequenceClassification":
-        required["classifier_pooling"] = "last"  # GPT-2 classifies from the last real token
-    problems = check_xarch_config(config, "GPT-2", required) + check_no_layer_sharing(config, "GPT-2")
-    unsupported("XArch", problems)
-    return GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.max_position_embeddings,
-        n_embd=config.hidden_size,
-        n_layer=config.num_hidden_layers,
-        n_head=config.num_attention_heads,
-        n_inner=config.intermediate_size,
-        activation_function=config.hidden_act,
-        resid_pdrop=config.hidden_dropout,
-        embd_pdrop=config.hidden_dropout,
-        attn_pdrop=config.attention_dropout,
-        layer_norm_epsilon=config.norm_eps,
-        initializer_range=config.initializer_range,
-        **shared_hf_kwargs(config),
-    )
+            )])
+    if "score.weight" in state_dict:
+        state_dict = add_zero_bias(state_dict, "score")
+    # Conv1D keeps (in, out); nn.Linear keeps (out, in)
+    linear = {
+        key: tensor.t() if key.endswith(CONV1D) else tensor
+        for key, tensor in state_dict.items()
+        if not key.endswith(LEGACY_BUFFERS)
+    }
+    split = split_fused_qkv(linear, FUSED, PARTS, groups=1)
+    for key in split:
+        if PARTS.format("q") in key:  # transformer.h.{i}.attn.q_proj.*
+            split[key] = split[key] * q_scale(hf_config, int(key.split(".")[2]))
+    return {key: tensor.contiguous() for key, tensor in rename(split, head_table(hf_class_name)).items()}
 
 
 def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: str) -> StateDict:
-    state_dict = dict(state_dict)
-    out = {}
     if hf_class_name == "GPT2ForSequenceClassification":
-        if bool(state_dict.pop("classifier.bias").any()):
-            unsupported("XArch", ["XArchForSequenceClassification has a non-zero classifier bias; GPT-2's has none"])
-        out["score.weight"] = state_dict.pop("classifier.weight")
-    split = rename(state_dict, TABLE, reverse=True)
-    for key, tensor in split.items():
-        if ".attn.q_proj." in key:
-            prefix, param = key.split(".attn.q_proj.")
-            parts = [split[f"{prefix}.attn.{name}_proj.{param}"] for name in ("q", "k", "v")]
-            out[f"{prefix}.attn.c_attn.{param}"] = torch.cat(parts, dim=0)
-        elif ".attn.k_proj." in key or ".attn.v_proj." in key:
-            continue
-        else:
-            out[key] = tensor
+        state_dict = drop_zero_bias(state_dict, "classifier", hf_class_name)
+    out = fuse_qkv(rename(state_dict, head_table(hf_class_name), reverse=True), FUSED, PARTS, groups=1)
     return {key: (tensor.t() if key.endswith(CONV1D) else tensor).contiguous() for key, tensor in out.items()}
 
 
