@@ -27,34 +27,28 @@ from transformers.configuration_utils import PreTrainedConfig
 
 from hf_xarch.model.configuration_xarch import XArchConfig
 
+from . import bert
 from .base import (
+    ENCODER_HEADS,
     Converter,
     StateDict,
     activation_problems,
     check_xarch_config,
+    heads,
     qa_problems,
     register_converter,
     rename,
     unsupported,
 )
-from .bert import add_token_type_row, required_fields
+from .bert import add_token_type_row, required_fields, without_pooler
 from .fields import BERT_FIELDS, POST_NORM_ENCODER, ConfigTable, fold_shared_bias, unfold_shared_bias, without
 
-HEADS = {
-    "AlbertModel": "XArchModel",
-    "AlbertForMaskedLM": "XArchForMaskedLM",
-    "AlbertForSequenceClassification": "XArchForSequenceClassification",
-    "AlbertForTokenClassification": "XArchForTokenClassification",
-    "AlbertForQuestionAnswering": "XArchForQuestionAnswering",
-}
+HEADS = heads("Albert", *ENCODER_HEADS)
 
 # (transformers key, XArch key) after ALBERT's `albert_layer_groups.{g}.albert_layers.{k}` has been flattened to
 # `albert_block.{i}` (see `flatten_groups`); `{i}` is the distinct block, `{p}` weight or bias
 TABLE = [
-    ("albert.embeddings.word_embeddings.weight", "model.embeddings.word_embeddings.weight"),
-    ("albert.embeddings.position_embeddings.weight", "model.embeddings.position_embeddings.weight"),
-    ("albert.embeddings.token_type_embeddings.weight", "model.embeddings.token_type_embeddings.weight"),
-    ("albert.embeddings.LayerNorm.{p}", "model.embeddings.norm.{p}"),
+    *[(hf.replace("bert.", "albert.", 1), xarch) for hf, xarch in bert.TABLE if hf.startswith("bert.embeddings.")],
     ("albert.encoder.embedding_hidden_mapping_in.{p}", "model.embeddings.projection.{p}"),
     ("albert_block.{i}.attention.query.{p}", "model.layers.{i}.attention.q_proj.{p}"),
     ("albert_block.{i}.attention.key.{p}", "model.layers.{i}.attention.k_proj.{p}"),
@@ -169,15 +163,6 @@ def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: 
     return add_token_type_row(unfold_shared_bias(out, *SHARED_BIAS), "albert.embeddings.token_type_embeddings.weight", config)
 
 
-ALBERT = register_converter(
-    Converter(
-        model_type="albert",
-        heads=HEADS,
-        config_from_hf=config_from_hf,
-        state_dict_from_hf=state_dict_from_hf,
-        config_to_hf=config_to_hf,
-        state_dict_to_hf=state_dict_to_hf,
-        droppable_prefixes=("pooler.",),  # AlbertModel's pooler: XArchModel returns hidden states only
-        hf_init_kwargs={"AlbertModel": {"add_pooling_layer": False}},
-    )
-)
+ALBERT = register_converter(Converter(
+    "albert", HEADS, config_from_hf, state_dict_from_hf, config_to_hf, state_dict_to_hf, **without_pooler("AlbertModel")
+))

@@ -50,6 +50,25 @@ class Converter:
 
 CONVERTERS: dict[str, Converter] = {}
 
+# the XArch class of each transformers head class, by the suffix after the family's prefix ("Bert" + "ForMaskedLM")
+XARCH_HEADS = {
+    "Model": "XArchModel",
+    "ForCausalLM": "XArchForCausalLM",
+    "LMHeadModel": "XArchForCausalLM",
+    "ForMaskedLM": "XArchForMaskedLM",
+    "ForSequenceClassification": "XArchForSequenceClassification",
+    "ForTokenClassification": "XArchForTokenClassification",
+    "ForQuestionAnswering": "XArchForQuestionAnswering",
+}
+# the heads of a BERT-like encoder
+ENCODER_HEADS = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def heads(prefix: str, *suffixes: str) -> dict[str, str]:
+    """``Converter.heads`` of a family whose classes are ``prefix + suffix``: ``heads("Bert", "Model")`` is
+    ``{"BertModel": "XArchModel"}``."""
+    return {prefix + suffix: XARCH_HEADS[suffix] for suffix in suffixes}
+
 
 def register_converter(converter: Converter) -> Converter:
     """Make ``converter`` the one ``from_hf`` / ``to_hf`` use for ``converter.model_type``."""
@@ -198,11 +217,14 @@ def rename(state_dict: StateDict, table: list[tuple[str, str]], reverse: bool = 
 
 __all__ = [
     "CONVERTERS",
+    "ENCODER_HEADS",
+    "XARCH_HEADS",
     "Converter",
     "StateDict",
     "activation_problems",
     "check_no_layer_sharing",
     "check_xarch_config",
+    "heads",
     "mismatches",
     "qa_problems",
     "register_converter",

@@ -23,11 +23,13 @@ from transformers.configuration_utils import PreTrainedConfig
 from hf_xarch.model.configuration_xarch import XArchConfig
 
 from .base import (
+    ENCODER_HEADS,
     Converter,
     StateDict,
     activation_problems,
     check_no_layer_sharing,
     check_xarch_config,
+    heads,
     qa_problems,
     register_converter,
     rename,
@@ -35,13 +37,7 @@ from .base import (
 )
 from .fields import BERT_FIELDS, POST_NORM_ENCODER, ConfigTable, fold_shared_bias, unfold_shared_bias
 
-HEADS = {
-    "BertModel": "XArchModel",
-    "BertForMaskedLM": "XArchForMaskedLM",
-    "BertForSequenceClassification": "XArchForSequenceClassification",
-    "BertForTokenClassification": "XArchForTokenClassification",
-    "BertForQuestionAnswering": "XArchForQuestionAnswering",
-}
+HEADS = heads("Bert", *ENCODER_HEADS)
 
 # (transformers key, XArch key); `{i}` is the layer, `{p}` weight or bias
 TABLE = [
@@ -99,6 +95,12 @@ def add_token_type_row(state_dict: StateDict, key: str, config: XArchConfig) -> 
     return state_dict
 
 
+def without_pooler(model_class: str) -> dict:
+    """The ``Converter`` options of a family whose bare ``model_class`` has a pooler (BertModel): XArchModel returns
+    hidden states only, so ``from_hf`` drops it with a warning and ``to_hf`` builds ``model_class`` without one."""
+    return {"droppable_prefixes": ("pooler.",), "hf_init_kwargs": {model_class: {"add_pooling_layer": False}}}
+
+
 def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
     problems = []
     position_type = getattr(hf_config, "position_embedding_type", "absolute")
@@ -126,15 +128,6 @@ def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: 
     return add_token_type_row(out, "bert.embeddings.token_type_embeddings.weight", config)
 
 
-BERT = register_converter(
-    Converter(
-        model_type="bert",
-        heads=HEADS,
-        config_from_hf=config_from_hf,
-        state_dict_from_hf=state_dict_from_hf,
-        config_to_hf=config_to_hf,
-        state_dict_to_hf=state_dict_to_hf,
-        droppable_prefixes=("pooler.",),  # BertModel's pooler: XArchModel returns hidden states only
-        hf_init_kwargs={"BertModel": {"add_pooling_layer": False}},
-    )
-)
+BERT = register_converter(Converter(
+    "bert", HEADS, config_from_hf, state_dict_from_hf, config_to_hf, state_dict_to_hf, **without_pooler("BertModel")
+))

@@ -32,6 +32,7 @@ from .base import (
     StateDict,
     check_no_layer_sharing,
     check_xarch_config,
+    heads,
     register_converter,
     rename,
     unsupported,
@@ -41,10 +42,7 @@ from .gpt2 import fuse_qkv, split_fused_qkv
 
 logger = logging.getLogger(__name__)
 
-HEADS = {
-    "BloomModel": "XArchModel",
-    "BloomForCausalLM": "XArchForCausalLM",
-}
+HEADS = heads("Bloom", "Model", "ForCausalLM")
 NOMINAL_MAX_POSITIONS = 2048
 
 # (transformers key, XArch key) after `gpt2.split_fused_qkv`; `{i}` is the layer, `{p}` weight or bias
@@ -124,12 +122,5 @@ def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: 
 
 
 BLOOM = register_converter(
-    Converter(
-        model_type="bloom",
-        heads=HEADS,
-        config_from_hf=config_from_hf,
-        state_dict_from_hf=state_dict_from_hf,
-        config_to_hf=config_to_hf,
-        state_dict_to_hf=state_dict_to_hf,
-    )
+    Converter("bloom", HEADS, config_from_hf, state_dict_from_hf, config_to_hf, state_dict_to_hf)
 )

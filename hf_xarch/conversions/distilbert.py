@@ -25,6 +25,7 @@ from .base import (
     activation_problems,
     check_no_layer_sharing,
     check_xarch_config,
+    heads,
     qa_problems,
     register_converter,
     rename,
@@ -32,12 +33,7 @@ from .base import (
 )
 from .fields import POST_NORM_ENCODER, ConfigTable, warn_extra_dropout
 
-HEADS = {
-    "DistilBertModel": "XArchModel",
-    "DistilBertForMaskedLM": "XArchForMaskedLM",
-    "DistilBertForTokenClassification": "XArchForTokenClassification",
-    "DistilBertForQuestionAnswering": "XArchForQuestionAnswering",
-}
+HEADS = heads("DistilBert", "Model", "ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering")
 
 # (transformers key, XArch key); `{i}` is the layer, `{p}` weight or bias
 TABLE = [
@@ -103,12 +99,5 @@ def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: 
 
 
 DISTILBERT = register_converter(
-    Converter(
-        model_type="distilbert",
-        heads=HEADS,
-        config_from_hf=config_from_hf,
-        state_dict_from_hf=state_dict_from_hf,
-        config_to_hf=config_to_hf,
-        state_dict_to_hf=state_dict_to_hf,
-    )
+    Converter("distilbert", HEADS, config_from_hf, state_dict_from_hf, config_to_hf, state_dict_to_hf)
 )

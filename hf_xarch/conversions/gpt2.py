@@ -36,6 +36,7 @@ from .base import (
     StateDict,
     check_no_layer_sharing,
     check_xarch_config,
+    heads,
     register_converter,
     rename,
     unsupported,
@@ -44,13 +45,7 @@ from .fields import LAYERNORM_DECODER, ConfigTable, add_zero_bias, drop_zero_bia
 
 logger = logging.getLogger(__name__)
 
-HEADS = {
-    "GPT2Model": "XArchModel",
-    "GPT2LMHeadModel": "XArchForCausalLM",
-    "GPT2ForSequenceClassification": "XArchForSequenceClassification",
-    "GPT2ForTokenClassification": "XArchForTokenClassification",
-    "GPT2ForQuestionAnswering": "XArchForQuestionAnswering",
-}
+HEADS = heads("GPT2", "Model", "LMHeadModel", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
 
 # (transformers key, XArch key) after `split_fused_qkv`; `{i}` is the layer, `{p}` weight or bias
 TABLE = [
@@ -203,13 +198,4 @@ def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: 
     return {key: (tensor.t() if key.endswith(CONV1D) else tensor).contiguous() for key, tensor in out.items()}
 
 
-GPT2 = register_converter(
-    Converter(
-        model_type="gpt2",
-        heads=HEADS,
-        config_from_hf=config_from_hf,
-        state_dict_from_hf=state_dict_from_hf,
-        config_to_hf=config_to_hf,
-        state_dict_to_hf=state_dict_to_hf,
-    )
-)
+GPT2 = register_converter(Converter("gpt2", HEADS, config_from_hf, state_dict_from_hf, config_to_hf, state_dict_to_hf))

@@ -26,7 +26,16 @@ from transformers.configuration_utils import PreTrainedConfig
 
 from hf_xarch.model.configuration_xarch import XArchConfig
 
-from .base import Converter, StateDict, activation_problems, mismatches, register_converter, rename, unsupported
+from .base import (
+    Converter,
+    StateDict,
+    activation_problems,
+    heads,
+    mismatches,
+    register_converter,
+    rename,
+    unsupported,
+)
 from .fields import (
     LLAMA_FIELDS,
     PRE_NORM_DECODER,
@@ -39,12 +48,7 @@ from .fields import (
 
 logger = logging.getLogger(__name__)
 
-HEADS = {
-    "LlamaModel": "XArchModel",
-    "LlamaForCausalLM": "XArchForCausalLM",
-    "LlamaForSequenceClassification": "XArchForSequenceClassification",
-    "LlamaForTokenClassification": "XArchForTokenClassification",
-}
+HEADS = heads("Llama", "Model", "ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
 
 # (transformers key, XArch key); `{i}` is the layer, `{p}` weight or bias
 TABLE = [
@@ -195,12 +199,5 @@ def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: 
 
 
 LLAMA = register_converter(
-    Converter(
-        model_type="llama",
-        heads=HEADS,
-        config_from_hf=config_from_hf,
-        state_dict_from_hf=state_dict_from_hf,
-        config_to_hf=config_to_hf,
-        state_dict_to_hf=state_dict_to_hf,
-    )
+    Converter("llama", HEADS, config_from_hf, state_dict_from_hf, config_to_hf, state_dict_to_hf)
 )

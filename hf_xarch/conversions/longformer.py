@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from transformers import LongformerConfig
 
-from .base import register_converter
+from .base import ENCODER_HEADS, register_converter
 from .fields import BERT_FIELDS, POST_NORM_ENCODER, ConfigTable
-from .roberta import HEAD_SUFFIXES, roberta_converter, weight_table
+from .roberta import roberta_converter, weight_table
 
 # BERT's fields (Longformer's classifiers drop out with hidden_dropout_prob: no classifier_dropout) and the window
 FIELDS = ConfigTable(
@@ -43,7 +43,7 @@ LONGFORMER = register_converter(
         "Longformer",
         FIELDS,
         table=TABLE,
-        suffixes=tuple(suffix for suffix in HEAD_SUFFIXES if suffix != "ForQuestionAnswering"),
+        suffixes=tuple(suffix for suffix in ENCODER_HEADS if suffix != "ForQuestionAnswering"),
         sliding=True,
     )
 )

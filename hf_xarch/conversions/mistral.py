@@ -14,14 +14,10 @@ from transformers.configuration_utils import PreTrainedConfig
 from hf_xarch.model.configuration_xarch import XArchConfig
 
 from . import llama
-from .base import Converter, register_converter
+from .base import Converter, heads, register_converter
 from .fields import LLAMA_FIELDS, PRE_NORM_DECODER, ConfigTable
 
-HEADS = {
-    "MistralModel": "XArchModel",
-    "MistralForCausalLM": "XArchForCausalLM",
-    "MistralForTokenClassification": "XArchForTokenClassification",
-}
+HEADS = heads("Mistral", "Model", "ForCausalLM", "ForTokenClassification")
 
 FIELDS = ConfigTable(
     MistralConfig,
@@ -42,12 +38,5 @@ def config_to_hf(config: XArchConfig, hf_class_name: str) -> MistralConfig:
 
 
 MISTRAL = register_converter(
-    Converter(
-        model_type="mistral",
-        heads=HEADS,
-        config_from_hf=config_from_hf,
-        state_dict_from_hf=llama.state_dict_from_hf,
-        config_to_hf=config_to_hf,
-        state_dict_to_hf=llama.state_dict_to_hf,
-    )
+    Converter("mistral", HEADS, config_from_hf, llama.state_dict_from_hf, config_to_hf, llama.state_dict_to_hf)
 )

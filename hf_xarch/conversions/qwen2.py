@@ -17,10 +17,10 @@ from transformers.configuration_utils import PreTrainedConfig
 from hf_xarch.model.configuration_xarch import XArchConfig
 
 from . import llama
-from .base import Converter, register_converter
+from .base import Converter, heads, register_converter
 from .fields import LLAMA_FIELDS, PRE_NORM_DECODER, ConfigTable
 
-HEADS = {name.replace("Llama", "Qwen2"): xarch for name, xarch in llama.HEADS.items()}
+HEADS = heads("Qwen2", "Model", "ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
 
 FIELDS = ConfigTable(
     Qwen2Config,
@@ -42,12 +42,5 @@ def config_to_hf(config: XArchConfig, hf_class_name: str) -> Qwen2Config:
 
 
 QWEN2 = register_converter(
-    Converter(
-        model_type="qwen2",
-        heads=HEADS,
-        config_from_hf=config_from_hf,
-        state_dict_from_hf=llama.state_dict_from_hf,
-        config_to_hf=config_to_hf,
-        state_dict_to_hf=llama.state_dict_to_hf,
-    )
+    Converter("qwen2", HEADS, config_from_hf, llama.state_dict_from_hf, config_to_hf, llama.state_dict_to_hf)
 )

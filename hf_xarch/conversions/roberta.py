@@ -28,23 +28,17 @@ from hf_xarch.model.configuration_xarch import XArchConfig
 
 from . import bert
 from .base import (
+    ENCODER_HEADS,
     Converter,
     StateDict,
     check_no_layer_sharing,
     check_xarch_config,
+    heads,
     register_converter,
     rename,
     unsupported,
 )
 from .fields import ConfigTable, fold_shared_bias, unfold_shared_bias, warn_extra_dropout, window_problems
-
-HEAD_SUFFIXES = {
-    "Model": "XArchModel",
-    "ForMaskedLM": "XArchForMaskedLM",
-    "ForSequenceClassification": "XArchForSequenceClassification",
-    "ForTokenClassification": "XArchForTokenClassification",
-    "ForQuestionAnswering": "XArchForQuestionAnswering",
-}
 
 
 def weight_table(prefix: str) -> list[tuple[str, str]]:
@@ -77,7 +71,7 @@ def roberta_converter(
     class_prefix: str,
     fields: ConfigTable,
     table: list[tuple[str, str]] = TABLE,
-    suffixes: tuple[str, ...] = tuple(HEAD_SUFFIXES),
+    suffixes: tuple[str, ...] = ENCODER_HEADS,
     sliding: bool = False,
 ) -> Converter:
     """The converter of one fairseq-positioned BERT (``RobertaForMaskedLM``, ``XLMRobertaForMaskedLM``, ...) whose
@@ -123,14 +117,13 @@ def roberta_converter(
         return unfold_shared_bias(renamed, *SHARED_BIAS)
 
     return Converter(
-        model_type=model_type,
-        heads={class_prefix + suffix: HEAD_SUFFIXES[suffix] for suffix in suffixes},
-        config_from_hf=config_from_hf,
-        state_dict_from_hf=state_dict_from_hf,
-        config_to_hf=config_to_hf,
-        state_dict_to_hf=state_dict_to_hf,
-        droppable_prefixes=("pooler.",),  # RobertaModel's pooler: XArchModel returns hidden states only
-        hf_init_kwargs={class_prefix + "Model": {"add_pooling_layer": False}},
+        model_type,
+        heads(class_prefix, *suffixes),
+        config_from_hf,
+        state_dict_from_hf,
+        config_to_hf,
+        state_dict_to_hf,
+        **bert.without_pooler(class_prefix + "Model"),
     )
 
 
