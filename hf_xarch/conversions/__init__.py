@@ -1,8 +1,9 @@
 """Converters between transformers model families and XArch, one file per family.
 
 Adding a family (Llama, BLOOM, ALBERT...): write ``conversions/<family>.py`` that builds a ``Converter`` (see
-``base.py``: the config in both directions, a key table, the head classes) and calls ``register_converter`` on it,
-then add one import line below. ``hf_xarch.convert.from_hf`` / ``to_hf`` find it by ``config.model_type``.
+``base.py``) from one config table (``fields.ConfigTable``) and one weight table, each read by both directions, and
+calls ``register_converter`` on it, then add one import line below. A family built like one already here reuses its
+shape, field vocabulary and helpers (``fields.py``; ``roberta_converter``, ``llama.llama_config``...). ``hf_xarch.convert.from_hf`` / ``to_hf`` find it by ``config.model_type``.
 """
 
 from .base import CONVERTERS, Converter, register_converter

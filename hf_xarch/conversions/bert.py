@@ -7,8 +7,9 @@ positions, token-type (segment) embeddings and a LayerNorm on the embeddings, no
 LayerNorm, decoder tied to the word embeddings, one output bias) is ``XArchMLMHead``; the pooler (tanh(W h[CLS]))
 is ``XArchPooler`` with ``classifier_pooling="first"``.
 
-The config is ``BERT_FIELDS`` (``fields.py``) and the weights are ``TABLE``, both read in both directions; RoBERTa,
-XLM-RoBERTa, Longformer and ALBERT build on them and on the helpers here.
+The config is ``FIELDS`` (BertConfig's vocabulary ``fields.BERT_FIELDS`` over BERT's shape
+``fields.POST_NORM_ENCODER``) and the weights are ``TABLE``, both read in both directions; RoBERTa, XLM-RoBERTa,
+Longformer and ALBERT build on them and on the helpers here.
 
 Positions: BERT numbers positions 0..n-1 whatever the mask, XArch skips padding on the left. With right padding (how
 BERT is used) both agree at every real token; pass ``position_ids`` to reproduce BERT on left-padded batches too.
