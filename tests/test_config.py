@@ -1,8 +1,10 @@
 """XArchConfig: defaults, serialisation, and a clear ValueError for every bad value or impossible combination."""
 
 import pytest
+import torch
 
-from hf_xarch import ATTENTION_FAMILIES, POSITION_SCHEMES, XArchConfig
+from hf_xarch import ATTENTION_FAMILIES, POSITION_SCHEMES, XArchConfig, XArchModel
+from hf_xarch.conversions import CONVERTERS
 from transformers import AutoConfig
 
 from .helpers import tiny_config
@@ -17,6 +19,30 @@ def test_derived_defaults():
     assert config.layer_types == ["full_attention"] * config.num_hidden_layers
     assert config.final_norm is True and tiny_config(norm_position="post").final_norm is False
     assert config.classifier_pooling == "first" and tiny_config(is_decoder=True).classifier_pooling == "last"
+
+
+def test_initializer_range_scales_with_width_unless_given():
+    """Issue 22: the default std is hidden_size ** -0.5 (measured in benchmarks/results/defaults.md); it follows a
+    changed hidden_size, reaches the weights, and a value given (transformers' 0.02) is kept."""
+    config = tiny_config(hidden_size=64)
+    assert config.initializer_range == pytest.approx(64**-0.5)
+    config.hidden_size = 128
+    assert config.initializer_range == pytest.approx(128**-0.5)
+    given = tiny_config(hidden_size=64, initializer_range=0.02)
+    given.hidden_size = 128
+    assert given.initializer_range == 0.02
+    torch.manual_seed(0)
+    weight = XArchModel(tiny_config(hidden_size=64)).layers[0].attention.q_proj.weight
+    assert weight.std().item() == pytest.approx(64**-0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONVERTERS))
+def test_converted_configs_keep_the_transformers_initializer_range(model_type):
+    """A converted model keeps its family's std (0.02 in every transformers default), not XArch's width-scaled one."""
+    converter = CONVERTERS[model_type]
+    hf_config = AutoConfig.for_model(model_type)
+    converted = converter.config_from_hf(hf_config, next(iter(converter.heads)))
+    assert converted.initializer_range == hf_config.initializer_range
 
 
 def test_auto_config_round_trip(tmp_path):
@@ -57,6 +83,7 @@ BAD_CONFIGS = [
     (dict(hidden_dropout=1.5), "hidden_dropout"),
     (dict(attention_dropout=-0.1), "attention_dropout"),
     (dict(norm_eps=0.0), "norm_eps"),
+    (dict(initializer_range=-0.02), "initializer_range"),
     (dict(classifier_pooling="max"), "classifier_pooling"),
     (dict(layer_types=["full_attention"]), "layer_types"),
     (dict(layer_types=["full_attention", "mystery"]), "layer_types"),

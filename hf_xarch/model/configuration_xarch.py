@@ -46,6 +46,7 @@ DERIVED_DEFAULTS = {
     "qkv_bias": (("attention_bias",), lambda c: c.attention_bias),
     "final_norm": (("norm_position",), lambda c: c.norm_position == "pre"),
     "classifier_pooling": (("is_decoder",), lambda c: "last" if c.is_decoder else "first"),
+    "initializer_range": (("hidden_size",), lambda c: c.hidden_size ** -0.5),
 }
 # the fields `sliding_window` (the key slots a causal sliding layer reads) is computed from
 SLIDING_WINDOW_SOURCES = {"attention_window", "attention_dilation", "layer_types", "attention_type", "num_hidden_layers",
@@ -184,7 +185,12 @@ class XArchConfig(PreTrainedConfig):
 
     Training:
         hidden_dropout (`float`, defaults to 0.0), attention_dropout (`float`, defaults to 0.0),
-        classifier_dropout (`float`, *optional*, defaults to `hidden_dropout`), initializer_range (`float`, 0.02).
+        classifier_dropout (`float`, *optional*, defaults to `hidden_dropout`).
+        initializer_range (`float`, *optional*): the std of the normal draw for every weight matrix and embedding;
+            defaults to `hidden_size ** -0.5` (0.088 at width 128, 0.036 at 768), which starts each projection's output
+            at about its input's scale and, with tied embeddings, the logits at std ~1. Small byte-level decoders
+            trained for equal steps reach clearly lower loss with it than with transformers' usual 0.02 (0.02 is
+            still what converted transformers models carry): `benchmarks/results/defaults.md`.
         classifier_pooling (`str`, *optional*): which token `XArchForSequenceClassification` reads: `first` (BERT's
             [CLS], through a tanh pooler), `last` (the last non-padding token, GPT-style) or `mean`; defaults to `last`
             for decoders and `first` for encoders.
@@ -252,7 +258,7 @@ class XArchConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     classifier_dropout: float | None = None
     classifier_pooling: str | None = None
-    initializer_range: float = 0.02
+    initializer_range: float | None = None
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -427,8 +433,10 @@ class XArchConfig(PreTrainedConfig):
                 _fail(field, value, "a probability in [0, 1)")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             _fail("norm_eps", self.norm_eps, "a positive float")
-        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range >= 0):
-            _fail("initializer_range", self.initializer_range, "a float >= 0")
+        if self.initializer_range is not None and not (
+            isinstance(self.initializer_range, (int, float)) and self.initializer_range >= 0
+        ):
+            _fail("initializer_range", self.initializer_range, "a float >= 0, or None (hidden_size ** -0.5)")
         if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
             _fail("qkv_bias", self.qkv_bias, "True, False, or None (the same as attention_bias)")
 

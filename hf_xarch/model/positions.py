@@ -66,7 +66,7 @@ class LearnedPositionEmbedding(nn.Module):
 class SinusoidalPositionEmbedding(nn.Module):
     """The paper's sin/cos table times a learned scalar ``scale``.
 
-    Unscaled, the table (amplitude 1) drowns out token embeddings drawn at ``initializer_range`` (0.02): the model
+    Unscaled, the table (amplitude 1) drowns out token embeddings drawn at ``initializer_range`` (0.02-0.09): the model
     sees the position and hardly the token, and a byte-level LM stalls near the unigram loss. Vaswani et al. multiply
     the embeddings by sqrt(d); x-transformers (``ScaledSinusoidalEmbedding``) learns a scale. We learn one too,
     starting where the table's RMS (amplitude / sqrt(2)) equals the token embeddings' (``initial_scale``).
