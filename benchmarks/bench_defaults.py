@@ -23,7 +23,7 @@ Arms (``--arms``):
 - ``<pos>`` is ``rope``, ``alibi`` or ``sinusoidal``; ``xarch-old-sinusoidal`` also keeps the unscaled sinusoid
   (amplitude 1, as before the fix).
 
-    python benchmarks/bench_defaults.py                      # the run recorded in results/defaults.md
+    python benchmarks/bench_defaults.py                      # every default arm (results/defaults.md: the runs made)
     python benchmarks/bench_defaults.py --steps 50 --arms xarch-rope xt-rope --output scratch   # a quick look
 
 Results are written after every run (an interrupted run keeps what it finished); ``--first-seed`` adds seeds to a
@@ -99,7 +99,9 @@ class XTransformersLM(torch.nn.Module):
         options = {"rope": {"rotary_pos_emb": True}, "alibi": {"alibi_pos_bias": True}, "sinusoidal": {}}[position]
         self.net = TransformerWrapper(
             num_tokens=256, max_seq_len=8 * args.length, scaled_sinu_pos_emb=position == "sinusoidal",
-            attn_layers=Decoder(dim=args.hidden, depth=args.layers, heads=args.hidden // 32, attn_dim_head=32, **options),
+            attn_layers=Decoder(
+                dim=args.hidden, depth=args.layers, heads=args.hidden // 32, attn_dim_head=32, **options
+            ),
         )
 
     def forward(self, ids):
@@ -180,6 +182,7 @@ def main() -> None:
 
 def report(rows: list[dict], arms: list[str], args, train: torch.Tensor, heldout: torch.Tensor) -> str:
     """Write the results of the runs done so far; return the markdown."""
+    seeds = sorted({row["seed"] for row in rows})
     columns = ["train_bpb_last10", "heldout_bpb"] + (["heldout_bpb_8x"] if args.long else [])
     table = []
     for arm in arms:
@@ -197,7 +200,7 @@ def report(rows: list[dict], arms: list[str], args, train: torch.Tensor, heldout
         "",
         f"Corpus: `pydoc_data.topics` (English prose of the Python docs), {len(train)} train / {len(heldout)} held-out "
         f"bytes. {args.steps} AdamW steps (lr {args.lr}, wd 0.01) x batch {args.batch} x {args.length} bytes, hidden "
-        f"{args.hidden}, {args.layers} layers, {args.hidden // 32} heads, seeds {sorted({row['seed'] for row in rows})} "
+        f"{args.hidden}, {args.layers} layers, {args.hidden // 32} heads, seeds {seeds} "
         "(means shown). "
         f"Held out: every byte of the held-out text, in windows of {args.length}"
         + (f" (and {8 * args.length})" if args.long else "") + ".",
