@@ -246,6 +246,8 @@ def parameter_count_formula(config) -> int:
     embeddings = config.vocab_size * embed + config.type_vocab_size * embed
     if config.position_embedding_type == "learned":
         embeddings += config.max_position_embeddings * embed
+    elif config.position_embedding_type == "sinusoidal":
+        embeddings += 1  # the table's learned scale
     if config.embedding_norm:
         embeddings += _norm_parameters(config, embed)
     if embed != hidden:
