@@ -12,7 +12,6 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 import pytest
-import torch
 
 from hf_xarch.model.registry import ATTENTION_FAMILIES
 from hf_xarch.testing import (
@@ -68,13 +67,7 @@ def _toy_families():
         yield
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared machine: one thread avoids OpenMP oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread
 
 
 @pytest.mark.parametrize(("case", "invariant"), CASES)

@@ -21,6 +21,7 @@ import hf_xarch.model.attention_performer as performer
 from hf_xarch import XArchForCausalLM, XArchForMaskedLM, XArchModel
 from hf_xarch.model.attention_performer import draw_projection, performer_attention, performer_attention_reference
 from hf_xarch.model.registry import ATTENTION_FAMILIES, POSITION_SCHEMES
+from hf_xarch.testing import allowed
 
 from .helpers import left_padded_mask, random_ids, tiny_config
 
@@ -33,24 +34,7 @@ BF16 = torch.bfloat16
 LOGIT_TOLERANCE = 0.03
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared machine: one thread avoids OpenMP oversubscription (50x slower steps, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def allowed(family, scheme, decoder: bool) -> bool:
-    """Whether the family's capability flags allow this position scheme in a decoder (or an encoder)."""
-    if not (family.causal if decoder else family.bidirectional):
-        return False
-    if scheme.kind == "bias":
-        return family.additive_position_bias
-    if scheme.kind == "rotary":
-        return family.rotary
-    return True
+pytestmark = pytest.mark.one_thread
 
 
 CASES = [

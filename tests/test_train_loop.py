@@ -18,14 +18,7 @@ from hf_xarch.train.loop import LoopSettings, count_label_items, train
 
 from .helpers import tiny_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # bitwise comparisons need the same kernels in both runs; one thread also keeps the shared machine usable
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread
 
 
 class _Tok:  # what mask_for_mlm needs of a tokenizer

@@ -27,12 +27,7 @@ SMALL = ["data.max_bytes=120000", "tokenizer.vocab_size=300", "tokenizer.train_b
 OPEN = {"model": xarch_config_fields()}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread
 
 
 def _pretrain_cfg(tmp, *overrides):
