@@ -11,9 +11,9 @@ Why not transformers' ``LinearAttentionLayer`` (what ``DynamicCache(config=...)`
 it does not count tokens, so ``Cache.get_seq_length()`` raises for a model whose layers are all linear (XArchModel and
 ``generate()`` need the count for positions and for slicing the prompt when a cache is reused), and its
 ``get_recurrent_state`` only returns a state once a convolution state was written too (Mamba's layout). This layer is a
-``CacheLayerMixin`` that counts tokens like a ``DynamicLayer`` and stores the Performer state; it is registered with
-transformers for the layer type ``"performer_attention"`` the moment this file is imported (``register_cache_layer``),
-so ``DynamicCache(config=...)``, and therefore ``generate()``, build it for every Performer layer. A recurrent state is
+``CacheLayerMixin`` that counts tokens like a ``DynamicLayer`` and stores the Performer state; the Performer family's
+registry record names it (``cache_layer_class``), so it is registered with transformers for the layer type
+``"performer_attention"`` when the config module is imported, and ``DynamicCache(config=...)``, and therefore ``generate()``, build it for every Performer layer. A recurrent state is
 static already, so it is registered for ``StaticCache`` too (as transformers does with its ``LinearAttentionLayer``):
 ``generate(cache_implementation="static")`` pairs it with static full-attention layers.
 """
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .transformers_private import PastRecording, register_cache_layer
+from .transformers_private import PastRecording
 
 PERFORMER_LAYER_TYPE = "performer_attention"
 
@@ -148,5 +148,3 @@ class PerformerStateLayer(PastRecording, CacheLayerMixin):
         if self.tensors is not None and self.device is not None and self.tensors[0].device != self.device:
             self.tensors = tuple(t.to(self.device, non_blocking=True) for t in self.tensors)
 
-
-register_cache_layer(PERFORMER_LAYER_TYPE, PerformerStateLayer, static=True)
