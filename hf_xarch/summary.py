@@ -11,7 +11,7 @@ Conventions (so numbers compare across configs and with papers):
   whatever their family registers, so they are counted by building one of each on the meta device (no memory).
 - FLOPs count matrix multiplications only (one multiply-add = 2 FLOPs): every ``nn.Linear`` a token passes through,
   plus the attention core (scores and mixing), which each attention family describes with a cost function
-  (``register_attention_cost``). Norms, activations, softmax and embedding lookups are left out (a few percent).
+  (its registry record's ``cost``, returning a ``registry.AttentionCost``). Norms, activations, softmax and embedding lookups are left out (a few percent).
   Only useful work is counted: a causal query at position i scores i keys, so a sequence of N averages (N+1)/2.
 - Training FLOPs per token = 3 x forward (the backward pass costs about twice the forward; Kaplan et al. 2020), at
   every position of a training sequence of ``seq_len``. Inference FLOPs per token: for a decoder, one new token
@@ -44,10 +44,6 @@ from hf_xarch.model.registry import AttentionCost
 
 HEADS = ("causal_lm", "masked_lm", "base")
 PARTS = ("embeddings", "attention", "mlp", "norms", "head")
-
-
-# the cost functions live in each family's registry record (``AttentionFamily.cost``)
-AttentionCoreCost = AttentionCost
 
 
 @dataclass
@@ -319,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = [
     "summary",
     "ModelSummary",
-    "AttentionCoreCost",
-    "AttentionCoreCost",
+    "AttentionCost",
     "load_config",
     "main",
 ]
