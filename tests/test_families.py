@@ -12,7 +12,9 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 import pytest
+import torch
 
+from hf_xarch import XArchConfig, XArchModel
 from hf_xarch.model.registry import ATTENTION_FAMILIES
 from hf_xarch.testing import (
     NOT_SAVED,
@@ -34,6 +36,7 @@ from .toy_families import (
     broken_family,
 )
 
+TINY = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
 # a family's options where the defaults would make its machinery idle on the kit's 13-token inputs
 FAMILY_OVERRIDES = {"sliding_window": {"attention_window": 4}}  # a band narrower than the sequence, a bounded cache
 
@@ -131,6 +134,28 @@ def test_a_bidirectional_flag_that_lies_is_caught():
             pytest.raises(AssertionError, match=message):
         check_attention_family("secretly_causal", invariants=["visibility"], fresh_process=False, is_decoder=False,
                                position_embedding_type="none")
+
+
+def test_a_family_option_needs_no_config_field():
+    """An option declared in the family record is taken, defaulted, validated, saved and refused where unread, with
+    no field in XArchConfig."""
+    assert "toy_temperature" not in XArchConfig.__annotations__
+    assert XArchConfig(attention_type="toy_softmax").toy_temperature == 1.0
+    config = XArchConfig(attention_type="toy_softmax", toy_temperature=2.0, **TINY)
+    assert XArchConfig.from_dict(config.to_dict()).toy_temperature == 2.0
+    assert XArchConfig.from_dict(XArchConfig(attention_type="toy_softmax").to_dict(),
+                                 toy_temperature=0.5).toy_temperature == 0.5
+    with pytest.raises(ValueError, match=r"XArchConfig.toy_temperature=-1 is not allowed: a positive number"):
+        XArchConfig(attention_type="toy_softmax", toy_temperature=-1)
+    with pytest.raises(ValueError, match=r"toy_temperature=2.0 is not allowed: 1.0: it is read only by "
+                                         r"attention_type='toy_softmax' layers"):
+        XArchConfig(attention_type="full", toy_temperature=2.0)
+    torch.manual_seed(0)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 7))
+    model = XArchModel(config).eval()
+    hotter = XArchModel(XArchConfig(attention_type="toy_softmax", toy_temperature=1.0, **TINY)).eval()
+    hotter.load_state_dict(model.state_dict())
+    assert not torch.allclose(model(ids).last_hidden_state, hotter(ids).last_hidden_state)  # the option is read
 
 
 def test_unknown_family_and_invariant_raise_value_errors():

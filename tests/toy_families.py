@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from hf_xarch.model.attention_full import XArchAttention, full_attention_cost, repeat_kv
-from hf_xarch.model.registry import AttentionFamily
+from hf_xarch.model.registry import AttentionFamily, config_error
+
+
+def validate_toy_options(config) -> dict:
+    """The toy's one option: a positive temperature of its scores. Derives nothing, never writes the config."""
+    temperature = getattr(config, "toy_temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise config_error("toy_temperature", temperature, "a positive number (the softmax temperature)")
+    return {}
+
 
 TOY_FAMILY = AttentionFamily(
     name="toy_softmax",
@@ -28,11 +37,19 @@ TOY_FAMILY = AttentionFamily(
     description="dense softmax attention, written as small as a family can be (a test-suite example)",
     cost=full_attention_cost,  # the same FLOPs and cache as full attention
     reference_implementation="eager",
+    # the config options only this family reads, with their defaults: XArchConfig takes them with no field of its own
+    options={"toy_temperature": 1.0},
+    validate=validate_toy_options,
 )
 
 
 class ToySoftmaxAttention(XArchAttention):
-    """Dense softmax attention: q_proj k_proj v_proj o_proj and rotary positions from ``XArchAttention``."""
+    """Dense softmax attention: q_proj k_proj v_proj o_proj and rotary positions from ``XArchAttention``; scores
+    divided by ``config.toy_temperature``."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.scaling = self.scaling / config.toy_temperature
 
     @staticmethod
     def build_mask(config, inputs_embeds, attention_mask, cache, position_ids):

@@ -9,13 +9,14 @@ Longer than 600 lines because of its docstring: every field is documented here, 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 from transformers.configuration_utils import PreTrainedConfig
 
 from .families import ATTENTION_FAMILIES, POSITION_SCHEMES
-from .registry import attention_family_for_layer_type, config_error
+from .registry import attention_family_for_layer_type, config_error, declared_options
 from .transformers_private import register_family_with_transformers
 
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -26,6 +27,15 @@ OUTPUT_LAYERS = ("full", "adaptive")
 
 for _family in ATTENTION_FAMILIES.values():
     register_family_with_transformers(_family)
+
+
+def registered_options() -> dict[str, Any]:
+    """Every option a registered family or position scheme declares in its record, with its default. They are not
+    fields of ``XArchConfig``: given as keyword arguments they become attributes, and the default fills in otherwise."""
+    options: dict[str, Any] = {}
+    for record in (*ATTENTION_FAMILIES.values(), *POSITION_SCHEMES.values()):
+        options.update(declared_options(record))
+    return options
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -279,6 +289,9 @@ class XArchConfig(PreTrainedConfig):
         if self.position_embedding_type != "rope" and user_rope:
             _fail("rope_parameters", user_rope, "only with position_embedding_type='rope'")
         super().__post_init__(**kwargs)
+        for field, default in registered_options().items():  # the registry's options not given: their defaults
+            if field not in self.__dict__ and not hasattr(type(self), field):
+                self._assign(**{field: copy.deepcopy(default)})
         # what follows is assigned with `_assign`: it derives values, which must not re-derive others (`__setattr__`)
         if self.position_embedding_type != "rope":
             self._assign(rope_parameters=None)  # transformers fills in a default rope dict; it means nothing here
@@ -626,21 +639,34 @@ class XArchConfig(PreTrainedConfig):
             )
 
     def check_families(self) -> dict:
-        """Each registered family's own checks (its registry record's ``validate``), and its ``options`` refused on a
-        model none of whose layers reads them (they would be silently ignored). Returns the values the families
-        derive (``__post_init__`` assigns them)."""
+        """Each registered family's and the position scheme's own checks (their registry records' ``validate``), and
+        the options of a family or scheme the model does not use refused when not at their default (they would be
+        silently ignored). Returns the values they derive (``__post_init__`` assigns them)."""
         used = {family.name for family in self.layer_families()}
         derived: dict = {}
         for family in ATTENTION_FAMILIES.values():
             if family.name not in used:
-                for option in family.options:
-                    value, default = getattr(self, option, None), getattr(type(self), option, None)
-                    if value != default:
-                        _fail(option, value, f"{default!r}: it is read only by attention_type={family.name!r} layers, "
-                              f"and no layer is one (layer_types={self.layer_types})")
+                self.refuse_unread_options(family, f"attention_type={family.name!r} layers, and no layer is one "
+                                                   f"(layer_types={self.layer_types})")
             if family.validate is not None:
                 derived.update(family.validate(self))
+        for scheme in POSITION_SCHEMES.values():
+            if scheme.name != self.position_embedding_type:
+                self.refuse_unread_options(scheme, f"position_embedding_type={scheme.name!r}, and this model's is "
+                                                   f"{self.position_embedding_type!r}")
+            elif scheme.validate is not None:
+                derived.update(scheme.validate(self))
         return derived
+
+    def refuse_unread_options(self, record, reader: str) -> None:
+        """Refuse a value other than the default for an option of ``record`` (a family or position scheme) that no
+        part of this model reads."""
+        declared = declared_options(record)
+        for option in record.options:
+            default = declared[option] if option in declared else getattr(type(self), option, None)
+            value = getattr(self, option, default)
+            if value != default:
+                _fail(option, value, f"{default!r}: it is read only by {reader}")
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
@@ -651,7 +677,7 @@ class XArchConfig(PreTrainedConfig):
         (when ``attention_type`` is given without it; a saved local/global mix then raises, since which layers to
         swap is the caller's choice) and ``sliding_window`` (when ``attention_window`` or ``attention_dilation``
         is given without it)."""
-        ours = set(cls.__annotations__)
+        ours = set(cls.__annotations__) | set(registered_options())
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in ours}
         config_dict = dict(config_dict)
         if "attention_type" in overrides and "layer_types" not in overrides:

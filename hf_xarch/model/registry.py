@@ -12,7 +12,7 @@ This file only imports the standard library: it travels to the Hub with every sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,8 @@ class AttentionCost:
     note: str | None = None
 
 
-@dataclass(frozen=True)
+# records hold option mappings (unhashable), so they compare and hash by identity: one record is one family
+@dataclass(frozen=True, eq=False)
 class AttentionFamily:
     """What an attention family can do. ``XArchConfig`` asks these flags, never the family's code."""
 
@@ -59,9 +60,12 @@ class AttentionFamily:
     # the transformers cache layer `DynamicCache(config=...)` builds for `layer_type`; None: transformers' own class for
     # a layer type it knows, else a DynamicLayer (every key and value kept)
     cache_layer_class: type | None = None
-    # the config fields only this family reads: on a model none of whose layers is of this family, a value other than
-    # the field's default is refused (a family whose `validate` checks its unread options itself lists none)
-    options: tuple[str, ...] = ()
+    # the config fields only this family reads, {name: default}: `XArchConfig` accepts them as keyword arguments and
+    # fills in the default where one is not given, with no field of its own, so a new family never edits the config.
+    # On a model none of whose layers is of this family, a value other than the default is refused (a family whose
+    # `validate` checks its unread options itself lists none there). A tuple of names: options that are `XArchConfig`
+    # fields already, with the field's default (the built-in families' older options).
+    options: Mapping[str, Any] | tuple[str, ...] = ()
     # config -> derived values of its options ({field: value}); raises ValueError for bad ones; never writes the config
     validate: Callable[[Any], dict] | None = None
     # (config, layer index, seq_len) -> AttentionCost, for `summary`; None: reported as unknown, never guessed
@@ -77,7 +81,7 @@ class AttentionFamily:
     init: Callable[[Any], None] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PositionScheme:
     """How a position scheme enters the model.
 
@@ -91,6 +95,33 @@ class PositionScheme:
     paper: str = ""
     description: str = ""
     init: Callable[[Any], None] | None = None  # module -> None: what `_init_weights` sets (as AttentionFamily.init)
+    # as AttentionFamily's: the fields only this scheme reads ({name: default}), refused on a model with another scheme
+    options: Mapping[str, Any] | tuple[str, ...] = ()
+    # config -> derived values of its options; raises ValueError naming the field; never writes the config. Called only
+    # when the model uses the scheme.
+    validate: Callable[[Any], dict] | None = None
+    # config -> a few words for the model card; config -> the BibTeX entries of its paper
+    card_details: Callable[[Any], str] | None = None
+    citations: Callable[[Any], tuple[str, ...]] | None = None
+
+
+def declared_options(record: AttentionFamily | PositionScheme) -> dict[str, Any]:
+    """The options a record declares with their defaults ({} for a tuple of names: those are config fields)."""
+    return dict(record.options) if isinstance(record.options, Mapping) else {}
+
+
+def _check_new_options(record: AttentionFamily | PositionScheme) -> None:
+    """Two records may not declare one option name with different defaults (the config has one value per name)."""
+    for other in (*ATTENTION_FAMILIES.values(), *POSITION_SCHEMES.values()):
+        if other.name == record.name and type(other) is type(record):
+            continue
+        theirs = declared_options(other)
+        for name, default in declared_options(record).items():
+            if name in theirs and theirs[name] != default:
+                raise ValueError(
+                    f"option {name!r} of {record.name!r} has default {default!r}, but {other.name!r} declares it with "
+                    f"{theirs[name]!r}; one option name has one default"
+                )
 
 
 ATTENTION_FAMILIES: dict[str, AttentionFamily] = {}
@@ -112,6 +143,7 @@ def register_attention(family: AttentionFamily) -> Callable[[type], type]:
                 )
             if family.layer_type in ATTENTION_FAMILIES and family.layer_type != family.name:
                 raise ValueError(f"register_attention: layer_type={family.layer_type!r} is the name of another family")
+        _check_new_options(family)
         ATTENTION_FAMILIES[family.name] = family
         ATTENTION_MODULES[family.name] = module_cls
         module_cls.family = family
@@ -124,6 +156,7 @@ def register_position(scheme: PositionScheme, module_cls: type | None = None):
     """Register a position scheme; usable as a class decorator or called with ``module_cls=None`` (no module)."""
 
     def decorator(cls: type | None) -> type | None:
+        _check_new_options(scheme)
         POSITION_SCHEMES[scheme.name] = scheme
         POSITION_MODULES[scheme.name] = cls
         if cls is not None:
