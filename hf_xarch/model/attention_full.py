@@ -28,8 +28,9 @@ from .attention_full_kernels import (
     key_bias_flash_applicable,
     key_bias_flash_attention,
 )
+from .attention_full_spec import FULL_FAMILY, full_attention_cost  # noqa: F401  (re-exported for older imports)
 from .positions import apply_rotary
-from .registry import AttentionCost, AttentionFamily, register_attention
+from .registry import register_attention
 from .score_bias import ScoreBias
 
 try:  # flex attention is optional (torch >= 2.5); only the flex_attention implementation needs it
@@ -76,14 +77,6 @@ def eager_attention_forward(
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
-
-
-def full_attention_cost(config, layer: int, seq_len: int) -> AttentionCost:
-    # q·k for every visible key and the weighted sum of values: 2 x (2 FLOPs x head_dim) per head and key
-    per_key = 4 * config.num_attention_heads * config.head_dim
-    mean_keys = (seq_len + 1) / 2 if config.is_decoder else seq_len
-    cache = 2 * config.num_key_value_heads * config.head_dim * seq_len if config.is_decoder else 0
-    return AttentionCost(per_key * mean_keys, per_key * seq_len, cache)
 
 
 def xarch_full_attention(
@@ -133,21 +126,7 @@ def xarch_full_attention(
     return output, None
 
 
-@register_attention(
-    AttentionFamily(
-        name="full",
-        layer_type="full_attention",
-        causal=True,
-        bidirectional=True,
-        global_tokens=False,
-        additive_position_bias=True,
-        rotary=True,
-        cache_layer="dynamic",
-        paper="Vaswani et al. 2017; GQA: Ainslie et al. 2023; MQA: Shazeer 2019",
-        description="dense softmax attention through transformers' attention interface (sdpa, eager, flex, ...)",
-        cost=full_attention_cost,
-    )
-)
+@register_attention(FULL_FAMILY)
 class XArchAttention(nn.Module):
     """Multi-head (or grouped-query) self-attention with the projections PEFT looks for: q_proj k_proj v_proj o_proj."""
 

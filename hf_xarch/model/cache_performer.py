@@ -27,8 +27,6 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .transformers_private import PastRecording
 
-PERFORMER_LAYER_TYPE = "performer_attention"
-
 
 class PerformerStateLayer(PastRecording, CacheLayerMixin):
     """Per-layer cache of a causal Performer: the tensors ``performer_attention`` returns and continues from, each with

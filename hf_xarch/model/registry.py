@@ -1,7 +1,9 @@
 """Registries of attention families and position schemes: each record is everything the package knows of one.
 
-A new attention family or position scheme is one file (its module, decorated with ``register_attention`` or
-``register_position``) plus one import line in ``families.py``. ``XArchConfig`` validates every combination against
+A new attention family is a light spec (its record, registered with ``register_family``: stdlib only, what
+``XArchConfig`` reads) and its module (decorated with ``register_attention``, which completes the record with its
+cache layer and ``init``); a position scheme likewise (``register_position_scheme``, ``register_position``). One
+import line in ``specs.py`` (the spec) and one in ``families.py`` (the module) register them. ``XArchConfig`` validates every combination against
 the capabilities declared here, so an impossible one fails when the config is built, with a message that names it;
 ``summary`` reads each family's ``cost``, the model card its ``card_details`` and ``citations``, the test kit
 (``hf_xarch.testing``) its flags and ``reference_implementation``. Nothing else in the package names a family.
@@ -13,7 +15,7 @@ This file only imports the standard library: it travels to the Hub with every sa
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -130,37 +132,57 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {}
 POSITION_MODULES: dict[str, type | None] = {}
 
 
-def register_attention(family: AttentionFamily) -> Callable[[type], type]:
-    """Class decorator: register an attention module under ``family.name`` with its capabilities."""
+def register_family(family: AttentionFamily) -> AttentionFamily:
+    """Register a family's light record (its spec module calls this; ``XArchConfig`` validates against it). Raises
+    when another family has its layer type or declares one of its options with another default."""
+    for other in ATTENTION_FAMILIES.values():
+        if other.layer_type == family.layer_type and other.name != family.name:
+            raise ValueError(
+                f"register_attention: family {family.name!r} has layer_type={family.layer_type!r}, already the "
+                f"layer type of {other.name!r}; every family needs a layer type of its own (it picks the cache layer "
+                "and tells saved configs which family a layer is)"
+            )
+        if family.layer_type in ATTENTION_FAMILIES and family.layer_type != family.name:
+            raise ValueError(f"register_attention: layer_type={family.layer_type!r} is the name of another family")
+    _check_new_options(family)
+    ATTENTION_FAMILIES[family.name] = family
+    return family
+
+
+def register_attention(family: AttentionFamily, *, cache_layer_class: type | None = None,
+                       init: Callable[[Any], None] | None = None) -> Callable[[type], type]:
+    """Class decorator: register an attention module as ``family``'s, completing its record with what needs torch
+    (the cache layer class and the ``init`` of its buffers), which a light spec module cannot name."""
 
     def decorator(module_cls: type) -> type:
-        for other in ATTENTION_FAMILIES.values():
-            if other.layer_type == family.layer_type and other.name != family.name:
-                raise ValueError(
-                    f"register_attention: family {family.name!r} has layer_type={family.layer_type!r}, already the "
-                    f"layer type of {other.name!r}; every family needs a layer type of its own (it picks the cache layer "
-                    "and tells saved configs which family a layer is)"
-                )
-            if family.layer_type in ATTENTION_FAMILIES and family.layer_type != family.name:
-                raise ValueError(f"register_attention: layer_type={family.layer_type!r} is the name of another family")
-        _check_new_options(family)
-        ATTENTION_FAMILIES[family.name] = family
-        ATTENTION_MODULES[family.name] = module_cls
-        module_cls.family = family
+        heavy = {key: value for key, value in (("cache_layer_class", cache_layer_class), ("init", init))
+                 if value is not None}
+        record = register_family(replace(family, **heavy) if heavy else family)
+        ATTENTION_MODULES[record.name] = module_cls
+        module_cls.family = record
         return module_cls
 
     return decorator
 
 
-def register_position(scheme: PositionScheme, module_cls: type | None = None):
-    """Register a position scheme; usable as a class decorator or called with ``module_cls=None`` (no module)."""
+def register_position_scheme(scheme: PositionScheme) -> PositionScheme:
+    """Register a position scheme's light record (its spec; ``XArchConfig`` validates against it)."""
+    _check_new_options(scheme)
+    POSITION_SCHEMES[scheme.name] = scheme
+    POSITION_MODULES.setdefault(scheme.name, None)
+    return scheme
+
+
+def register_position(scheme: PositionScheme, module_cls: type | None = None, *,
+                      init: Callable[[Any], None] | None = None):
+    """Register a position scheme with its module (a class decorator; called with ``module_cls=None`` for a scheme
+    with none), completing its record with the module's ``init``."""
 
     def decorator(cls: type | None) -> type | None:
-        _check_new_options(scheme)
-        POSITION_SCHEMES[scheme.name] = scheme
-        POSITION_MODULES[scheme.name] = cls
+        record = register_position_scheme(replace(scheme, init=init) if init is not None else scheme)
+        POSITION_MODULES[record.name] = cls
         if cls is not None:
-            cls.position_scheme = scheme
+            cls.position_scheme = record
         return cls
 
     if module_cls is not None or scheme.kind == "none":
