@@ -22,6 +22,7 @@ from .model.modeling_xarch import (
     XArchModel,
     XArchPreTrainedModel,
 )
+from .model.modeling_xarch_seq2seq import SEQ2SEQ_HEADS, XArchForConditionalGeneration, XArchSeq2SeqModel
 from .model.registry import ATTENTION_FAMILIES, POSITION_SCHEMES
 
 try:  # one source of truth: pyproject.toml's version, as installed
@@ -38,7 +39,7 @@ PEFT_FEEDFORWARD_MODULES = ["down_proj"]
 def register() -> None:
     """Register ``xarch`` with transformers' Auto classes and PEFT's default target tables (idempotent)."""
     transformers.AutoConfig.register("xarch", XArchConfig, exist_ok=True)
-    for head in HEADS:  # every model class with its Auto class, listed once in modeling_xarch.HEADS
+    for head in (*HEADS, *SEQ2SEQ_HEADS):  # every model class with its Auto class, listed once in the modeling files
         getattr(transformers, head.auto_class).register(XArchConfig, head.model_class, exist_ok=True)
     _register_peft()
 
@@ -87,6 +88,8 @@ __all__ = [
     "XArchForSequenceClassification",
     "XArchForTokenClassification",
     "XArchForQuestionAnswering",
+    "XArchForConditionalGeneration",
+    "XArchSeq2SeqModel",
     "ATTENTION_FAMILIES",
     "POSITION_SCHEMES",
     "register",

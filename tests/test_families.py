@@ -38,7 +38,10 @@ from .toy_families import (
 
 TINY = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
 # a family's options where the defaults would make its machinery idle on the kit's 13-token inputs
-FAMILY_OVERRIDES = {"sliding_window": {"attention_window": 4}}  # a band narrower than the sequence, a bounded cache
+FAMILY_OVERRIDES = {
+    "sliding_window": {"attention_window": 4},  # a band narrower than the sequence, a bounded cache
+    "bigbird": {"block_size": 2, "num_random_blocks": 2},  # 7 blocks of 13 tokens: random blocks with a choice
+}
 
 
 def toy_families_registered() -> ExitStack:

@@ -59,6 +59,8 @@ DERIVED_DEFAULTS = {
     "initializer_range": (("hidden_size",), lambda c: c.hidden_size ** -0.5),
 }
 # the fields `sliding_window` (the key slots a causal sliding layer reads) is computed from
+# the decoder's own fields of an encoder-decoder model (read only when is_encoder_decoder=True)
+ENCODER_DECODER_FIELDS = ("num_decoder_layers", "decoder_attention_type", "decoder_layer_types")
 SLIDING_WINDOW_SOURCES = {"attention_window", "attention_dilation", "layer_types", "attention_type", "num_hidden_layers",
                           "num_attention_heads"}
 
@@ -194,6 +196,21 @@ class XArchConfig(PreTrainedConfig):
         Performer cannot take an additive score bias (ALiBi); its `attention_dropout` is unused (no weights exist).
 
     Training:
+    Encoder-decoder (`is_encoder_decoder=True`; `XArchForConditionalGeneration`, T5 and BART's layout):
+        is_encoder_decoder (`bool`, defaults to `False`): an encoder and a decoder with cross-attention. Every field
+            above describes the encoder (any attention family, `layer_types`, global tokens, any position scheme) and
+            `is_decoder` stays `False`; the decoder is the same model except for the fields below, with causal
+            self-attention and full cross-attention over the encoder output. Token embeddings are shared by both
+            stacks and tied to the LM head (`tie_word_embeddings`); factorized ones (`embedding_size`) too.
+        num_decoder_layers (`int`, *optional*): decoder depth (T5's name); defaults to `num_hidden_layers`.
+        decoder_attention_type (`str`, defaults to `"full"`): the attention family of every decoder layer; it needs a
+            causal form. Family options (`attention_window`, ...) are shared with the encoder where both use the family.
+        decoder_layer_types (`list[str]`, *optional*): per-layer attention of the decoder, as `layer_types`.
+        decoder_start_token_id (`int`, *optional*): the first decoder input, which `generate()` starts from and which
+            labels are shifted behind (BART: `eos_token_id`, T5: `pad_token_id`).
+        add_cross_attention (`bool`, defaults to `False`): a decoder (`is_decoder=True`) whose blocks also attend to
+            `encoder_hidden_states`. Set on the decoder stack of an encoder-decoder model (`stack_config`).
+
         hidden_dropout (`float`, defaults to 0.0), attention_dropout (`float`, defaults to 0.0),
         classifier_dropout (`float`, *optional*, defaults to `hidden_dropout`).
         initializer_range (`float`, *optional*): the std of the normal draw for every weight matrix and embedding;
@@ -274,6 +291,12 @@ class XArchConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
+    # encoder-decoder (see "Encoder-decoder" above)
+    num_decoder_layers: int | None = None
+    decoder_attention_type: str = "full"
+    decoder_layer_types: list[str] | None = None
+    decoder_start_token_id: int | None = None
+    add_cross_attention: bool = False
     def __post_init__(self, **kwargs):
         self.check_booleans()
         self.check_sizes()
@@ -305,6 +328,7 @@ class XArchConfig(PreTrainedConfig):
             self._assign(adaptive_cutoffs=list(self.adaptive_cutoffs))
         self.validate_rope()
 
+        self.check_encoder_decoder()
     # ---- derived fields: one setting, one field ----------------------------------------------------------------------
     def derived_default(self, field: str):
         """The value ``field`` takes from its sources (``DERIVED_DEFAULTS``); None while they are invalid."""
@@ -404,6 +428,7 @@ class XArchConfig(PreTrainedConfig):
         self.check_choices()
         self.check_combinations()
         self.check_position_offset()
+        self.check_encoder_decoder()
         self.check_families()
         self.check_sharing_and_output_layer()
         self.validate_rope()
@@ -495,9 +520,11 @@ class XArchConfig(PreTrainedConfig):
             _fail("position_offset", offset, "an integer >= 0")
         if not offset:
             return
-        if self.is_decoder:
-            # generate() numbers positions from 0 itself; an offset would hold only until the first generate() call
-            _fail("position_offset", offset, "0 for a decoder (is_decoder=True); offsets are for encoders (RoBERTa)")
+        if self.is_decoder and not self.add_cross_attention:
+            # generate() numbers a causal LM's positions from 0 itself; an offset would hold only until the first
+            # generate() call (an encoder-decoder's decoder counts its own positions: BART offsets both stacks by 2)
+            _fail("position_offset", offset, "0 for a decoder (is_decoder=True); offsets are for encoders (RoBERTa) "
+                  "and encoder-decoders (BART)")
         if self.position_embedding_type not in ("learned", "sinusoidal"):
             _fail("position_offset", offset,
                   f"0 with position_embedding_type={self.position_embedding_type!r} (offsets shift absolute "
@@ -669,6 +696,75 @@ class XArchConfig(PreTrainedConfig):
                 _fail(option, value, f"{default!r}: it is read only by {reader}")
 
     @classmethod
+    # ---- encoder-decoder --------------------------------------------------------------------------------------------
+    def check_encoder_decoder(self) -> None:
+        """The decoder fields: read only with ``is_encoder_decoder=True``, where the decoder's whole config
+        (``stack_config("decoder")``) is built and checked now, its errors prefixed with ``decoder``."""
+        if self.add_cross_attention and not self.is_decoder:
+            _fail("add_cross_attention", True, "False unless is_decoder=True (cross-attention is a decoder's)")
+        if not self.is_encoder_decoder:
+            for field in ENCODER_DECODER_FIELDS:
+                if getattr(self, field) != getattr(type(self), field):
+                    _fail(field, getattr(self, field), f"{getattr(type(self), field)!r}: it is read only by "
+                          "encoder-decoder models (is_encoder_decoder=True)")
+            return
+        if self.is_decoder:
+            _fail("is_decoder", True, "False with is_encoder_decoder=True: the config describes the encoder, and the "
+                  "decoder fields (num_decoder_layers, decoder_attention_type, decoder_layer_types) the decoder")
+        if self.add_cross_attention:
+            _fail("add_cross_attention", True, "False with is_encoder_decoder=True (the decoder stack sets it)")
+        layers = self.num_decoder_layers
+        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0):
+            _fail("num_decoder_layers", layers, "a positive integer, or None (num_hidden_layers)")
+        if self.decoder_attention_type not in ATTENTION_FAMILIES:
+            _fail("decoder_attention_type", self.decoder_attention_type, f"one of {sorted(ATTENTION_FAMILIES)}")
+        if self.output_layer != "full":
+            _fail("output_layer", self.output_layer, "'full' for an encoder-decoder")
+        try:
+            self.stack_config("decoder")
+        except ValueError as err:
+            raise ValueError(f"decoder of this encoder-decoder (num_decoder_layers, decoder_attention_type, "
+                             f"decoder_layer_types and the options it shares with the encoder): {err}") from None
+
+    def stack_config(self, stack: str) -> XArchConfig:
+        """The config of one stack of an encoder-decoder: ``"encoder"`` (this config as a plain encoder) or
+        ``"decoder"`` (``num_decoder_layers`` causal layers of ``decoder_attention_type`` / ``decoder_layer_types``
+        with cross-attention; the options of families it does not use at their defaults). Built anew on each call."""
+        values = self.to_dict()
+        for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
+            values.pop(key, None)
+        values.update({field: getattr(type(self), field) for field in ENCODER_DECODER_FIELDS}, is_encoder_decoder=False)
+        if stack == "decoder":
+            values.update(
+                is_decoder=True,
+                add_cross_attention=True,
+                num_hidden_layers=self.num_decoder_layers or self.num_hidden_layers,
+                attention_type=self.decoder_attention_type,
+                layer_types=self.decoder_layer_types,
+                sliding_window=None,  # derived again for the decoder's layers
+                classifier_pooling=None,
+                global_projections=False,  # they serve global tokens, which only encoders have
+            )
+            layer_types = self.decoder_layer_types or [self.decoder_attention_type] * values["num_hidden_layers"]
+            used = {attention_family_for_layer_type(entry).name for entry in layer_types}
+            for family in ATTENTION_FAMILIES.values():
+                if family.name not in used:
+                    declared = declared_options(family)
+                    values.update({option: declared.get(option, getattr(type(self), option, None))
+                                   for option in family.options})
+        elif stack != "encoder":
+            raise ValueError(f"stack_config: stack={stack!r}; use 'encoder' or 'decoder'")
+        config = type(self)(**values)
+        config._attn_implementation_internal = self._attn_implementation_internal
+        return config
+
+    def get_text_config(self, decoder=None, encoder=None):
+        """transformers asks this for the decoder's config (``generate()`` builds its caches from it): an
+        encoder-decoder answers with its stacks' configs."""
+        if self.is_encoder_decoder and bool(decoder) != bool(encoder):
+            return self.stack_config("decoder" if decoder else "encoder")
+        return super().get_text_config(decoder=decoder, encoder=encoder)
+
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         """transformers sets the overrides given to ``from_pretrained`` with ``setattr`` after building the config,
         so they would skip validation and the fields derived from them would keep their saved values (the saved

@@ -4,6 +4,7 @@ Adding a family or scheme: write its file (decorated with ``register_attention``
 one import line here. ``configuration_xarch`` imports this file, so validation always sees the full registry.
 """
 
+from .attention_bigbird import BigBirdAttention  # noqa: F401
 from .attention_full import XArchAttention  # noqa: F401
 from .attention_linformer import LinformerAttention  # noqa: F401
 from .attention_performer import PerformerAttention  # noqa: F401

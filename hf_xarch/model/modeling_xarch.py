@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
+    BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithPast,
     MaskedLMOutput,
     QuestionAnsweringModelOutput,
@@ -34,6 +35,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .adaptive_softmax import AdaptiveSoftmaxHead
+from .attention_cross import XArchCrossAttention
 from .attention_full import XArchAttention
 from .attention_sliding_native import fetch_kernel_source, save_kernel_source
 from .configuration_xarch import XArchConfig
@@ -142,7 +144,8 @@ class XArchMLP(nn.Module):
 
 
 class XArchBlock(GradientCheckpointingLayer):
-    """Attention + MLP with residuals; pre-norm (x + f(norm(x))) or post-norm (norm(x + f(x)))."""
+    """Attention (+ cross-attention to the encoder, in an encoder-decoder's decoder) + MLP with residuals; pre-norm
+    (x + f(norm(x))) or post-norm (norm(x + f(x)))."""
 
     def __init__(self, config: XArchConfig, layer_idx: int):
         super().__init__()
@@ -152,6 +155,9 @@ class XArchBlock(GradientCheckpointingLayer):
         self.attention_norm = make_norm(config)
         self.mlp = XArchMLP(config)
         self.mlp_norm = make_norm(config)
+        if config.add_cross_attention:
+            self.cross_attention = XArchCrossAttention(config, layer_idx)
+            self.cross_attention_norm = make_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -162,14 +168,27 @@ class XArchBlock(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask=None,
+        cross_cache: EncoderDecoderCache | None = None,
         if self.pre_norm:
             attended, _ = self.attention(self.attention_norm(hidden_states), attention_mask, position_embeddings, cache, **kwargs)
+        # the positions' own arguments (rotary, score bias) are self-attention's; cross-attention takes neither
+        cross_kwargs = {k: v for k, v in kwargs.items() if k not in ("score_bias", "position_ids")}
             hidden_states = hidden_states + self.dropout(attended)
             return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         attended, _ = self.attention(hidden_states, attention_mask, position_embeddings, cache, **kwargs)
+            if encoder_hidden_states is not None:
+                attended, _ = self.cross_attention(self.cross_attention_norm(hidden_states), encoder_hidden_states,
+                                                   encoder_attention_mask, cross_cache, **cross_kwargs)
+                hidden_states = hidden_states + self.dropout(attended)
         hidden_states = self.attention_norm(hidden_states + self.dropout(attended))
         return self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
 
+        if encoder_hidden_states is not None:
+            attended, _ = self.cross_attention(hidden_states, encoder_hidden_states, encoder_attention_mask,
+                                               cross_cache, **cross_kwargs)
+            hidden_states = self.cross_attention_norm(hidden_states + self.dropout(attended))
 
 class XArchPreTrainedModel(PreTrainedModel):
     config_class = XArchConfig
@@ -181,7 +200,11 @@ class XArchPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_record_outputs = {"hidden_states": XArchBlock, "attentions": XArchAttention}
+    _can_record_outputs = {
+        "hidden_states": XArchBlock,
+        "attentions": XArchAttention,
+        "cross_attentions": XArchCrossAttention,
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -290,7 +313,16 @@ def check_attention_mask(attention_mask: torch.Tensor, batch: int, length: int, 
 
 
 class XArchModel(XArchPreTrainedModel):
-    """The bare XArch stack: embeddings, blocks, final norm. Encoder when ``config.is_decoder`` is False."""
+    """The bare XArch stack: embeddings, blocks, final norm. Encoder when ``config.is_decoder`` is False; with
+    ``config.is_encoder_decoder`` it builds ``XArchSeq2SeqModel`` (an encoder and a decoder stack)."""
+
+    def __new__(cls, config=None, *args, **kwargs):
+        # AutoModel maps one config class to one class: an encoder-decoder config gets its encoder-decoder base model
+        if cls is XArchModel and getattr(config, "is_encoder_decoder", False):
+            from .modeling_xarch_seq2seq import XArchSeq2SeqModel
+
+            cls = XArchSeq2SeqModel
+        return super().__new__(cls)
 
     def __init__(self, config: XArchConfig):
         config.check_all()  # fields changed since the config was built are checked before any layer reads them
@@ -330,7 +362,9 @@ class XArchModel(XArchPreTrainedModel):
         use_cache: bool | None = None,
         global_attention_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; or give `inputs_embeds` instead.
         attention_mask (`torch.Tensor` of shape `(batch, past + seq)`): 1 for real tokens, 0 for padding.
@@ -343,6 +377,10 @@ class XArchModel(XArchPreTrainedModel):
             family declares `global_tokens` (sliding_window encoders).
         """
         if global_attention_mask is not None and not any(f.global_tokens for f in self.config.layer_families()):
+        encoder_hidden_states (`torch.Tensor` of shape `(batch, source, hidden)`): the encoder output a decoder with
+            cross-attention (`config.add_cross_attention`, an encoder-decoder's decoder) attends to; its cache is then
+            an `EncoderDecoderCache`.
+        encoder_attention_mask (`torch.Tensor` of shape `(batch, source)`, *optional*): 1 for real encoder tokens.
             raise ValueError(
                 f"global_attention_mask: no layer of this model takes global tokens (layer_types="
                 f"{self.config.layer_types}); use attention_type='sliding_window'"
@@ -361,8 +399,16 @@ class XArchModel(XArchPreTrainedModel):
             use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        cross = self.cross_attention_inputs(encoder_hidden_states, encoder_attention_mask, reference)
 
         past_length = cache.get_seq_length() if cache is not None else 0
+            if cross:  # the cross-attention half starts empty: its layers are made at the first step
+                cache = EncoderDecoderCache(cache, DynamicCache())
+        returned_cache = cache
+        if cross and cache is not None:
+            if not isinstance(cache, EncoderDecoderCache):
+                raise ValueError(f"cache: a decoder with cross-attention takes an EncoderDecoderCache, got {type(cache).__name__}")
+            cross["cross_cache"], cache = cache, cache.self_attention_cache
         if attention_mask is not None:
             check_attention_mask(attention_mask, *reference.shape[:2], past_length)
         if position_ids is None:
@@ -372,6 +418,13 @@ class XArchModel(XArchPreTrainedModel):
         hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
 
         # one mask per attention family present (as Gemma/Mistral build one per layer type), each built by the family
+        if cross:
+            cross["encoder_attention_mask"] = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
         masks = {}
         for layer in self.layers:
             family = type(layer.attention)
@@ -404,9 +457,31 @@ class XArchModel(XArchPreTrainedModel):
                 **positions_kwargs,
                 **kwargs,
             )
+                **cross,
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states, cache=returned_cache if use_cache else None
+        )
+
+    def cross_attention_inputs(self, encoder_hidden_states, encoder_attention_mask, reference) -> dict:
+        """The blocks' cross-attention arguments ({} without cross-attention); checks they fit the model."""
+        if not self.config.add_cross_attention:
+            if encoder_hidden_states is not None or encoder_attention_mask is not None:
+                raise ValueError("encoder_hidden_states: this model has no cross-attention (an encoder-decoder's "
+                                 "decoder has: is_encoder_decoder=True)")
+            return {}
+        if encoder_hidden_states is None:
+            raise ValueError("encoder_hidden_states: a decoder with cross-attention (add_cross_attention=True) needs "
+                             "the encoder output it attends to")
+        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != reference.shape[0]:
+            raise ValueError(f"encoder_hidden_states of shape {tuple(encoder_hidden_states.shape)}: expected "
+                             f"(batch={reference.shape[0]}, source, hidden)")
+        batch, source = encoder_hidden_states.shape[:2]
+        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != (batch, source):
+            raise ValueError(f"encoder_attention_mask of shape {tuple(encoder_attention_mask.shape)}: expected "
+                             f"({batch}, {source}), the encoder's padding mask")
+        return {"encoder_hidden_states": encoder_hidden_states}
 
 
 class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
@@ -796,7 +871,12 @@ def _class_ref(cls: type) -> str:
 
 
 # Auto class -> "module.Class" for config.auto_map: every head, whichever one is saved (the README's "Sharing models").
-AUTO_MAP = {"AutoConfig": _class_ref(XArchConfig), **{head.auto_class: _class_ref(head.model_class) for head in HEADS}}
+# The encoder-decoder head lives in modeling_xarch_seq2seq.py (which imports this file; see its SEQ2SEQ_HEADS).
+AUTO_MAP = {
+    "AutoConfig": _class_ref(XArchConfig),
+    **{head.auto_class: _class_ref(head.model_class) for head in HEADS},
+    "AutoModelForSeq2SeqLM": "modeling_xarch_seq2seq.XArchForConditionalGeneration",
+}
 
 __all__ = ["XArchPreTrainedModel", "Head", "HEADS", "AUTO_MAP"]
 __all__ += [head.model_class.__name__ for head in HEADS]
