@@ -58,9 +58,9 @@ DERIVED_DEFAULTS = {
     "classifier_pooling": (("is_decoder",), lambda c: "last" if c.is_decoder else "first"),
     "initializer_range": (("hidden_size",), lambda c: c.hidden_size ** -0.5),
 }
-# the fields `sliding_window` (the key slots a causal sliding layer reads) is computed from
 # the decoder's own fields of an encoder-decoder model (read only when is_encoder_decoder=True)
 ENCODER_DECODER_FIELDS = ("num_decoder_layers", "decoder_attention_type", "decoder_layer_types")
+# the fields `sliding_window` (the key slots a causal sliding layer reads) is computed from
 SLIDING_WINDOW_SOURCES = {"attention_window", "attention_dilation", "layer_types", "attention_type", "num_hidden_layers",
                           "num_attention_heads"}
 
@@ -195,7 +195,6 @@ class XArchConfig(PreTrainedConfig):
             at logit std 0.5); 0 gives the unbiased FAVOR+ estimate. Not allowed with `relu`, which adds its own 1e-3.
         Performer cannot take an additive score bias (ALiBi); its `attention_dropout` is unused (no weights exist).
 
-    Training:
     Encoder-decoder (`is_encoder_decoder=True`; `XArchForConditionalGeneration`, T5 and BART's layout):
         is_encoder_decoder (`bool`, defaults to `False`): an encoder and a decoder with cross-attention. Every field
             above describes the encoder (any attention family, `layer_types`, global tokens, any position scheme) and
@@ -211,6 +210,7 @@ class XArchConfig(PreTrainedConfig):
         add_cross_attention (`bool`, defaults to `False`): a decoder (`is_decoder=True`) whose blocks also attend to
             `encoder_hidden_states`. Set on the decoder stack of an encoder-decoder model (`stack_config`).
 
+    Training:
         hidden_dropout (`float`, defaults to 0.0), attention_dropout (`float`, defaults to 0.0),
         classifier_dropout (`float`, *optional*, defaults to `hidden_dropout`).
         initializer_range (`float`, *optional*): the std of the normal draw for every weight matrix and embedding;
@@ -290,13 +290,13 @@ class XArchConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-
     # encoder-decoder (see "Encoder-decoder" above)
     num_decoder_layers: int | None = None
     decoder_attention_type: str = "full"
     decoder_layer_types: list[str] | None = None
     decoder_start_token_id: int | None = None
     add_cross_attention: bool = False
+
     def __post_init__(self, **kwargs):
         self.check_booleans()
         self.check_sizes()
@@ -327,8 +327,8 @@ class XArchConfig(PreTrainedConfig):
         if self.adaptive_cutoffs is not None:
             self._assign(adaptive_cutoffs=list(self.adaptive_cutoffs))
         self.validate_rope()
-
         self.check_encoder_decoder()
+
     # ---- derived fields: one setting, one field ----------------------------------------------------------------------
     def derived_default(self, field: str):
         """The value ``field`` takes from its sources (``DERIVED_DEFAULTS``); None while they are invalid."""
@@ -428,10 +428,10 @@ class XArchConfig(PreTrainedConfig):
         self.check_choices()
         self.check_combinations()
         self.check_position_offset()
-        self.check_encoder_decoder()
         self.check_families()
         self.check_sharing_and_output_layer()
         self.validate_rope()
+        self.check_encoder_decoder()
 
     def check_booleans(self) -> None:
         # transformers type-checks only its own fields, so a config.json with "is_decoder": "yes" would load as True
@@ -695,7 +695,6 @@ class XArchConfig(PreTrainedConfig):
             if value != default:
                 _fail(option, value, f"{default!r}: it is read only by {reader}")
 
-    @classmethod
     # ---- encoder-decoder --------------------------------------------------------------------------------------------
     def check_encoder_decoder(self) -> None:
         """The decoder fields: read only with ``is_encoder_decoder=True``, where the decoder's whole config
@@ -765,6 +764,7 @@ class XArchConfig(PreTrainedConfig):
             return self.stack_config("decoder" if decoder else "encoder")
         return super().get_text_config(decoder=decoder, encoder=encoder)
 
+    @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         """transformers sets the overrides given to ``from_pretrained`` with ``setattr`` after building the config,
         so they would skip validation and the fields derived from them would keep their saved values (the saved

@@ -153,11 +153,11 @@ class XArchBlock(GradientCheckpointingLayer):
         self.pre_norm = config.norm_position == "pre"
         self.attention = ATTENTION_MODULES[family.name](config, layer_idx)
         self.attention_norm = make_norm(config)
-        self.mlp = XArchMLP(config)
-        self.mlp_norm = make_norm(config)
         if config.add_cross_attention:
             self.cross_attention = XArchCrossAttention(config, layer_idx)
             self.cross_attention_norm = make_norm(config)
+        self.mlp = XArchMLP(config)
+        self.mlp_norm = make_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -166,29 +166,29 @@ class XArchBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings=None,
         cache: Cache | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask=None,
         cross_cache: EncoderDecoderCache | None = None,
-        if self.pre_norm:
-            attended, _ = self.attention(self.attention_norm(hidden_states), attention_mask, position_embeddings, cache, **kwargs)
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
         # the positions' own arguments (rotary, score bias) are self-attention's; cross-attention takes neither
         cross_kwargs = {k: v for k, v in kwargs.items() if k not in ("score_bias", "position_ids")}
+        if self.pre_norm:
+            attended, _ = self.attention(self.attention_norm(hidden_states), attention_mask, position_embeddings, cache, **kwargs)
             hidden_states = hidden_states + self.dropout(attended)
-            return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
-        attended, _ = self.attention(hidden_states, attention_mask, position_embeddings, cache, **kwargs)
             if encoder_hidden_states is not None:
                 attended, _ = self.cross_attention(self.cross_attention_norm(hidden_states), encoder_hidden_states,
                                                    encoder_attention_mask, cross_cache, **cross_kwargs)
                 hidden_states = hidden_states + self.dropout(attended)
+            return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        attended, _ = self.attention(hidden_states, attention_mask, position_embeddings, cache, **kwargs)
         hidden_states = self.attention_norm(hidden_states + self.dropout(attended))
-        return self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
-
         if encoder_hidden_states is not None:
             attended, _ = self.cross_attention(hidden_states, encoder_hidden_states, encoder_attention_mask,
                                                cross_cache, **cross_kwargs)
             hidden_states = self.cross_attention_norm(hidden_states + self.dropout(attended))
+        return self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+
 
 class XArchPreTrainedModel(PreTrainedModel):
     config_class = XArchConfig
@@ -212,6 +212,8 @@ class XArchPreTrainedModel(PreTrainedModel):
         record = getattr(module, "family", None) or getattr(module, "position_scheme", None)
         if record is not None and record.init is not None:
             record.init(module)
+        elif hasattr(module, "init_parameters"):  # a family's submodule with tensors of its own (a feature map)
+            module.init_parameters()
         elif isinstance(module, XArchRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, XArchMLMHead):
@@ -361,10 +363,10 @@ class XArchModel(XArchPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         global_attention_mask: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPastAndCrossAttentions:
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; or give `inputs_embeds` instead.
         attention_mask (`torch.Tensor` of shape `(batch, past + seq)`): 1 for real tokens, 0 for padding.
@@ -375,12 +377,12 @@ class XArchModel(XArchPreTrainedModel):
         global_attention_mask (`torch.Tensor` of shape `(batch, seq)`, *optional*): 1 marks a global token, which
             attends to every token and which every token attends to (Longformer's argument); only for layers whose
             family declares `global_tokens` (sliding_window encoders).
-        """
-        if global_attention_mask is not None and not any(f.global_tokens for f in self.config.layer_families()):
         encoder_hidden_states (`torch.Tensor` of shape `(batch, source, hidden)`): the encoder output a decoder with
             cross-attention (`config.add_cross_attention`, an encoder-decoder's decoder) attends to; its cache is then
             an `EncoderDecoderCache`.
         encoder_attention_mask (`torch.Tensor` of shape `(batch, source)`, *optional*): 1 for real encoder tokens.
+        """
+        if global_attention_mask is not None and not any(f.global_tokens for f in self.config.layer_families()):
             raise ValueError(
                 f"global_attention_mask: no layer of this model takes global tokens (layer_types="
                 f"{self.config.layer_types}); use attention_type='sliding_window'"
@@ -397,11 +399,9 @@ class XArchModel(XArchPreTrainedModel):
             if cache is not None:
                 raise ValueError("cache: an encoder (is_decoder=False) sees the whole sequence at once and has no cache")
             use_cache = False
+        cross = self.cross_attention_inputs(encoder_hidden_states, encoder_attention_mask, reference)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        cross = self.cross_attention_inputs(encoder_hidden_states, encoder_attention_mask, reference)
-
-        past_length = cache.get_seq_length() if cache is not None else 0
             if cross:  # the cross-attention half starts empty: its layers are made at the first step
                 cache = EncoderDecoderCache(cache, DynamicCache())
         returned_cache = cache
@@ -409,6 +409,8 @@ class XArchModel(XArchPreTrainedModel):
             if not isinstance(cache, EncoderDecoderCache):
                 raise ValueError(f"cache: a decoder with cross-attention takes an EncoderDecoderCache, got {type(cache).__name__}")
             cross["cross_cache"], cache = cache, cache.self_attention_cache
+
+        past_length = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None:
             check_attention_mask(attention_mask, *reference.shape[:2], past_length)
         if position_ids is None:
@@ -416,8 +418,6 @@ class XArchModel(XArchPreTrainedModel):
                 reference.shape[1], attention_mask, past_length, reference.device, self.config.position_offset
             )
         hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
-
-        # one mask per attention family present (as Gemma/Mistral build one per layer type), each built by the family
         if cross:
             cross["encoder_attention_mask"] = create_bidirectional_mask(
                 config=self.config,
@@ -425,6 +425,8 @@ class XArchModel(XArchPreTrainedModel):
                 attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
+
+        # one mask per attention family present (as Gemma/Mistral build one per layer type), each built by the family
         masks = {}
         for layer in self.layers:
             family = type(layer.attention)
@@ -455,9 +457,9 @@ class XArchModel(XArchPreTrainedModel):
                 position_ids=position_ids,
                 layer_idx=layer_idx,  # a shared block runs at several depths, each with its own cache layer
                 **positions_kwargs,
+                **cross,
                 **kwargs,
             )
-                **cross,
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(
