@@ -140,9 +140,10 @@ def check_config(cfg) -> None:
 
 
 def run_pretrain(cfg: Config, callbacks: Iterable[Callable[[int, dict], None]] = (), model=None, tokenizer=None,
-                 base_model: str | None = None) -> PretrainResult:
+                 base_model: str | None = None, description: str | None = None) -> PretrainResult:
     """Run the recipe for a resolved config. `model`/`tokenizer` may be given (context extension continues training a
-    loaded model); otherwise both are built from the config."""
+    loaded model); otherwise both are built from the config. `description` labels the progress bar (compare names
+    each model there)."""
     check_config(cfg)
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
@@ -219,7 +220,7 @@ def run_pretrain(cfg: Config, callbacks: Iterable[Callable[[int, dict], None]] =
         scheduler,
         order,
         make_lm_collate(cfg.task, tokenizer, cfg.mlm_probability, cfg.seed),
-        loop_settings(cfg, output_dir, description=f"pretrain ({cfg.task})"),
+        loop_settings(cfg, output_dir, description=description or f"pretrain ({cfg.task})"),
         causal=causal,
         evaluate=evaluate,
         final_evaluate=evaluate_final,
