@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,11 +99,15 @@ def sliding_visibility(
     return sees(rel, left, right, d, key_flag(key_valid), key_flag(global_keys), key_flag(sink_keys))
 
 
+def slope_bias(slopes: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ALiBi's bias -slope·|distance| (Press et al. 2022) as a ``relative_bias``: distance -> (heads, *distance.shape).
+    Symmetric, so encoders and decoders share it: a decoder's visible keys are all at or before the query."""
+    return lambda distance: slopes.view(-1, *([1] * distance.dim())) * alibi_distance(0, distance, symmetric=True)
+
+
 def alibi_bias(slopes: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
-    """(heads, Lq, Lk) ALiBi bias -slope·|i - j| over slots (Press et al. 2022; symmetric, so encoders and decoders
-    share it: a decoder's visible keys are all at or before the query)."""
-    distance = alibi_distance(q_slots[:, None], k_slots[None, :], symmetric=True).to(slopes.dtype)
-    return slopes[:, None, None] * distance
+    """(heads, Lq, Lk) ALiBi bias over slots."""
+    return slope_bias(slopes)(k_slots[None, :] - q_slots[:, None])
 
 
 # ---- the dense reference -------------------------------------------------------------------------------------------
@@ -321,6 +326,9 @@ class _BandedCore(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         dek, dev = torch.zeros_like(ek), torch.zeros_like(ev)
+        # a learned bias (T5's table): its gradient is the scores' gradient, summed over the blocks of every row
+        d_band_bias = torch.zeros_like(band_bias) if ctx.needs_input_grad[6] else None
+        d_extra_bias = torch.zeros_like(extra_bias) if ctx.needs_input_grad[7] else None
         index, disjoint = 0, -(-span // block)  # windows this many blocks apart share no key
         for b in range(q.shape[0]):
             for h in range(q.shape[1]):
@@ -350,6 +358,11 @@ class _BandedCore(torch.autograd.Function):
                     d_scores = d_probs  # in place, as the softmax (a row's reduction comes before its writes)
                     torch.ops.aten._softmax_backward_data.out(d_probs, probs, -1, probs.dtype, grad_input=d_scores)
                     d_band, seen_band = (d_scores[..., :span], seen[..., :span]) if extra else (d_scores, seen)
+                    if d_band_bias is not None:
+                        d_band_bias[h if band_bias.shape[0] > 1 else 0, : d_band.shape[1]] += d_band.sum(0)
+                    if d_extra_bias is not None and extra:
+                        q0, q1 = c0 * block, c0 * block + d_band.shape[0] * d_band.shape[1]
+                        d_extra_bias[b, h if extra_bias.shape[1] > 1 else 0, q0:q1] += d_scores[..., span:].flatten(0, 1)
                     torch.bmm(d_band, k_wins[c0:c1], out=dq_c)
                     _overlap_add_(dk_wins, d_band.transpose(-1, -2), q_c, c0, c1, disjoint)
                     _overlap_add_(dv_wins, seen_band.transpose(-1, -2), do_c, c0, c1, disjoint)
@@ -360,7 +373,7 @@ class _BandedCore(torch.autograd.Function):
                         dev[b, h].addmm_(seen_extra.T, do_c.flatten(0, 1))
                 torch.mul(dk_h[left : left + n], scale, out=dk[b, h])
                 dv[b, h].copy_(dv_h[left : left + n])
-        return dq, dk, dv, dek.mul_(scale), dev, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dek.mul_(scale), dev, None, d_band_bias, d_extra_bias, None, None, None, None, None
 
 
 # The C kernel as a pair of custom ops, so that torch.compile and torch.export see one opaque call (with a fake
@@ -610,14 +623,22 @@ def banded_attention(
     dropout: float = 0.0,
     block_size: int | None = None,
     native: bool = True,
+    relative_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sliding-window self-attention in O(N·w) time and memory; the rule of ``sliding_visibility``.
 
     query (B, H, N, D), key/value (B, KV, N, D) at the same slots 0..N-1; dilation: one int per head;
-    key_valid / global_keys / sink_keys: (B, N) bool; alibi_slopes: (H,); native: run the fused C kernel of
-    ``attention_sliding_native.py`` where it can (CPU float32, and a C compiler here), False forces the torch path
-    (the tests compare the two). Returns (B, H, N, D).
+    key_valid / global_keys / sink_keys: (B, N) bool; relative_bias: an additive score bias as a function of the
+    distance ``key slot - query slot`` -> (H, *distance.shape) (``ScoreBias.relative``), built here once as one
+    (block x window) strip per head and once for the extra keys, never N×N; alibi_slopes: (H,), ALiBi's, the same
+    as ``relative_bias=slope_bias(alibi_slopes)``; native: run the fused C kernel of ``attention_sliding_native.py``
+    where it can (CPU float32, and a C compiler here), False forces the torch path (the tests compare the two).
+    Returns (B, H, N, D).
     """
+    if alibi_slopes is not None:
+        if relative_bias is not None:
+            raise ValueError("banded_attention: give alibi_slopes or relative_bias, not both")
+        relative_bias = slope_bias(alibi_slopes)
     batch, heads, n, dim = query.shape
     # Under autocast, rotary positions leave q and k in fp32 beside bf16 values (as in Llama), and autocast does not
     # cast a custom autograd function's inputs as it does sdpa's: one dtype for all three, the widest (the C kernel
@@ -646,9 +667,8 @@ def banded_attention(
         per_key = lambda flags: flags[:, None, None, :]  # noqa: E731
         allowed = sees(rel, left, right, 1, per_key(ok), per_key(is_global), per_key(~is_global))
         extra_bias = _additive(allowed, dtype)
-        if alibi_slopes is not None:
-            distance = alibi_distance(0, rel, symmetric=True).to(dtype)  # (B, 1, N, G)
-            extra_bias = extra_bias + alibi_slopes.to(dtype)[None, :, None, None] * distance
+        if relative_bias is not None:  # (H, B, N, G) -> (B, H, N, G)
+            extra_bias = extra_bias + relative_bias(rel[:, 0]).transpose(0, 1).to(dtype)
 
     width = left + right
     span = (1 + -(-width // block)) * block  # a window of whole blocks covering block + left + right keys
@@ -667,10 +687,9 @@ def banded_attention(
         valid_d = _dilate(in_band, d, dim=1, value=False)
         key_bias = F.pad(_additive(valid_d, dtype), (left, kp - left - nd), value=neg)  # (B', Kp), small
         band_bias = band
-        if alibi_slopes is not None:  # the distance in slots is d·t, t the offset within the undilated window
-            slopes = select(alibi_slopes[None]).reshape(-1).to(dtype)
-            distance = alibi_distance(0, d * (j - left - r), symmetric=True).to(dtype)
-            band_bias = band + slopes[:, None, None] * distance[None]  # (h_d, block, span)
+        if relative_bias is not None:  # the distance in slots is d·t, t the offset within the undilated window
+            strip = relative_bias(d * (j - left - r)).to(dtype)  # (H, block, span)
+            band_bias = band + (strip if out is None else strip[heads_d])  # (h_d, block, span)
         if extras is not None:
             index = extra_slots[:, None, :, None].expand(-1, h_d, -1, dim)
             ek, ev = torch.gather(select(key), 2, index), torch.gather(select(value), 2, index)  # (B, h_d, G, D)
@@ -683,7 +702,11 @@ def banded_attention(
             eb = query.new_zeros(rows_b, 1, nd, 0)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
         args = (q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, block, left, float(scaling), float(dropout), seed)
-        result = native_banded_attention(*args)[0] if native and native_supported(q_d) else _BandedCore.apply(*args)
+        # The C kernel adds any band and extra bias it is given (ALiBi's, T5's), but returns no gradient for them: a
+        # learned bias (T5's table) that needs one trains through the torch path, whose backward returns it.
+        learned = torch.is_grad_enabled() and (band_bias.requires_grad or eb.requires_grad)
+        use_native = native and not learned and native_supported(q_d)
+        result = native_banded_attention(*args)[0] if use_native else _BandedCore.apply(*args)
         result = _undilate(result, d, n)
         if out is None:
             return result
@@ -787,6 +810,7 @@ def flex_sliding_attention(
     alibi_slopes: torch.Tensor | None = None,
     cache: dict | None = None,
     compiled: bool = True,
+    relative_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``banded_attention`` through flex attention (same arguments and result). ``cache`` (a dict) keeps the
     BlockMask of each layout for the rest of the forward; ``compiled=False`` runs flex's eager reference (tests)."""
@@ -798,12 +822,15 @@ def flex_sliding_attention(
                                         query.device)
         if cache is not None:
             cache[layout] = block_mask
-    score_mod = None
     if alibi_slopes is not None:
-        slopes = alibi_slopes.to(query.dtype)
+        if relative_bias is not None:
+            raise ValueError("flex_sliding_attention: give alibi_slopes or relative_bias, not both")
+        relative_bias = slope_bias(alibi_slopes.to(query.dtype))
+    score_mod = None
+    if relative_bias is not None:
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + slopes[h] * alibi_distance(q_idx, kv_idx, symmetric=True)
+            return score + relative_bias(kv_idx - q_idx)[h].to(score.dtype)
 
     attend = compiled_flex_attention() if compiled else flex_attention
     return attend(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
