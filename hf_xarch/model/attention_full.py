@@ -29,6 +29,7 @@ from .attention_full_kernels import (
     key_bias_flash_attention,
 )
 from .attention_full_spec import FULL_FAMILY, full_attention_cost  # noqa: F401  (re-exported for older imports)
+from .cache_quantized import QuantizedKVLayer, cache_attention, quantized_layer
 from .positions import apply_rotary
 from .registry import register_attention
 from .score_bias import ScoreBias
@@ -126,6 +127,39 @@ def xarch_full_attention(
     return output, None
 
 
+def quantized_full_attention(module, query, key, value, layer: QuantizedKVLayer, attention_mask, score_bias):
+    """Decoding against a ``QuantizedKVLayer``: the new keys join the layer, then ``cache_attention`` reads it block
+    by block. Full layers store every slot in order, so a key's slot is its column in transformers' 4D mask (bool for
+    sdpa, additive for eager; None: causal, no padding). Returns (batch, heads, q, head_dim)."""
+    if BlockMask is not None and isinstance(attention_mask, BlockMask):
+        raise ValueError(
+            "cache_implementation='quantized': attn_implementation='flex_attention' has no quantized decoding path; "
+            "use 'sdpa' or 'eager'"
+        )
+    layer.append(key, value)
+    length, total = query.shape[2], layer.get_seq_length()
+    bias = score_bias.for_keys(total) if score_bias is not None else None
+    q_slots = torch.arange(total - length, total, device=query.device)
+
+    def block_terms(slots):
+        visible, additive = None, None
+        if attention_mask is None:
+            if length > 1:
+                visible = slots[None, :] <= q_slots[:, None]
+        elif attention_mask.dtype == torch.bool:
+            visible = attention_mask[..., slots]
+        else:
+            additive = attention_mask[..., slots].float()
+        if bias is not None:
+            tile = bias.tile(slice(0, length), slice(int(slots[0]), int(slots[-1]) + 1))
+            additive = tile if additive is None else additive + tile
+        return visible, additive
+
+    output = cache_attention(query, layer.blocks(), module.scaling, block_terms)
+    layer.compact()
+    return output
+
+
 @register_attention(FULL_FAMILY)
 class XArchAttention(nn.Module):
     """Multi-head (or grouped-query) self-attention with the projections PEFT looks for: q_proj k_proj v_proj o_proj."""
@@ -182,6 +216,10 @@ class XArchAttention(nn.Module):
         # application reads and writes its own cache layer
         layer_idx = kwargs.pop("layer_idx", self.layer_idx)
         query, key, value = self.project(hidden_states, position_embeddings)
+        stored = quantized_layer(cache, layer_idx)
+        if stored is not None:  # a quantized cache with a past: attention block by block, never all in float
+            output = quantized_full_attention(self, query, key, value, stored, attention_mask, score_bias)
+            return self.o_proj(output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
         if cache is not None:
             key, value = cache.update(key, value, layer_idx)
         output, weights = xarch_full_attention(

@@ -56,6 +56,7 @@ from .attention_sliding_spec import (  # noqa: F401  (re-exported: the family's 
     validate_sliding_config,
     window_span,
 )
+from .cache_quantized import QuantizedKVLayer, cache_attention, quantized_layer
 from .cache_sliding import SinkSlidingWindowLayer
 from .position_alibi import alibi_distance
 from .positions import apply_rotary
@@ -173,6 +174,11 @@ class SlidingWindowAttention(XArchAttention):
         length = query.shape[2]
         q_slots = torch.arange(mask.q_start, mask.q_start + length, device=query.device)
         k_slots = q_slots
+        stored = quantized_layer(cache, layer_idx)
+        if stored is not None:  # a quantized cache with a past: attention block by block, never all in float
+            relative = score_bias.relative if score_bias is not None else None
+            output = self.quantized_attention(stored, query, key, value, q_slots, mask, relative)
+            return self.o_proj(output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
         if cache is not None:
             key, value, k_slots = self.update_cache(cache, layer_idx, key, value, mask)
         output, weights = self.local_attention(query, key, value, q_slots, k_slots, mask, slopes)
@@ -188,7 +194,7 @@ class SlidingWindowAttention(XArchAttention):
         if layers is None or layer_idx >= len(layers):
             raise ValueError(f"cache: {type(cache).__name__} has no layer {layer_idx}; use DynamicCache(config=config)")
         layer = layers[layer_idx]
-        if self.sink_size and not isinstance(layer, SinkSlidingWindowLayer):
+        if self.sink_size and not isinstance(layer, (SinkSlidingWindowLayer, QuantizedKVLayer)):
             if layer.is_initialized or not isinstance(layer, DynamicLayer):
                 raise ValueError(
                     f"cache: attention_sink_size needs a fresh DynamicCache(config=config), got a "
@@ -198,14 +204,14 @@ class SlidingWindowAttention(XArchAttention):
             sink_layer = SinkSlidingWindowLayer(window or self.config.sliding_window)
             sink_layer.record_past = getattr(layer, "record_past", False)  # assisted decoding turns it on up front
             layer = layers[layer_idx] = sink_layer
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, SinkSlidingWindowLayer):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, SinkSlidingWindowLayer, QuantizedKVLayer):
             raise ValueError(
                 f"cache: sliding_window layers need dynamic cache layers (DynamicCache; generate()'s default "
                 f"cache_implementation=None), got {type(layer).__name__}: their keys are kept by slot, which a static "
                 "cache's rotating buffer does not record"
             )
         end = mask.q_start + key.shape[2]
-        if isinstance(layer, SinkSlidingWindowLayer):
+        if isinstance(layer, (SinkSlidingWindowLayer, QuantizedKVLayer)):
             keep = self.sink_horizon(mask, end, key.device)
             key, value = cache.update(key, value, layer_idx, sink_slots=keep)
             return key, value, layer.slots.to(key.device)
@@ -221,6 +227,22 @@ class SlidingWindowAttention(XArchAttention):
         sinks = valid & (real < self.sink_size)
         slots = torch.arange(end, device=device)
         return int((sinks * (slots + 1)).max()) if bool(sinks.any()) else 0
+
+    def quantized_attention(self, layer, query, key, value, q_slots, mask, relative_bias):
+        """A decoding step against a ``QuantizedKVLayer``: the new keys join it, then ``cache_attention`` reads it
+        block by block with this family's rule over each block's slots. Returns (batch, heads, q, head_dim)."""
+        layer.append(key, value, self.sink_horizon(mask, int(q_slots[-1]) + 1, key.device))
+        dilation = torch.tensor(self.dilation, device=query.device)
+
+        def block_terms(slots):
+            key_valid, sinks = mask.slot_flags(slots, self.sink_size)
+            visible = sliding_visibility(q_slots, slots, self.left, self.right, dilation, key_valid, None, sinks)
+            bias = relative_bias(slots[None, :] - q_slots[:, None]) if relative_bias is not None else None
+            return visible, bias
+
+        output = cache_attention(query, layer.blocks(), self.scaling, block_terms)
+        layer.compact()
+        return output
 
     def local_attention(self, query, key, value, q_slots, k_slots, mask, slopes):
         """Every query against its window (+ global keys, + sinks): (batch, heads, seq, dim) and eager weights."""

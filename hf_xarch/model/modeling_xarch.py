@@ -38,9 +38,11 @@ from .adaptive_softmax import AdaptiveSoftmaxHead
 from .attention_cross import XArchCrossAttention
 from .attention_full import XArchAttention
 from .attention_sliding_native import fetch_kernel_source, save_kernel_source
+from .cache_quantized import XArchQuantizedCache
 from .configuration_xarch import XArchConfig
 from .families import ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
 from .registry import attention_family_for_layer_type
+from .transformers_private import QuantizedCacheGeneration
 
 logger = logging.get_logger(__name__)
 
@@ -486,7 +488,7 @@ class XArchModel(XArchPreTrainedModel):
         return {"encoder_hidden_states": encoder_hidden_states}
 
 
-class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
+class XArchForCausalLM(QuantizedCacheGeneration, XArchPreTrainedModel, GenerationMixin):
     """Causal LM head (always a decoder). With factorized embeddings the hidden state is projected to
     `embedding_size` before the (tied) output layer.
 
@@ -498,6 +500,7 @@ class XArchForCausalLM(XArchPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+    quantized_cache_class = XArchQuantizedCache  # generate(cache_implementation="quantized"), backend "xarch"
 
     @staticmethod
     def create_masks_for_generate(config, inputs_embeds, attention_mask, cache=None, position_ids=None, **kwargs):

@@ -86,7 +86,46 @@ class PastRecording:
         self.recording_options = dict(kwargs)
 
 
+class QuantizedCacheGeneration:
+    """``generate(cache_implementation="quantized", cache_config={"backend": "xarch", ...})`` for a model whose
+    quantized cache transformers does not know.
+
+    transformers builds the cache in ``GenerationMixin._prepare_cache_for_generation`` (private): for "quantized" it
+    pops ``cache_config["backend"]`` (default "quanto") and builds ``QuantizedCache``, which knows only the quanto,
+    HQQ and fp8 backends and only full-attention layers. A model class that puts this mixin before
+    ``GenerationMixin`` and sets ``quantized_cache_class`` (called as ``cls(config, **cache_config)``) builds that
+    cache instead when the backend is "xarch", or when none is given and transformers' default backend cannot serve
+    the model (optimum-quanto missing, or a layer that is not full attention). Anything else is transformers' own."""
+
+    quantized_cache_class: type | None = None
+    QUANTIZED_BACKEND = "xarch"
+
+    def quantized_backend(self, generation_config) -> str:
+        """The backend ``generate(cache_implementation="quantized")`` uses for this model with this config."""
+        backend = (generation_config.cache_config or {}).get("backend")
+        if backend is not None:
+            return backend
+        from transformers.utils import is_optimum_quanto_available
+
+        config = self.config.get_text_config(decoder=True)
+        full_only = all(layer_type == "full_attention" for layer_type in config.layer_types)
+        return "quanto" if is_optimum_quanto_available() and full_only else self.QUANTIZED_BACKEND
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        ours = (
+            generation_config.cache_implementation == "quantized"
+            and generation_config.use_cache is not False
+            and model_kwargs.get("cache") is None
+            and self.quantized_backend(generation_config) == self.QUANTIZED_BACKEND
+        )
+        if not ours:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        options = {k: v for k, v in (generation_config.cache_config or {}).items() if k != "backend"}
+        model_kwargs["cache"] = self.quantized_cache_class(self.config, **options)
+
+
 __all__ = [
+    "QuantizedCacheGeneration",
     "PastRecording",
     "allow_layer_type",
     "cache_layer_for",
