@@ -1,0 +1,217 @@
+"""Reformer's LSH attention (Kitaev et al. 2020, "Reformer: The Efficient Transformer"), as transformers'
+``LSHSelfAttention`` computes it, for any length and padding-invariant. The record is in ``attention_lsh_spec.py``.
+
+Queries and keys are one projection (``q_proj``); keys are its length-normalised copy. Each of ``num_hashes`` rounds
+hashes the vectors with a random rotation (argmax over [xR, -xR]: ``num_buckets`` buckets), sorts them by (bucket,
+position) and cuts the order into chunks of ``lsh_chunk_length``; a query attends to its chunk and the previous one
+(the first chunk of a round looks back at the last chunk of the round before, the first round at the last round).
+A query never attends to itself unless nothing else is visible (Reformer's self-mask, transformers' scores: -1e5 for
+self, -1e9 for masked keys). With ``lsh_attend_across_buckets=False`` (the paper's rule) a key of another bucket is
+masked too; ``True`` is transformers' (and trax's released models'). The rounds are combined by the log-sum-exp of
+their scores.
+
+Where transformers would need its length to be a multiple of the chunk, the sorted order is padded to one; padding
+tokens sort after every real token, and a round's first chunk looks back at the last chunk that holds real tokens, so
+a padded row computes what it computes alone. Without padding, at transformers' lengths, the two agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+from .attention_full import XArchAttention, repeat_kv
+from .attention_linformer import key_padding_mask
+from .attention_lsh_spec import LSH_FAMILY
+from .positions import apply_rotary
+from .registry import register_attention
+
+SELF_SCORE, MASKED_SCORE = -1e5, -1e9  # transformers' fp32 values: self wins over masked keys, loses to any other
+
+
+def draw_rotations(heads: int, head_dim: int, num_hashes: int, num_buckets: int, seed: int) -> torch.Tensor:
+    """(heads, head_dim, num_hashes, num_buckets / 2), the draw transformers makes after ``torch.manual_seed(seed)``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(heads, head_dim, num_hashes, num_buckets // 2, generator=generator)
+
+
+def hash_buckets(vectors: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, seq, dim) -> buckets (batch, heads, rounds, seq): argmax over [xR, -xR] (Andoni et al. 2015)."""
+    rotated = torch.einsum("bhnd,hdrk->bhrnk", vectors.detach(), rotations.to(vectors.dtype))
+    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+
+
+def length_normalized_keys(vectors: torch.Tensor) -> torch.Tensor:
+    """Reformer's keys: the shared vectors at unit RMS, divided by √d (transformers' ``_len_and_dim_norm``)."""
+    return vectors * torch.rsqrt(vectors.pow(2).mean(-1, keepdim=True) + 1e-6) / vectors.shape[-1] ** 0.5
+
+
+class ChunkPlan:
+    """Where every (round, position) lands: the sorted order, padded to whole chunks, and each chunk's look-back.
+
+    order: (batch, heads, rounds, padded) positions in sorted order per round; bucket: the padded buckets, padding in
+    bucket ``num_buckets`` (after every real one); previous: (batch, chunks of all rounds) the chunk each one looks
+    back at; real: (batch, padded) bool."""
+
+    def __init__(self, buckets: torch.Tensor, key_mask: torch.Tensor | None, num_buckets: int, chunk: int):
+        batch, _, rounds, length = buckets.shape
+        padded = -(-length // chunk) * chunk
+        real = torch.ones(batch, length, dtype=torch.bool, device=buckets.device) if key_mask is None else key_mask
+        real = nn.functional.pad(real, (0, padded - length), value=False)
+        buckets = nn.functional.pad(buckets, (0, padded - length), value=num_buckets)
+        self.bucket = buckets.masked_fill(~real[:, None, None, :], num_buckets)
+        positions = torch.arange(padded, device=buckets.device)
+        self.order = (self.bucket * padded + positions).argsort(dim=-1)  # keys are unique: a stable sort
+        chunks = padded // chunk
+        index = torch.arange(rounds * chunks, device=buckets.device)
+        last_real = (real.sum(-1) - 1).clamp(min=0) // chunk  # (batch,)
+        wrapped = ((index // chunks - 1) % rounds * chunks)[None, :] + last_real[:, None]
+        self.previous = torch.where(index % chunks == 0, wrapped, index - 1)
+        self.real, self.rounds, self.padded, self.chunk, self.num_buckets = real, rounds, padded, chunk, num_buckets
+
+
+def lsh_attention(query, value, plan: ChunkPlan, attend_across_buckets: bool, dropout: float = 0.0,
+                  training: bool = False) -> torch.Tensor:
+    """Chunked LSH attention over the plan: (batch, heads, seq, dim) shared query/key and values -> the output."""
+    batch, heads, length, dim = query.shape
+    rounds, padded, chunk = plan.rounds, plan.padded, plan.chunk
+    query = nn.functional.pad(query, (0, 0, 0, padded - length))
+    value = nn.functional.pad(value, (0, 0, 0, padded - length))
+    order = plan.order.flatten(2)  # (batch, heads, rounds * padded)
+
+    def sorted_chunks(tensor):  # (batch, heads, padded, dim) -> (batch, heads, chunks of all rounds, chunk, dim)
+        gathered = tensor.gather(2, order[..., None].expand(-1, -1, -1, tensor.shape[-1]))
+        return gathered.view(batch, heads, -1, chunk, tensor.shape[-1])
+
+    def with_previous(tensor):  # (batch, heads, chunks, chunk, ...) -> (..., previous chunk + own chunk, ...)
+        index = plan.previous[:, None, :].expand(batch, tensor.shape[1], -1)
+        index = index.view(*index.shape, *([1] * (tensor.dim() - 3))).expand_as(tensor)
+        return torch.cat([tensor.gather(2, index), tensor], dim=3)
+
+    queries = sorted_chunks(query)
+    keys = with_previous(length_normalized_keys(queries))
+    values = with_previous(sorted_chunks(value))
+    position = order.view(batch, heads, -1, chunk)
+    offsets = torch.arange(rounds, device=query.device).repeat_interleave(padded // chunk)[:, None]
+    bucket = plan.bucket.gather(-1, plan.order).flatten(2).view(batch, heads, -1, chunk)
+    bucket = bucket + offsets * (plan.num_buckets + 1)  # a key from another round never shares a bucket
+    real = plan.real[:, None, :].expand(batch, heads, -1).gather(2, order).view(batch, heads, -1, chunk)
+    key_position, key_bucket, key_real = with_previous(position), with_previous(bucket), with_previous(real)
+    visible = key_real[..., None, :]
+    if not attend_across_buckets:
+        visible = visible & (bucket[..., :, None] == key_bucket[..., None, :])
+    scores = torch.matmul(queries, keys.transpose(-1, -2))
+    scores = scores.masked_fill(~visible, MASKED_SCORE)
+    scores = scores.masked_fill(position[..., :, None] == key_position[..., None, :], SELF_SCORE)
+    weights, logits = softmax_and_logits(scores)
+    weights = nn.functional.dropout(weights, p=dropout, training=training)
+    output = torch.matmul(weights, values).view(batch, heads, rounds * padded, dim)
+    # back to (round, position) order: each round's inverse permutation, offset to that round's slots
+    undo = (plan.order.argsort(dim=-1) + torch.arange(rounds, device=query.device)[:, None] * padded).flatten(2)
+    output = output.gather(2, undo[..., None].expand(-1, -1, -1, dim)).view(batch, heads, rounds, padded, dim)
+    logits = logits.view(batch, heads, rounds * padded).gather(2, undo).view(batch, heads, rounds, padded)
+    return combine_rounds(output, logits)[:, :, :length]
+
+
+def softmax_and_logits(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim and its log-sum-exp (keepdim). The row maximum is taken out first: a query that sees
+    only itself scores -1e5, where fp32 steps by 0.008, so exp(score - logsumexp) would not sum to 1 there."""
+    top = scores.detach().amax(dim=-1, keepdim=True)
+    shifted = scores - top
+    logits = torch.logsumexp(shifted, dim=-1, keepdim=True)
+    return torch.exp(shifted - logits), logits + top
+
+
+def combine_rounds(output: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Each round's output weighted by its share of the total softmax mass (Reformer's multi-round attention)."""
+    return (output * torch.softmax(logits, dim=2)[..., None]).sum(2)
+
+
+def lsh_attention_reference(query, value, plan: ChunkPlan, attend_across_buckets: bool, dropout: float = 0.0,
+                            training: bool = False) -> torch.Tensor:
+    """The same attention written densely: per round, an (N × N) count of how often each key is visible in a query's
+    chunk or its previous chunk (a key can be in both when the look-back reaches another round), then the softmax
+    over the keys with those counts as multiplicities. Masked keys in the window weigh exp(-1e9) = 0 there, so they
+    count 0 here; the query itself is always in its window (at -1e5)."""
+    batch, heads, length, dim = query.shape
+    rounds, padded, chunk = plan.rounds, plan.padded, plan.chunk
+    query = nn.functional.pad(query, (0, 0, 0, padded - length))
+    value = nn.functional.pad(value, (0, 0, 0, padded - length))
+    rank = plan.order.argsort(dim=-1)  # (batch, heads, rounds, padded): each position's slot in its round
+    round_index = torch.arange(rounds, device=query.device)[:, None]
+    chunk_of = round_index * (padded // chunk) + rank // chunk  # its chunk among all rounds' chunks
+    bucket = plan.bucket + round_index * (plan.num_buckets + 1)
+    previous = plan.previous[:, None, None, :].expand(batch, heads, rounds, -1).gather(3, chunk_of)
+    # (batch, heads, round, i, j) for the own chunk; (batch, heads, round, round', i, j) for the previous chunk,
+    # which lies in whichever round' holds it
+    own = chunk_of[..., :, None] == chunk_of[..., None, :]
+    back = previous[:, :, :, None, :, None] == chunk_of[:, :, None, :, None, :]
+    if not attend_across_buckets:
+        own_bucket = own & (bucket[..., :, None] == bucket[..., None, :])
+        back_bucket = back & (bucket[:, :, :, None, :, None] == bucket[:, :, None, :, None, :])
+    else:
+        own_bucket, back_bucket = own, back
+    real = plan.real[:, None, None, None, :]
+    visible = (own_bucket & real).to(query.dtype) + (back_bucket & real[:, :, :, None]).to(query.dtype).sum(3)
+    itself = own.to(query.dtype) + back.to(query.dtype).sum(3)
+    eye = torch.eye(padded, dtype=torch.bool, device=query.device)
+    multiplicity = torch.where(eye, itself, visible)
+    scores = torch.matmul(query, length_normalized_keys(query).transpose(-1, -2))[:, :, None]
+    scores = scores.masked_fill(eye, SELF_SCORE) + multiplicity.log()  # log 0 = -inf: not visible
+    weights, logits = softmax_and_logits(scores)
+    weights = nn.functional.dropout(weights, p=dropout, training=training)
+    output = torch.matmul(weights, value[:, :, None])
+    return combine_rounds(output, logits[..., 0])[:, :, :length]
+
+
+@register_attention(LSH_FAMILY)
+class LSHAttention(XArchAttention):
+    """Reformer's LSH self-attention with one shared query/key projection (``q_proj``; there is no ``k_proj``),
+    ``v_proj`` (GQA: values may have fewer heads) and ``o_proj``. The random rotations are a saved buffer
+    ``rotations`` (heads, head_dim, num_hashes, num_buckets / 2) drawn from ``hash_seed`` (transformers' draw), or,
+    with ``hash_seed=None``, from torch's RNG when the layer is built; either way fixed, so the model is a function."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        del self.k_proj  # the keys are the queries (Reformer's shared-QK attention)
+        self.num_hashes, self.num_buckets = config.num_hashes, config.num_buckets
+        self.chunk_length, self.hash_seed = config.lsh_chunk_length, config.hash_seed
+        self.attend_across_buckets = config.lsh_attend_across_buckets
+        shape = (self.num_heads, self.head_dim, self.num_hashes, self.num_buckets // 2)
+        self.register_buffer("rotations", torch.empty(shape))
+        if not self.rotations.is_meta:
+            self.reset_rotations()
+
+    def reset_rotations(self) -> None:
+        seed = self.hash_seed if self.hash_seed is not None else int(torch.randint(0, 2**62, ()))
+        init.copy_(self.rotations, draw_rotations(*self.rotations.shape[:2], self.num_hashes, self.num_buckets, seed))
+
+    @staticmethod
+    def build_mask(config, inputs_embeds, attention_mask, cache, position_ids):
+        return key_padding_mask("lsh", attention_mask)
+
+    def project(self, hidden_states: torch.Tensor, position_embeddings=None):
+        """The shared query/key vectors and the values, (batch, heads, seq, head_dim); rotary rotates the shared ones."""
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        shared = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if position_embeddings is not None:
+            shared = apply_rotary(shared, *position_embeddings)
+        return shared, value
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+        kwargs.pop("layer_idx", None)
+        shared, value = self.project(hidden_states, position_embeddings)
+        value = repeat_kv(value, self.num_key_value_groups)
+        key_mask = None if attention_mask is None else attention_mask[:, -hidden_states.shape[1]:]
+        plan = ChunkPlan(hash_buckets(shared, self.rotations), key_mask, self.num_buckets, self.chunk_length)
+        reference = self.config._attn_implementation == self.family.reference_implementation
+        attention = lsh_attention_reference if reference else lsh_attention
+        output = attention(shared, value, plan, self.attend_across_buckets,
+                           self.attention_dropout if self.training else 0.0, self.training)
+        output = self.o_proj(output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1).contiguous())
+        return output, None
+
+
+__all__ = ["LSHAttention", "ChunkPlan", "draw_rotations", "hash_buckets", "lsh_attention", "lsh_attention_reference"]
