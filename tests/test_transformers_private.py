@@ -91,3 +91,27 @@ def test_trainer_resumes_a_performer_model_from_its_checkpoint(tmp_path):
     straight.train()
     for (name, a), b in zip(resumed.model.named_parameters(), straight.model.parameters()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_quantized_cache_generation_takes_over_generates_quantized_cache_only_for_its_backend():
+    """GenerationMixin._prepare_cache_for_generation builds the cache of generate(cache_implementation=...)."""
+    from transformers import GenerationConfig
+    from transformers.cache_utils import QuantizedCache
+
+    from hf_xarch.model.cache_quantized import XArchQuantizedCache
+    from hf_xarch.model.transformers_private import QuantizedCacheGeneration
+
+    model = XArchForCausalLM(tiny_config(is_decoder=True)).eval()
+    assert isinstance(model, QuantizedCacheGeneration) and model.quantized_cache_class is XArchQuantizedCache
+    prompt = random_ids(1, 4, seed=3)
+    out = model.generate(prompt, max_new_tokens=2, cache_implementation="quantized",
+                         cache_config={"backend": "xarch", "nbits": 2}, return_dict_in_generate=True)
+    assert isinstance(out.cache, XArchQuantizedCache) and out.cache.settings["nbits"] == 2
+    # another backend is transformers' own QuantizedCache (which needs optimum-quanto / HQQ to run)
+    model_kwargs = {}
+    config = GenerationConfig(cache_implementation="quantized", cache_config={"backend": "quanto"})
+    try:
+        model._prepare_cache_for_generation(config, model_kwargs, None, 1, 8)
+    except ImportError:  # optimum-quanto missing: QuantizedCache's layer refused to build, so it was transformers'
+        return
+    assert isinstance(model_kwargs["cache"], QuantizedCache)
