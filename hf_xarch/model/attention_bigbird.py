@@ -194,11 +194,11 @@ def bigbird_block_attention(query, key, value, plan, block_size, lengths, last_b
     its sliding, global and random key blocks (gathered), plus the global tokens' keys; then the rows of the global
     queries (first and last block, ``global_q`` (batch, N) bool) against every key. Returns (batch, heads, N, dim).
     ``last_block`` None: a causal decoder (no global rows or keys)."""
-    batch, heads, length, dim = query.shape
+    batch, heads, length = query.shape[:3]
     blocks = plan.shape[2]
     padded = blocks * block_size
     pad = (0, 0, 0, padded - length)
-    q, k, v = (nn.functional.pad(t, pad).view(batch, heads, blocks, block_size, dim) for t in (query, key, value))
+    q, k, v = (nn.functional.pad(t, pad).view(batch, heads, blocks, block_size, -1) for t in (query, key, value))
     valid = torch.arange(padded, device=query.device)[None] < lengths[:, None]  # (batch, padded)
     structural, structural_valid = structural_blocks(blocks, last_block, query.device)
     index = torch.cat([structural[:, None].expand(batch, heads, -1, -1), plan.clamp(min=0).expand(batch, -1, -1, -1)],
@@ -236,7 +236,7 @@ def bigbird_block_attention(query, key, value, plan, block_size, lengths, last_b
     output = torch.einsum("bhiqsk,bhiskd->bhiqd", block_weights, values)
     if global_k is not None:
         output = output + torch.einsum("bhiqg,bhgd->bhiqd", weights[..., slots * block_size :], global_k[1])
-    output = output.reshape(batch, heads, padded, dim)[:, :, :length]
+    output = output.reshape(batch, heads, padded, -1)[:, :, :length]
     if last_block is None:
         return output
     return _global_rows(output, query, key, value, block_size, lengths, last_block, global_q, scaling, dropout,
