@@ -56,6 +56,36 @@ def draw_projection(nb_features: int, head_dim: int, seed: int, draw_index: int 
 
 
 # ---- the layer ---------------------------------------------------------------------------------------------------------
+def key_padding_mask(attention_mask, layers: str):
+    """The mask of a family with no score matrix (``layers`` names it in the error): which keys are real, as the 2D
+    padding mask in bool, or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)}: {layers} layers take a 2D (batch, seq) "
+            "padding mask (1 = real token); they have no score matrix a 4D mask could shape"
+        )
+    mask = attention_mask.to(torch.bool)
+    # under torch.export / compile the mask is kept (as transformers' masking utilities do): no data-dependent branch
+    return None if not is_tracing(mask) and bool(mask.all()) else mask
+
+
+def recurrent_state_layer(cache, layer_idx: int, family):
+    """The cache layer of a family whose cache is a recurrent state (its record's ``cache_layer_class``)."""
+    layer_class, layers = family.cache_layer_class, cache.layers
+    if len(layers) == layer_idx and getattr(cache, "layer_class_to_replicate", None) is not None:
+        layers.append(layer_class())  # a cache built without a config grows one layer at a time
+    # a model loaded with trust_remote_code may meet the copy of this class that another dynamic module defined
+    if layer_idx >= len(layers) or type(layers[layer_idx]).__qualname__ != layer_class.__qualname__:
+        found = type(layers[layer_idx]).__name__ if layer_idx < len(layers) else "nothing"
+        raise ValueError(
+            f"cache: layer {layer_idx} is a {family.name} layer and needs a {layer_class.__name__}, found {found}; "
+            "build the cache with DynamicCache(config=model.config)"
+        )
+    return layers[layer_idx]
+
+
 def in_backward_pass() -> bool:
     """True while autograd runs a backward, e.g. when gradient checkpointing re-runs a layer's forward: that re-run
     must see the same projection, so it must not count as a training step."""
@@ -112,31 +142,10 @@ class PerformerAttention(XArchAttention):
     @staticmethod
     def build_mask(config, inputs_embeds, attention_mask, cache, position_ids):
         """Performer needs only which keys are real: the 2D padding mask as bool, or None when nothing is padded."""
-        if attention_mask is None:
-            return None
-        if attention_mask.dim() != 2:
-            raise ValueError(
-                f"attention_mask of shape {tuple(attention_mask.shape)}: performer layers take a 2D (batch, seq) "
-                "padding mask (1 = real token); they have no score matrix a 4D mask could shape"
-            )
-        mask = attention_mask.to(torch.bool)
-        # under torch.export / compile the mask is kept (as transformers' masking utilities do): no data-dependent
-        # branch
-        return None if not is_tracing(mask) and bool(mask.all()) else mask
+        return key_padding_mask(attention_mask, "performer")
 
-    @staticmethod
-    def state_layer(cache, layer_idx: int) -> PerformerStateLayer:
-        layers = cache.layers
-        if len(layers) == layer_idx and getattr(cache, "layer_class_to_replicate", None) is not None:
-            layers.append(PerformerStateLayer())  # a cache built without a config grows one layer at a time
-        # a model loaded with trust_remote_code may meet the copy of this class that another dynamic module defined
-        if layer_idx >= len(layers) or type(layers[layer_idx]).__qualname__ != PerformerStateLayer.__qualname__:
-            found = type(layers[layer_idx]).__name__ if layer_idx < len(layers) else "nothing"
-            raise ValueError(
-                f"cache: layer {layer_idx} is a performer layer and needs a PerformerStateLayer, found {found}; "
-                "build the cache with DynamicCache(config=model.config)"
-            )
-        return layers[layer_idx]
+    def state_layer(self, cache, layer_idx: int) -> PerformerStateLayer:
+        return recurrent_state_layer(cache, layer_idx, self.family)
 
     def absorb(self, key, value, key_mask, state):
         """The causal state after ``key``/``value`` (already rotated and repeated, as the forward passed them), from

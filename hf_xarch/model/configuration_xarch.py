@@ -670,11 +670,13 @@ class XArchConfig(PreTrainedConfig):
         the options of a family or scheme the model does not use refused when not at their default (they would be
         silently ignored). Returns the values they derive (``__post_init__`` assigns them)."""
         used = {family.name for family in self.layer_families()}
+        # an option two families share (one name, one default: the registry checks) is read if either is used
+        read = {option for name in used for option in ATTENTION_FAMILIES[name].options}
         derived: dict = {}
         for family in ATTENTION_FAMILIES.values():
             if family.name not in used:
                 self.refuse_unread_options(family, f"attention_type={family.name!r} layers, and no layer is one "
-                                                   f"(layer_types={self.layer_types})")
+                                                   f"(layer_types={self.layer_types})", read)
             if family.validate is not None:
                 derived.update(family.validate(self))
         for scheme in POSITION_SCHEMES.values():
@@ -685,11 +687,13 @@ class XArchConfig(PreTrainedConfig):
                 derived.update(scheme.validate(self))
         return derived
 
-    def refuse_unread_options(self, record, reader: str) -> None:
+    def refuse_unread_options(self, record, reader: str, read: set = frozenset()) -> None:
         """Refuse a value other than the default for an option of ``record`` (a family or position scheme) that no
-        part of this model reads."""
+        part of this model reads (``read``: options a used family reads too)."""
         declared = declared_options(record)
         for option in record.options:
+            if option in read:
+                continue
             default = declared[option] if option in declared else getattr(type(self), option, None)
             value = getattr(self, option, default)
             if value != default:

@@ -6,6 +6,7 @@ one import line here. ``configuration_xarch`` imports this file, so validation a
 
 from .attention_bigbird import BigBirdAttention  # noqa: F401
 from .attention_full import XArchAttention  # noqa: F401
+from .attention_linear import LinearAttention, LinearSlidingAttention  # noqa: F401
 from .attention_linformer import LinformerAttention  # noqa: F401
 from .attention_lsh import LSHAttention  # noqa: F401
 from .attention_performer import PerformerAttention  # noqa: F401
