@@ -21,7 +21,7 @@ import logging
 import transformers
 from transformers.modeling_utils import PreTrainedModel
 
-from hf_xarch.model import modeling_xarch
+from hf_xarch.model import modeling_xarch, modeling_xarch_seq2seq
 from hf_xarch.model.modeling_xarch import XArchPreTrainedModel
 
 from .conversions import CONVERTERS, Converter
@@ -107,7 +107,8 @@ def from_hf(model: PreTrainedModel) -> XArchPreTrainedModel:
             f"{hf_class} has no XArch counterpart; the {model.config.model_type} classes that convert are "
             f"{list(converter.heads)}"
         )
-    xarch_class = getattr(modeling_xarch, converter.heads[hf_class])
+    name = converter.heads[hf_class]
+    xarch_class = getattr(modeling_xarch, name, None) or getattr(modeling_xarch_seq2seq, name)
     config = converter.config_from_hf(model.config, hf_class)
     state_dict = model.state_dict()
     if is_base_model(model):
@@ -126,15 +127,17 @@ def resolve_target(model: XArchPreTrainedModel, target: str | type) -> tuple[Con
         target = target.__name__
     if target in CONVERTERS:
         converter = CONVERTERS[target]
-        for hf_class, xarch_name in converter.heads.items():
-            if xarch_name == xarch_class:
-                return converter, hf_class
+        # the class or the one it specializes (XArchSeq2SeqModel is the XArchModel of an encoder-decoder config)
+        for name in [cls.__name__ for cls in type(model).__mro__]:
+            for hf_class, xarch_name in converter.heads.items():
+                if xarch_name == name:
+                    return converter, hf_class
         raise ValueError(
             f"{xarch_class} has no {target} counterpart; {target} converts {sorted(set(converter.heads.values()))}"
         )
     for converter in CONVERTERS.values():
         if target in converter.heads:
-            if converter.heads[target] != xarch_class:
+            if converter.heads[target] not in [cls.__name__ for cls in type(model).__mro__]:
                 raise ValueError(f"{target} corresponds to {converter.heads[target]}, not to {xarch_class}")
             return converter, target
     raise ValueError(

@@ -10,6 +10,7 @@ from .base import CONVERTERS, Converter, register_converter
 
 # one line per family: importing the module registers its converter
 from . import albert  # noqa: E402, F401
+from . import bart  # noqa: E402, F401
 from . import big_bird  # noqa: E402, F401
 from . import bert  # noqa: E402, F401
 from . import bloom  # noqa: E402, F401

@@ -59,6 +59,7 @@ XARCH_HEADS = {
     "ForSequenceClassification": "XArchForSequenceClassification",
     "ForTokenClassification": "XArchForTokenClassification",
     "ForQuestionAnswering": "XArchForQuestionAnswering",
+    "ForConditionalGeneration": "XArchForConditionalGeneration",
 }
 # the heads of a BERT-like encoder
 ENCODER_HEADS = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
