@@ -8,6 +8,7 @@ measured). It holds no expected conclusion: swap two models' numbers and its ran
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import platform
@@ -100,7 +101,7 @@ def summarize(results: dict, train_length: int, lengths: list[int], budget: dict
         better = "lower" if criterion.lower_is_better else "higher"
         fmt = _percent if criterion.title.startswith("extrapolation") else criterion.format
         order = f"{ranked[0][0]} {fmt(ranked[0][1])}"
-        for (_, previous), (name, value) in zip(ranked, ranked[1:]):
+        for (_, previous), (name, value) in itertools.pairwise(ranked):
             order += (" = " if value == previous else " < " if criterion.lower_is_better else " > ") + f"{name} {fmt(value)}"
         missing = sorted(set(results) - set(criterion.values))
         lines.append(f"{criterion.title[0].upper()}{criterion.title[1:]} ({better} is better): {order}."
@@ -123,7 +124,7 @@ def caveats(results: dict, train_length: int, lengths: list[int], budget: dict, 
                      f"{', '.join(held) or 'no model'}; they rise by more for {', '.join(lost) or 'no model'}.")
     at_train = sorted(_collect(results, lambda e: bits_per_byte(e, train_length)).items(), key=lambda item: item[1])
     if len(at_train) > 1:
-        gaps = [(b[1] - a[1], a[0], b[0], a[1]) for a, b in zip(at_train, at_train[1:])]
+        gaps = [(b[1] - a[1], a[0], b[0], a[1]) for a, b in itertools.pairwise(at_train)]
         gap, first, second, value = min(gaps)
         lines.append(f"One training run per model (seed {seed}): this report does not measure the spread between "
                      f"seeds, so differences smaller than that spread are not resolved. The closest pair at "
@@ -239,9 +240,9 @@ def markdown(data: dict, plots: dict, plot_note: str | None) -> str:
     length = data["training_length"]
     budget = ", ".join(f"{key} = {value:,.4g}" for key, value in data["budget"].items() if value is not None)
     lines = [f"# hf-xarch compare: {len(models)} models", "",
-             f"Training length {length} tokens; budget {budget} per model; seed {data['seed']}; "
-             f"{data['environment']['device']}, {data['environment']['processes']} process(es), "
-             f"{data['environment']['threads']} threads, torch {data['environment']['torch']}.", "",
+             (f"Training length {length} tokens; budget {budget} per model; seed {data['seed']}; "
+              f"{data['environment']['device']}, {data['environment']['processes']} process(es), "
+              f"{data['environment']['threads']} threads, torch {data['environment']['torch']}."), "",
              "## Summary", "", *[f"- {line}" for line in data["summary"]], "",
              "## Held-out bits per byte by evaluation length", ""]
     lines += _table(["model", "trained at", *lengths],
@@ -266,8 +267,8 @@ def markdown(data: dict, plots: dict, plot_note: str | None) -> str:
     lines += ["", "## What was scored", "", *[f"- {line}" for line in coverage]]
     lines += ["", "## Plots", ""]
     lines += [f"![{name}](plots/{path.name})" for name, path in plots.items()] if plots else [plot_note or ""]
-    lines += ["", "Data: `results.json` (per model: `bits_per_byte.LENGTH`, `lengths.LENGTH`, `train`, `decode`), "
-              "`results.csv` (one row per model and length)."]
+    lines += ["", ("Data: `results.json` (per model: `bits_per_byte.LENGTH`, `lengths.LENGTH`, `train`, `decode`), "
+                   "`results.csv` (one row per model and length).")]
     return "\n".join(lines) + "\n"
 
 
@@ -284,8 +285,8 @@ def plot(data: dict, folder: Path) -> tuple[dict, str | None]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return {}, "matplotlib is not installed: no plots (pip install matplotlib, then rerun; finished models are " \
-                   "not trained again)."
+        return {}, ("matplotlib is not installed: no plots (pip install matplotlib, then rerun; finished models are "
+                    "not trained again).")
     folder.mkdir(parents=True, exist_ok=True)
     models, written = data["models"], {}
 
