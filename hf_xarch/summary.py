@@ -17,7 +17,10 @@ Conventions (so numbers compare across configs and with papers):
   every position of a training sequence of ``seq_len``. Inference FLOPs per token: for a decoder, one new token
   decoded after ``seq_len - 1`` cached ones (the head runs once); for an encoder, the forward of a ``seq_len`` input.
 - KV-cache bytes per token: what all layers cache after ``seq_len`` tokens, divided by ``seq_len`` (constant for full
-  attention, falling with length for bounded caches); 0 for encoders, which keep no cache.
+  attention, falling with length for bounded caches); 0 for encoders, which keep no cache. The same figure for
+  ``generate(cache_implementation="quantized")`` at 8, 4 and 2 bits (``quantized_kv_cache_bytes_per_token``): codes,
+  scales and minimums plus the full-precision residual of ``hf_xarch.model.cache_quantized``; fixed states
+  (Performer) stay unquantized.
 - The adaptive-softmax head is costed as its full log-probabilities (every cluster for every token), an upper bound
   of the training loss's cost, which evaluates each token's own cluster only.
 
@@ -38,6 +41,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from hf_xarch.model.cache_quantized import (
+    DEFAULT_RESIDUAL_LENGTH,
+    QUANTIZED_BITS,
+    quantized_cache_bytes,
+    quantized_cache_settings,
+)
 from hf_xarch.model.configuration_xarch import XArchConfig
 from hf_xarch.model.families import ATTENTION_FAMILIES, ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES
 from hf_xarch.model.registry import AttentionCost
@@ -63,6 +72,9 @@ class ModelSummary:
     kv_cache_bytes_per_token: float | None
     unknown_families: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # the same with generate(cache_implementation="quantized") at 8/4/2 bits (residual 128, default groups): setting ->
+    # bytes per token; empty for encoders, None where a family's cost is unknown
+    quantized_kv_cache_bytes_per_token: dict[str, float] | None = field(default_factory=dict)
 
     @property
     def total_parameters(self) -> int:
@@ -93,6 +105,8 @@ class ModelSummary:
             f"inference FLOPs per token:                {_fmt(self.inference_flops_per_token)}",
             f"KV-cache bytes per token ({self.bytes_per_value} B/value): {_fmt(self.kv_cache_bytes_per_token)}",
         ]
+        for setting, value in (self.quantized_kv_cache_bytes_per_token or {}).items():
+            lines.append(f"  quantized cache, {setting + ':':<29} {_fmt(value)}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -232,6 +246,15 @@ def summary(
     core = 0.0  # scores and mixing, per token of a training sequence
     decode_core: float | None = 0.0  # the same for one decoded token
     cache_values: float | None = 0.0
+    # generate(cache_implementation="quantized"): keys and values of "dynamic"/"sliding_window" caches quantized, a
+    # fixed state ("recurrent": Performer) kept as it is
+    quantized_settings = []
+    for nbits in sorted(QUANTIZED_BITS, reverse=True):
+        try:
+            quantized_settings.append(quantized_cache_settings(config.head_dim, nbits))
+        except ValueError as error:  # e.g. 2 bits pack 4 codes a byte: head_dim must be a multiple of 4
+            notes.append(f"quantized cache: {error}")
+    quantized_cache = [0.0] * len(quantized_settings)
     unknown = []
     for layer, block in enumerate(schedule):
         family = families[layer].name
@@ -246,6 +269,15 @@ def summary(
         core += cost.forward_flops
         decode_core += cost.decode_flops
         cache_values += cost.cache_values
+        width = 2 * config.num_key_value_heads * config.head_dim
+        for index, settings in enumerate(quantized_settings):
+            if ATTENTION_FAMILIES[family].cache_layer in ("dynamic", "sliding_window"):
+                tokens = round(cost.cache_values / width)
+                quantized_cache[index] += quantized_cache_bytes(
+                    tokens, config.num_key_value_heads, config.head_dim, bytes_per_value, **settings
+                )
+            else:
+                quantized_cache[index] += cost.cache_values * bytes_per_value
         if cost.note and cost.note not in notes:
             notes.append(cost.note)
     forward["attention"] = projections + core
@@ -266,9 +298,15 @@ def summary(
         else:
             inference = forward["embeddings"] + projections + decode_core + forward["mlp"] + head_flops
         kv_bytes = None if cache_values is None else cache_values * bytes_per_value / seq_len
+        quantized_kv = None if cache_values is None else {
+            f"{settings['nbits']}-bit, group {settings['q_group_size']}, residual {DEFAULT_RESIDUAL_LENGTH}":
+            value / seq_len
+            for settings, value in zip(quantized_settings, quantized_cache)
+        }
     else:
         inference = total_forward
         kv_bytes = 0.0
+        quantized_kv = {}
     return ModelSummary(
         head=head,
         seq_len=seq_len,
@@ -283,6 +321,7 @@ def summary(
         kv_cache_bytes_per_token=kv_bytes,
         unknown_families=unknown,
         notes=notes,
+        quantized_kv_cache_bytes_per_token=quantized_kv,
     )
 
 

@@ -245,3 +245,21 @@ def test_crop_is_refused_clearly():
     layer, _, _ = filled_layer(10)
     with pytest.raises(ValueError, match="cannot take tokens back"):
         layer.crop(-2)
+
+
+def test_summary_reports_the_bytes_the_quantized_cache_holds():
+    from hf_xarch import summary
+
+    torch.manual_seed(0)
+    config = tiny_config(is_decoder=True, num_key_value_heads=2, max_position_embeddings=256)
+    model = XArchForCausalLM(config).eval()
+    report = summary(config, seq_len=170)
+    assert list(report.quantized_kv_cache_bytes_per_token) == [
+        "8-bit, group 8, residual 128", "4-bit, group 8, residual 128", "2-bit, group 8, residual 128"
+    ]
+    for nbits, per_token in zip(BITS, report.quantized_kv_cache_bytes_per_token.values()):
+        cache = XArchQuantizedCache(config, nbits=nbits)  # the defaults summary reports
+        decode(model, random_ids(1, 170, seed=7), cache, prefill=160)
+        assert cache.nbytes() == pytest.approx(per_token * 170)
+        assert per_token < report.kv_cache_bytes_per_token
+    assert summary(tiny_config(), seq_len=64).quantized_kv_cache_bytes_per_token == {}  # an encoder keeps no cache
