@@ -77,6 +77,9 @@ from .longformerize import longformerize  # noqa: E402
 # `hf_xarch.extend_context(model, 4)`: a RoPE/ALiBi model ready to fine-tune on 4x longer sequences
 from .context import extend_context  # noqa: E402
 
+# `hf_xarch.linearize(model)`: softmax -> linear attention keeping the weights; then `attention_transfer` (LoLCATs)
+from .linearize import attention_errors, attention_transfer, linearize  # noqa: E402
+
 __all__ = [
     "__version__",
     "XArchConfig",
@@ -100,4 +103,7 @@ __all__ = [
     "ModelSummary",
     "longformerize",
     "extend_context",
+    "linearize",
+    "attention_transfer",
+    "attention_errors",
 ]
