@@ -47,7 +47,7 @@ def test_bias_is_t5s_compute_bias(decoder):
                      has_relative_attention_bias=True)
     ours = T5RelativePositionBias(config)
     ours.relative_attention_bias.weight.data.copy_(t5.relative_attention_bias.weight.data)
-    length, hidden = 40, torch.zeros(1, 40, 32)
+    length, hidden = 100, torch.zeros(1, 100, 32)  # 100 x 100 distances: relative's lookup-table branch
     bias = ours(hidden, torch.arange(length)[None])
     assert isinstance(bias, ScoreBias) and bias.alibi_slopes is None
     assert torch.equal(bias.dense(), t5.compute_bias(length, length))
@@ -58,6 +58,18 @@ def test_bias_is_t5s_compute_bias(decoder):
     heads = torch.arange(4)[:, None, None]
     assert torch.equal(bias.at(torch.zeros(()).long(), heads, q, k), bias.dense()[0])
     assert torch.equal(bias.relative(k - q), bias.dense()[0])
+
+
+def test_gradient_of_a_large_tile_is_the_lookups():
+    """``relative`` on many distances (bucketed once per distinct distance) gives the table the gradient of looking
+    every entry up."""
+    table = torch.randn(8, 4, requires_grad=True)
+    distance = (torch.arange(90)[None, :] - torch.arange(70)[:, None]).float()
+    weights = torch.randn(4, 70, 90)
+    bias = T5RelativeBias(table, torch.zeros(1, 1), torch.zeros(1, 1), False, 8, 20)
+    (bias.relative(distance) * weights).sum().backward()
+    want = torch.zeros_like(table).index_put_((bias.bucket(distance),), weights.movedim(0, -1), accumulate=True)
+    torch.testing.assert_close(table.grad, want, rtol=1e-4, atol=1e-4)  # sums of thousands, in another order
 
 
 def test_bad_options_name_the_field():

@@ -80,7 +80,14 @@ class T5RelativeBias:
 
     def relative(self, distance: torch.Tensor) -> torch.Tensor:
         """(heads, *distance.shape) fp32: the bias of a key ``distance`` = key - query away."""
-        return self.table[self.bucket(distance)].float().movedim(-1, 0)
+        if torch.compiler.is_compiling() or distance.numel() <= 4096:
+            return self.table[self.bucket(distance)].float().movedim(-1, 0)
+        # a tile holds up to heads x block x N entries but at most 2N distinct distances: bucket those once (the
+        # logarithm is most of the cost) and gather each entry's value, 3x faster measured at N = 1024
+        distance = distance.round().long()
+        low, high = int(distance.min()), int(distance.max())
+        values = self.table[self.bucket(torch.arange(low, high + 1, device=distance.device))].float()
+        return values.t()[:, distance - low]
 
     def tile(self, queries: slice, keys: slice) -> torch.Tensor:
         """(batch or 1, heads, queries, keys) fp32."""
