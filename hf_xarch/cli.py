@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("hf_xarch.train.pretrain", "pretrain a causal or masked LM (recipe)"),
     "finetune": ("hf_xarch.train.finetune", "fine-tune for sequence/token classification, full or LoRA (recipe)"),
     "extend-context": ("hf_xarch.train.extend_context", "extend a RoPE model's context and fine-tune (recipe)"),
+    "linearize": ("hf_xarch.train.linearize", "softmax -> linear attention: attention transfer, then LoRA (recipe)"),
     "compare": ("hf_xarch.compare.recipe", "train several configurations at equal compute and compare them"),
     "vocab-sweep": ("hf_xarch.vocab.sweep", "sweep tokenizer algorithms and vocabulary sizes"),
     "summary": ("hf_xarch.summary", "parameters, FLOPs and KV-cache bytes of a config or saved model"),

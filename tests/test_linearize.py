@@ -83,3 +83,77 @@ def test_linearize_refuses_what_it_cannot_do():
     alibi = XArchForCausalLM(tiny_config(is_decoder=True, position_embedding_type="alibi"))
     with pytest.raises(ValueError, match="alibi"):
         linearize(alibi)
+
+
+# ---- the recipe -------------------------------------------------------------------------------------------------------
+RECIPE = ["data.max_bytes=120000", "tokenizer.vocab_size=300", "tokenizer.train_bytes=120000", "data.block_size=32",
+          "training.micro_batch_size=4", "evaluation.max_batches=2", "evaluation.final_max_batches=2",
+          "evaluation.batch_size=8", "logging.every_steps=1", "logging.progress_bar=false", "transfer.max_steps=4",
+          "training.max_steps=4", "checkpoint.every_steps=2", "window=8", "error_batches=1",
+          "schedule.warmup_steps=1", "base.max_steps=4", "base.block_size=32", "base.model.hidden_size=32",
+          "base.model.num_hidden_layers=2", "base.model.num_attention_heads=2", "base.model.intermediate_size=64",
+          "base.model.max_position_embeddings=64"]
+# runs the recipe and kills itself (SIGKILL) at the KILL_AT-th training step over both stages
+KILLED_RUN = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from hf_xarch.train.config import load_config
+from hf_xarch.train.linearize import DEFAULTS, OPEN_SECTIONS, run_linearize
+calls = []
+def kill(step, record):
+    calls.append(step)
+    if len(calls) == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+run_linearize(load_config(DEFAULTS, overrides=sys.argv[1:], open_sections=OPEN_SECTIONS), callbacks=[kill])
+"""
+
+
+def _recipe_cfg(*overrides):
+    from hf_xarch.train.config import load_config
+    from hf_xarch.train.linearize import DEFAULTS, OPEN_SECTIONS
+
+    return load_config(DEFAULTS, overrides=[*RECIPE, *overrides], open_sections=OPEN_SECTIONS)
+
+
+@pytest.mark.slow
+def test_recipe_runs_end_to_end_and_resumes_exactly_after_a_kill(tmp_path):
+    """Offline, tiny: the base is pretrained, linearized, transferred and LoRA-tuned; the saved model reloads (its card
+    says what it was linearized from); a run killed mid-transfer resumes both stages to the same weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_xarch.train.linearize import ROWS, run_linearize
+
+    whole = run_linearize(_recipe_cfg(f"output_dir={tmp_path / 'whole'}"))
+    folder = whole.output_dir
+    assert set(whole.table) == set(ROWS) and all("eval/bits_per_byte" in row for row in whole.table.values())
+    assert "Linearized from" in (folder / "README.md").read_text() and (folder / "linearize.md").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    assert {type(block.attention).family.name for block in reloaded.model.layers} == {"linear_sliding"}
+    ids = torch.randint(3, 300, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, whole.model(ids).logits)
+
+    killed_dir = tmp_path / "killed"
+    base = [f"base_model={folder / 'base'}", f"output_dir={killed_dir}"]  # the same base, not pretrained again
+    environment = {**os.environ, "KILL_AT": "3", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, *RECIPE, *base], check=False, env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (killed_dir / "model.safetensors").exists()
+    resumed = run_linearize(_recipe_cfg(*base))
+    for (name, tensor), (other, expected) in zip(resumed.model.state_dict().items(), whole.model.state_dict().items()):
+        assert name == other and torch.equal(tensor, expected), name
+
+
+def test_cli_refuses_a_bad_option_in_one_line(capsys):
+    from hf_xarch.cli import main
+
+    assert main(["linearize", "attention_type=performer", "output_dir=/nonexistent/x"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "attention_type='performer'" in error
