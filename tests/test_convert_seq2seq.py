@@ -99,3 +99,61 @@ def test_bart_final_logits_bias_is_refused_and_pre_norm_cannot_go_back():
     model = XArchForConditionalGeneration(tiny_config(is_encoder_decoder=True, decoder_start_token_id=1))
     with pytest.raises(ValueError, match="norm_position"):
         to_hf(model, "bart")
+
+
+# one depth for both stacks: transformers' own T5.generate sizes its cache by num_layers (fails with a deeper decoder)
+T5_SIZES = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, relative_attention_max_distance=12, dropout_rate=0.0,
+                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+T5_FLAVOURS = {
+    "original": {"feed_forward_proj": "relu"},  # d_model ** -0.5 before the tied head
+    "v1.1": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},  # no scaling
+}
+
+
+def tiny_t5(flavour: str, model_class=None, seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = (model_class or T5ForConditionalGeneration)(T5Config(**T5_SIZES, **T5_FLAVOURS[flavour])).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("flavour", sorted(T5_FLAVOURS))
+def test_t5_logits_generations_and_way_back_match(flavour, tmp_path):
+    t5 = tiny_t5(flavour)
+    assert t5.config.scale_decoder_outputs == (flavour == "original")
+    xarch = from_hf(t5)
+    assert xarch.config.position_embedding_type == "t5_relative"
+    ids, mask, target = inputs(pad_token_id=0)
+    target[:, 0] = 0
+    expected = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
+    torch.testing.assert_close(xarch(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits, expected,
+                               rtol=1e-4, atol=1e-4)
+    settings = dict(max_new_tokens=8, min_new_tokens=8)
+    for mode in ({"do_sample": False}, {"do_sample": False, "num_beams": 3, "num_return_sequences": 2}):
+        got = xarch.generate(ids, attention_mask=mask, **settings, **mode)
+        assert torch.equal(got, t5.generate(ids, attention_mask=mask, **settings, **mode)), mode
+    back = to_hf(xarch, "t5")
+    back.save_pretrained(tmp_path)  # transformers re-derives T5's output scaling at load: it must survive that
+    back = type(back).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits, expected,
+                               rtol=1e-4, atol=1e-4)
+    if flavour == "original":  # the same weights come back (the query scale to rounding)
+        for key, tensor in t5.state_dict().items():
+            torch.testing.assert_close(back.state_dict()[key], tensor, rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_t5_bare_model_matches():
+    from transformers import T5Model
+
+    t5 = tiny_t5("v1.1", T5Model)
+    xarch = from_hf(t5)
+    assert type(xarch) is XArchSeq2SeqModel
+    ids, mask, target = inputs(pad_token_id=0)
+    expected = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=target).last_hidden_state
+    got = xarch(input_ids=ids, attention_mask=mask, decoder_input_ids=target).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -21,5 +21,6 @@ from . import mistral  # noqa: E402, F401
 from . import distilbert  # noqa: E402, F401
 from . import qwen2  # noqa: E402, F401
 from . import roberta  # noqa: E402, F401
+from . import t5  # noqa: E402, F401
 
 __all__ = ["CONVERTERS", "Converter", "register_converter"]
