@@ -4,18 +4,17 @@ overrides mean what they say, and that the written summary follows the numbers."
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
 
 import pytest
 
-import hf_xarch.compare.recipe as recipe
-import hf_xarch.train.pretrain as pretrain
 from hf_xarch.cli import main as cli_main
+from hf_xarch.compare import recipe
 from hf_xarch.compare.recipe import budget_steps, check_config, parse_command_line, run_compare
 from hf_xarch.compare.report import summarize
+from hf_xarch.train import pretrain
 
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
         "model.intermediate_size=64", "model.max_position_embeddings=64", "data.max_bytes=120000",
@@ -26,6 +25,10 @@ TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attentio
         "logging.tensorboard=false", "logging.plot=false", "schedule.warmup_steps=2"]
 MODELS = "models={rope: {}, rope_again: {}, alibi: {position_embedding_type: alibi}, learned: " \
          "{position_embedding_type: learned, max_position_embeddings: 32}}"
+
+# the RoPE models extended 4x (16 -> 64 tokens) by position interpolation, fine-tuned one step of 4 x 64 tokens
+EXTENSION = ["extension.rope_types=[linear]", "extension.train_tokens=256"]
+BASES = {"rope", "rope_again", "alibi", "learned"}
 
 pytestmark = pytest.mark.one_thread
 
@@ -59,18 +62,19 @@ def compared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as monkeypatch:
         batches = batch_recorder(monkeypatch)
-        data = run_compare(tiny_cfg(folder))
+        data = run_compare(tiny_cfg(folder, *EXTENSION))
     return folder, data, batches
 
 
 @pytest.mark.slow
 def test_compare_writes_every_length_of_every_model(compared):
-    folder, data, _ = compared
+    folder, _, _ = compared
     saved = json.loads((folder / "results.json").read_text())
-    assert set(saved["models"]) == {"rope", "rope_again", "alibi", "learned"}
+    assert set(saved["models"]) == BASES | {"rope+linear", "rope_again+linear"}
     for name, entry in saved["models"].items():
         assert set(entry["bits_per_byte"]) == {"16", "32", "64"}, name
-        assert entry["train"]["steps"] == 640 // (4 * 16) and entry["train"]["tokens"] == 640
+        if name in BASES:
+            assert entry["train"]["steps"] == 640 // (4 * 16) and entry["train"]["tokens"] == 640
         assert entry["parameters"] > 0 and entry["train_step_peak_bytes"] > 0
         assert entry["decode"]["decode_tokens"] == 4 and entry["decode"]["cache_bytes_after_prompt"] > 0
     # a learned table of 32 positions cannot run 64 tokens: recorded as not measured, with the reason, not guessed
@@ -82,7 +86,7 @@ def test_compare_writes_every_length_of_every_model(compared):
     assert (saved["models"]["alibi"]["decode"]["cache_bytes_after_prompt"]
             == saved["models"]["rope"]["decode"]["cache_bytes_after_prompt"])
     rows = list(csv.DictReader((folder / "results.csv").open()))
-    assert len(rows) == 4 * 3
+    assert len(rows) == 6 * 3
     report = (folder / "report.md").read_text()
     assert all(line in report for line in saved["summary"])
     assert all((folder / "plots" / f"{name}.png").is_file() for name in (
@@ -95,9 +99,21 @@ def test_identical_configurations_give_identical_results_on_the_same_batches(com
     models = data["models"]
     assert models["rope"]["bits_per_byte"] == models["rope_again"]["bits_per_byte"]
     assert models["rope"]["train"]["final_loss"] == models["rope_again"]["train"]["final_loss"]
-    streams = list(batches.values())
-    assert len(streams) == 4 and len(streams[0]) == 640 // (4 * 16)
-    assert all(stream == streams[0] for stream in streams)  # every model saw the same batches in the same order
+    streams = list(batches.values())  # in training order: the four models, then the two extensions
+    assert len(streams) == 6 and len(streams[0]) == 640 // (4 * 16)
+    assert all(stream == streams[0] for stream in streams[:4])  # every model saw the same batches in the same order
+    assert streams[4] == streams[5] and streams[4] != streams[0]
+
+
+@pytest.mark.slow
+def test_extension_step_extends_rope_models_and_counts_their_base_training(compared):
+    folder, data, _ = compared
+    entry = data["models"]["rope+linear"]
+    assert entry["extends"] == {"model": "rope", "rope_type": "linear", "new_length": 64}
+    assert entry["trained_length"] == 64 and entry["train"]["tokens"] == 256 and entry["train"]["base_tokens"] == 640
+    config = json.loads((folder / "models" / "rope+linear" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 4
+    assert not any(name.startswith(("alibi+", "learned+")) for name in data["models"])  # RoPE models only
 
 
 @pytest.mark.slow
@@ -116,7 +132,7 @@ def test_a_rerun_skips_finished_models_and_a_killed_one_resumes(compared, monkey
         return result
 
     monkeypatch.setattr(recipe, "run_pretrain", spy)
-    again = run_compare(tiny_cfg(folder))
+    again = run_compare(tiny_cfg(folder, *EXTENSION))
     assert ran == [str(folder / "models" / "alibi")]
     assert again["models"]["alibi"]["bits_per_byte"] == data["models"]["alibi"]["bits_per_byte"]
     assert again["models"]["rope"] == data["models"]["rope"]
@@ -126,7 +142,7 @@ def test_a_rerun_skips_finished_models_and_a_killed_one_resumes(compared, monkey
 def test_a_rerun_with_other_settings_is_refused(compared):
     folder, _, _ = compared
     with pytest.raises(ValueError, match="models.rope: .* was measured with other settings"):
-        run_compare(tiny_cfg(folder, "optimizer.lr=0.01"))
+        run_compare(tiny_cfg(folder, *EXTENSION, "optimizer.lr=0.01"))
 
 
 def test_equal_flops_budget_gives_each_model_the_tokens_its_cost_allows():

@@ -79,6 +79,7 @@ DEFAULTS = {
         "rope_types": [],  # e.g. [linear, yarn, none]: extend every RoPE model (none: fine-tune without rescaling)
         "factor": 0.0,  # new length = factor x data.block_size; 0: the longest evaluation length
         "train_tokens": 50_000,  # fine-tuning tokens at the new length
+        "warmup_steps": 0,  # the fine-tuning's warm-up (its schedule is `schedule.name` over its own steps)
         "rope_kwargs": {},  # rope_type -> its extra rope_parameters, e.g. {yarn: {beta_fast: 32}}
     },
 }
@@ -181,6 +182,7 @@ def check_config(cfg) -> None:
             raise ValueError(f"extension: the new length {extension_length(cfg)} is not longer than data.block_size="
                              f"{cfg.data.block_size}; raise extension.factor or the evaluation lengths")
         _positive_int(cfg.extension.train_tokens, "extension.train_tokens")
+        _positive_int(cfg.extension.warmup_steps, "extension.warmup_steps", 0)
         if not any(fields.get("position_embedding_type") == "rope" for fields in model_fields(cfg).values()):
             raise ValueError("extension.rope_types is set, but no model has position_embedding_type='rope'")
         clash = [f"{name}+{kind}" for name in cfg.models for kind in cfg.extension.rope_types
@@ -261,7 +263,9 @@ def finished(folder: Path, digest: str, name: str) -> dict | None:
     return saved
 
 
-def pretrain_config(cfg, folder: Path, fields: dict, steps: int, block_size: int, tokenizer_dir: Path) -> Config:
+def pretrain_config(cfg, folder: Path, fields: dict, steps: int, block_size: int, tokenizer_dir: Path,
+                    warmup_steps: int | None = None) -> Config:
+    """The pretrain recipe's config for one model (`warmup_steps`: the fine-tuning's own, for an extension)."""
     values = {
         "seed": cfg.seed,
         "task": "clm",
@@ -270,7 +274,7 @@ def pretrain_config(cfg, folder: Path, fields: dict, steps: int, block_size: int
         "data": {**cfg.data.to_dict(), "block_size": block_size},
         "tokenizer": {**cfg.tokenizer.to_dict(), "algorithm": "bpe", "path": str(tokenizer_dir)},
         "optimizer": cfg.optimizer.to_dict(),
-        "schedule": cfg.schedule.to_dict(),
+        "schedule": {**cfg.schedule.to_dict(), **({} if warmup_steps is None else {"warmup_steps": warmup_steps})},
         "training": {**cfg.training.to_dict(), "max_steps": steps},
         # compare scores every length itself; the recipe's own final figure (in the model's folder) is a small sample
         "evaluation": {"every_steps": 0, "batch_size": cfg.evaluation.batch_size, "max_batches": 1,
@@ -364,8 +368,10 @@ def run_compare(cfg: Config) -> dict:
     todo = []
     for plan in plans:
         name, fields, steps, _, block_size, base, rope_type = plan
-        digest = settings_digest(cfg, fields, {"steps": steps, "block_size": block_size, "base": base,
-                                                "rope_type": rope_type, "extension": cfg.extension.to_dict()})
+        extra = {"steps": steps, "block_size": block_size}
+        if base is not None:  # the extension's settings change only the extended models
+            extra.update(base=base, rope_type=rope_type, extension=cfg.extension.to_dict())
+        digest = settings_digest(cfg, fields, extra)
         done = finished(output_dir / "models" / name, digest, name)
         if done is not None:
             results[name] = done
@@ -378,7 +384,7 @@ def run_compare(cfg: Config) -> dict:
         folder = output_dir / "models" / name
         model = None
         if base is not None:
-            model = extended_model(output_dir / "models" / base, new_length / train_length, rope_type,
+            model = extended_model(output_dir / "models" / base, new_length, rope_type,
                                    cfg.extension.rope_kwargs.get(rope_type, {}))
         tokens_per_step = rows_per_step * block_size
 
@@ -386,7 +392,8 @@ def run_compare(cfg: Config) -> dict:
             if overall is not None:
                 overall.update(tokens)
 
-        pretrain_cfg = pretrain_config(cfg, folder, fields, steps, block_size, output_dir / "tokenizer")
+        pretrain_cfg = pretrain_config(cfg, folder, fields, steps, block_size, output_dir / "tokenizer",
+                                       cfg.extension.warmup_steps if base is not None else None)
         trained = run_pretrain(pretrain_cfg, callbacks=[advance], model=model, tokenizer=tokenizer,
                                description=f"{name} ({steps} steps)")
         entry = {
@@ -417,20 +424,24 @@ def run_compare(cfg: Config) -> dict:
     return data
 
 
-def extended_model(folder: Path, factor: float, rope_type: str, rope_kwargs):
-    """The trained model in `folder`, extended for `factor` x its length (``none``: as it is, to fine-tune at the
-    longer length without rescaling its RoPE)."""
+def extended_model(folder: Path, new_length: int, rope_type: str, rope_kwargs):
+    """The trained model in `folder`, extended from the length it was trained at to `new_length` (``none``: as it is,
+    to fine-tune at the longer length without rescaling its RoPE)."""
     from transformers import AutoModelForCausalLM
 
     from ..context import extend_context
+    from ..train.pretrain import TRAINED_LENGTH_FIELD
 
     model = AutoModelForCausalLM.from_pretrained(str(folder))
+    trained = getattr(model.config, TRAINED_LENGTH_FIELD)
     if rope_type == NO_RESCALING:
-        model.config.max_position_embeddings = max(model.config.max_position_embeddings,
-                                                   math.ceil(model.config.max_position_embeddings * factor))
+        model.config.max_position_embeddings = max(model.config.max_position_embeddings, new_length)
         return model
+    # the scaling starts from the trained length, not from a position table built larger (YaRN reads it as the
+    # original context; position interpolation divides positions by new_length / trained)
+    model.config.max_position_embeddings = trained
     kwargs = rope_kwargs.to_dict() if isinstance(rope_kwargs, Config) else dict(rope_kwargs)
-    return extend_context(model, factor, rope_type=rope_type, **kwargs)
+    return extend_context(model, new_length / trained, rope_type=rope_type, **kwargs)
 
 
 def _overall_bar(cfg, accelerator, total_tokens: int):

@@ -28,12 +28,15 @@ class Criterion:
     lower_is_better: bool
     unit: str = ""
     digits: int = 4
+    notes: dict | None = None  # model -> a remark shown beside its value (e.g. a shorter prompt)
 
     def ranked(self) -> list[tuple[str, float]]:
         return sorted(self.values.items(), key=lambda item: item[1] if self.lower_is_better else -item[1])
 
     def format(self, value: float) -> str:
-        return f"{value:,}{self.unit}" if isinstance(value, int) else f"{value:,.{self.digits}g}{self.unit}"
+        if isinstance(value, int) or abs(value) >= 10 ** self.digits:
+            return f"{value:,.0f}{self.unit}"
+        return f"{value:.{self.digits}g}{self.unit}"
 
 
 def bits_per_byte(entry: dict, length: int) -> float | None:
@@ -57,7 +60,8 @@ def criteria(results: dict, train_length: int, lengths: list[int]) -> list[Crite
         base, far = bits_per_byte(entry, train_length), bits_per_byte(entry, longest)
         return None if base is None or far is None else far / base - 1
 
-    decode = next((e["decode"] for e in results.values() if "decode" in e), None)
+    decode = max((e["decode"] for e in results.values() if "decode" in e), key=lambda d: d["prompt_tokens"],
+                 default=None)
     found = [
         Criterion(f"held-out bits per byte at {train_length} tokens (the training length)",
                   _collect(results, lambda e: bits_per_byte(e, train_length)), True),
@@ -65,19 +69,22 @@ def criteria(results: dict, train_length: int, lengths: list[int]) -> list[Crite
                   _collect(results, lambda e: bits_per_byte(e, longest)), True),
         Criterion(f"extrapolation: change of bits per byte from {train_length} to {longest} tokens",
                   _collect(results, change), True),
-        Criterion("training speed (tokens/s, median over log windows)",
+        Criterion("training speed at each model's training length (tokens/s, median over log windows)",
                   _collect(results, lambda e: e["train"]["tokens_per_second"]), False, " tok/s", 3),
-        Criterion("training-step peak memory (one micro-batch forward + backward, MiB)",
+        Criterion("training-step peak memory at each model's training length (one micro-batch forward + backward, MiB)",
                   _collect(results, lambda e: _mib(e.get("train_step_peak_bytes"))), True, " MiB", 3),
     ]
     if decode is not None:
+        # a bounded position table may have forced a shorter prompt: such values are marked, not hidden
+        shorter = {name: f"after {e['decode']['prompt_tokens']} tokens" for name, e in results.items()
+                   if "decode" in e and e["decode"]["prompt_tokens"] != decode["prompt_tokens"]}
         found += [
             Criterion(f"decode speed after {decode['prompt_tokens']} tokens (tokens/s)",
                       _collect(results, lambda e: e.get("decode", {}).get("decode_tokens_per_second")), False,
-                      " tok/s", 3),
+                      " tok/s", 3, shorter),
             Criterion(f"cache memory after {decode['prompt_tokens']} tokens (MiB)",
                       _collect(results, lambda e: _mib(e.get("decode", {}).get("cache_bytes_after_prompt"))), True,
-                      " MiB", 3),
+                      " MiB", 3, shorter),
         ]
     found.append(Criterion("parameters", _collect(results, lambda e: e.get("parameters")), True, "", 4))
     return found
@@ -99,10 +106,15 @@ def summarize(results: dict, train_length: int, lengths: list[int], budget: dict
         if not ranked:
             continue
         better = "lower" if criterion.lower_is_better else "higher"
-        fmt = _percent if criterion.title.startswith("extrapolation") else criterion.format
-        order = f"{ranked[0][0]} {fmt(ranked[0][1])}"
+        plain = _percent if criterion.title.startswith("extrapolation") else criterion.format
+
+        def fmt(value, name, plain=plain, notes=criterion.notes or {}):
+            return plain(value) + (f" ({notes[name]})" if name in notes else "")
+
+        order = f"{ranked[0][0]} {fmt(ranked[0][1], ranked[0][0])}"
         for (_, previous), (name, value) in itertools.pairwise(ranked):
-            order += (" = " if value == previous else " < " if criterion.lower_is_better else " > ") + f"{name} {fmt(value)}"
+            order += (" = " if value == previous else " < " if criterion.lower_is_better else " > ")
+            order += f"{name} {fmt(value, name)}"
         missing = sorted(set(results) - set(criterion.values))
         lines.append(f"{criterion.title[0].upper()}{criterion.title[1:]} ({better} is better): {order}."
                      + (f" Not measured: {', '.join(missing)}." if missing else ""))
@@ -153,8 +165,9 @@ def caveats(results: dict, train_length: int, lengths: list[int], budget: dict, 
         lines.append(f"Scale: {min(parameters.values()):,} to {max(parameters.values()):,} parameters, at most "
                      f"{max(tokens.values()):,} training tokens; rankings at this scale need not hold for larger "
                      "models or longer training.")
-    lines.append(f"Speeds and memory are single measurements on {device} with {torch.get_num_threads()} threads; this "
-                 "report does not measure their run-to-run noise, and other load on the machine slows them.")
+    threads = torch.get_num_threads()
+    lines.append(f"Speeds and memory are single measurements on {device} with {threads} thread{'s' * (threads != 1)}; "
+                 "this report does not measure their run-to-run noise, and other load on the machine slows them.")
     for name, entry in results.items():
         skipped = [length for length, figures in entry["lengths"].items() if "skipped" in figures]
         if skipped:
@@ -224,7 +237,7 @@ def _cell(value, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}g}"
+        return f"{value:,.0f}" if 10**digits <= abs(value) < 1e9 else f"{value:.{digits}g}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -238,11 +251,11 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 def markdown(data: dict, plots: dict, plot_note: str | None) -> str:
     models, lengths = data["models"], [str(n) for n in data["evaluation_lengths"]]
     length = data["training_length"]
-    budget = ", ".join(f"{key} = {value:,.4g}" for key, value in data["budget"].items() if value is not None)
+    budget = ", ".join(f"{key} = {_cell(value)}" for key, value in data["budget"].items() if value is not None)
     lines = [f"# hf-xarch compare: {len(models)} models", "",
              (f"Training length {length} tokens; budget {budget} per model; seed {data['seed']}; "
               f"{data['environment']['device']}, {data['environment']['processes']} process(es), "
-              f"{data['environment']['threads']} threads, torch {data['environment']['torch']}."), "",
+              f"{data['environment']['threads']} torch thread(s), torch {data['environment']['torch']}."), "",
              "## Summary", "", *[f"- {line}" for line in data["summary"]], "",
              "## Held-out bits per byte by evaluation length", ""]
     lines += _table(["model", "trained at", *lengths],
