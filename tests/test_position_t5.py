@@ -178,23 +178,30 @@ def test_band_builds_the_bias_in_strips(monkeypatch):
     assert model.layer_positions.relative_attention_bias.weight.grad is not None
 
 
-def test_native_kernel_takes_the_table_in_inference():
-    """Without a gradient to compute, the C kernel adds T5's band and extra-key bias as the torch path does; with
-    one, the torch path runs and returns the table's gradient."""
+@pytest.mark.parametrize("extra", ["sinks", "global"])
+def test_native_kernel_gives_the_tables_gradient(extra):
+    """The C kernel adds T5's band and extra-key bias and returns their gradients (per head, dilated heads too) as
+    the torch path does."""
+    if not kernels.native_supported(torch.zeros(1, 1, 4, 8)):
+        pytest.skip("no native kernel here (no C compiler or no MKL)")
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 70, 8) for _ in range(3))
-    table = torch.randn(8, 4, requires_grad=True)
     positions = torch.arange(70.0)[None]
-    bias = T5RelativeBias(table, positions, positions, True, 8, 20)
-    sinks = torch.zeros(2, 70, dtype=torch.bool)
-    sinks[:, :2] = True
-    args = (q, k, v, 6, 0, [1, 1, 2, 2], 0.3, None, None, sinks)
-    with torch.no_grad():
-        fast = kernels.banded_attention(*args, relative_bias=bias.relative)
-        plain = kernels.banded_attention(*args, relative_bias=bias.relative, native=False)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
-    kernels.banded_attention(*args, relative_bias=bias.relative).sum().backward()
-    assert table.grad is not None and table.grad.abs().sum() > 0
+    flags = torch.zeros(2, 70, dtype=torch.bool)
+    flags[:, :2] = True
+    flags[1, 40] = extra == "global"
+    global_keys, sink_keys = (flags, None) if extra == "global" else (None, flags)
+    args = (q, k, v, 6, 0 if extra == "sinks" else 6, [1, 1, 2, 2], 0.3, None, global_keys, sink_keys)
+    results = []
+    for native in (True, False):
+        table = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        bias = T5RelativeBias(table, positions, positions, extra == "global", 8, 20)
+        out = kernels.banded_attention(*args, relative_bias=bias.relative, native=native)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        results.append((out.detach(), table.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    assert results[0][1].abs().sum() > 0
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-4)
 
 
 def test_full_attention_flex_path_takes_the_bias():

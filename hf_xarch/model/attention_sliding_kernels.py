@@ -17,7 +17,9 @@ Global tokens' *own* rows (they attend to every token) are full attention and li
 
 - ``dense_sliding_attention``: the N×N reference (and the decode path, where N×window is small).
 - ``banded_attention``: blocks of ``block`` queries against their window of ``block + left + right`` keys, with the
-  global keys and sinks appended to every window. A custom autograd function keeps only q, k, v (flash-attention
+  global keys and sinks appended to every window. A score bias of the distance (ALiBi, T5's buckets) comes in as
+  one (block x window) strip per head and one (query x extra key) bias, and both backwards return their gradients
+  (T5's table is learned). A custom autograd function keeps only q, k, v (flash-attention
   style: the backward recomputes each block's scores), so time and memory grow like N·w. Dilation ``d`` is turned
   into ``d`` interleaved undilated sequences (slot ``i`` belongs to sequence ``i mod d``), so the kernel never
   computes the ``d-1`` of every ``d`` keys a dilated window skips. On CPU in float32 it runs the fused C kernel
@@ -416,9 +418,11 @@ def _(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, drop
 def native_banded_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor,
     key_bias: torch.Tensor, band_bias: torch.Tensor, extra_bias: torch.Tensor, row_max: torch.Tensor,
-    row_inv_sum: torch.Tensor, block: int, left: int, scale: float, dropout_p: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of ``native_banded_attention``'s output for q, k, v, ek and ev."""
+    row_inv_sum: torch.Tensor, block: int, left: int, scale: float, dropout_p: float, seed: int, bias_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``native_banded_attention``'s output for q, k, v, ek and ev, and with ``bias_grads`` those
+    of a learned band and extra bias (T5's table) per (batch row, head): (B, H, block, span) and (B, H, N, G), which
+    the caller sums to the biases' shapes (empty tensors without)."""
     batch, heads = q.shape[:2]
     geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed)
     # A gradient whose rows BLAS cannot take (the broadcast one of a .sum(), a strided view) is gathered block by
@@ -428,10 +432,15 @@ def native_banded_attention_backward(
     dk, dv = torch.empty_like(k), torch.empty_like(v)  # the kernel zeroes each row when a window first reaches it
     prefault(dq, dk, dv)
     dek, dev = torch.zeros_like(geometry.ek), torch.zeros_like(geometry.ev)
+    # one buffer per (batch row, head): the threads run heads of different rows at once, which share a band bias
+    d_band = q.new_zeros((batch, heads, *band_bias.shape[1:]) if bias_grads else (0,))
+    d_extra = q.new_empty((batch, heads, *extra_bias.shape[2:]) if bias_grads else (0,))
     library = native_kernel()
 
     def head(b, h, work):
         args = geometry.head(b, h, work, backward=True)
+        if bias_grads:
+            args.grad_band_bias, args.grad_extra_bias = pointer(d_band[b, h]), pointer(d_extra[b, h])
         args.row_max, args.row_inv_sum = row_max[b, h].data_ptr(), row_inv_sum[b, h].data_ptr()
         args.grad_scores = work.get("grad_scores", (geometry.scratch,)).data_ptr()
         rows = grad_out[b, h]
@@ -447,15 +456,18 @@ def native_banded_attention_backward(
             raise RuntimeError("the native banded kernel has no BLAS")
 
     run_heads(head, batch, heads, q, _Workspace)
-    return dq, dk, dv, dek, dev
+    return dq, dk, dv, dek, dev, d_band, d_extra
 
 
 @native_banded_attention_backward.register_fake
 def _(grad_out, q, k, v, ek, ev, key_bias, band_bias, extra_bias, row_max, row_inv_sum, block, left, scale,
-      dropout_p, seed):
+      dropout_p, seed, bias_grads):
     extra = torch.contiguous_format  # the real one's dek, dev are zeros like ek.contiguous(), ev.contiguous()
+    batch, heads = q.shape[:2]
+    d_band = q.new_empty((batch, heads, *band_bias.shape[1:]) if bias_grads else (0,))
+    d_extra = q.new_empty((batch, heads, *extra_bias.shape[2:]) if bias_grads else (0,))
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(ek, memory_format=extra),
-            torch.empty_like(ev, memory_format=extra))
+            torch.empty_like(ev, memory_format=extra), d_band, d_extra)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -467,8 +479,14 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _native_banded_backward(ctx, grad_out, _grad_row_max, _grad_row_inv_sum):
-    grads = native_banded_attention_backward(grad_out, *ctx.saved_tensors, *ctx.settings)
-    return (*grads, None, None, None, None, None, None, None, None)
+    band_bias, extra_bias = ctx.saved_tensors[6:8]
+    bias_grads = ctx.needs_input_grad[6] or ctx.needs_input_grad[7]
+    *grads, d_band, d_extra = native_banded_attention_backward(grad_out, *ctx.saved_tensors, *ctx.settings, bias_grads)
+    d_band_bias = d_extra_bias = None
+    if bias_grads:  # per (batch row, head) -> the biases' shapes (a bias shared by the heads sums theirs)
+        d_band_bias = d_band.sum(0) if band_bias.shape[0] > 1 else d_band.sum((0, 1))[None]
+        d_extra_bias = d_extra if extra_bias.shape[1] > 1 else d_extra.sum(1, keepdim=True)
+    return (*grads, None, d_band_bias, d_extra_bias, None, None, None, None, None)
 
 
 native_banded_attention.register_autograd(_native_banded_backward, setup_context=_save_for_backward)
@@ -702,11 +720,8 @@ def banded_attention(
             eb = query.new_zeros(rows_b, 1, nd, 0)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
         args = (q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, block, left, float(scaling), float(dropout), seed)
-        # The C kernel adds any band and extra bias it is given (ALiBi's, T5's), but returns no gradient for them: a
-        # learned bias (T5's table) that needs one trains through the torch path, whose backward returns it.
-        learned = torch.is_grad_enabled() and (band_bias.requires_grad or eb.requires_grad)
-        use_native = native and not learned and native_supported(q_d)
-        result = native_banded_attention(*args)[0] if use_native else _BandedCore.apply(*args)
+        # both paths add any band and extra bias (ALiBi's, T5's) and return its gradient where one is learned
+        result = native_banded_attention(*args)[0] if native and native_supported(q_d) else _BandedCore.apply(*args)
         result = _undilate(result, d, n)
         if out is None:
             return result

@@ -126,6 +126,9 @@ typedef struct {
     float *grad_out_block;   /* backward: null where grad_out's rows suit BLAS (unit column stride, rows at least
                                 dim apart); else scratch, (block, dim), that each block's rows are gathered into,
                                 instead of a dense copy of the whole gradient */
+    float *grad_band_bias;   /* backward: null, or (block, span) accumulated (zeroed by the caller): the gradient of
+                                a learned band_bias (T5's table), the scores' gradient summed over the blocks */
+    float *grad_extra_bias;  /* backward: null, or (n, extra) written: the gradient of extra_bias */
 } Head;
 
 /* Block c: its queries q0 ... q0 + rows - 1, and the keys lo ... hi - 1 of its window that lie in the sequence,
@@ -394,6 +397,12 @@ int xarch_banded_backward(Head *h) {
 #pragma omp simd
             for (int64_t j = 0; j < ld; j++) dprow[j] = prow[j] * (dprow[j] - dot);
             if (h->dropout > 0) apply_dropout(h, b.q0 + r, b.q0 - h->left, prow); /* dV takes the kept ones */
+            if (h->grad_band_bias) { /* a bias added to the scores has the scores' gradient */
+                float *gb = h->grad_band_bias + r * span;
+#pragma omp simd
+                for (int64_t j = 0; j < span; j++) gb[j] += dprow[j];
+            }
+            if (h->grad_extra_bias) memcpy(h->grad_extra_bias + (b.q0 + r) * g, dprow + span, sizeof(float) * g);
         }
         float *dq = h->grad_q + b.q0 * h->grad_q_stride;
         gemm('N', 'N', b.rows, dim, w, scale, dp + b.j0, ld, h->k + b.lo * h->k_stride, h->k_stride, 0.f, dq,

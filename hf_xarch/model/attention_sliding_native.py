@@ -77,6 +77,7 @@ class Head(ctypes.Structure):
         ("grad_k_stride", ctypes.c_int64), ("grad_v_stride", ctypes.c_int64),
         ("grad_ek", ctypes.c_void_p), ("grad_ev", ctypes.c_void_p),
         ("grad_out_col_stride", ctypes.c_int64), ("grad_out_block", ctypes.c_void_p),
+        ("grad_band_bias", ctypes.c_void_p), ("grad_extra_bias", ctypes.c_void_p),
     ]
 
 
