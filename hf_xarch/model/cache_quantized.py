@@ -9,7 +9,7 @@ What the cache holds, per layer:
   gets its own range; values do not, and the attention output mixes them per token), asymmetric min/max ranges at
   ``nbits`` in {8, 4, 2}: keys in groups of ``q_group_size`` tokens per channel, values in groups of ``q_group_size``
   channels per token (it must divide ``head_dim``);
-- **packed codes**: ``8 // nbits`` codes per ``uint8``, plus one scale and one minimum per group in the model's dtype,
+- **packed codes**: ``8 // nbits`` codes per ``uint8`` (planar: see ``pack_codes``), plus one scale and one minimum per group in the model's dtype,
   so the cache really holds about ``nbits + 2 · 16 / q_group_size`` bits per element (fp16/bf16 scales);
 - **a full-precision residual**: the most recent ``residual_length`` tokens (and the tokens of a group not yet
   complete) stay as they came; whenever the residual holds ``residual_length + q_group_size`` tokens, its oldest
@@ -90,21 +90,25 @@ def quantized_cache_bytes(
 
 # ---- packing and quantization --------------------------------------------------------------------------------------
 def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
-    """(..., D) uint8 codes < 2**nbits -> (..., D * nbits / 8) uint8, ``8 // nbits`` codes per byte (lowest first)."""
+    """(..., D) uint8 codes < 2**nbits -> (..., D * nbits / 8) uint8: ``k = 8 // nbits`` codes per byte, planar (byte j
+    holds codes j, j + D/k, j + 2D/k, ... from the lowest bits up), so unpacking is k contiguous slices, not an
+    interleave (a strided write per code, several times slower on CPU)."""
     per_byte = 8 // nbits
     if per_byte == 1:
         return codes
-    codes = codes.view(*codes.shape[:-1], -1, per_byte)
-    shifts = torch.arange(0, 8, nbits, dtype=torch.uint8, device=codes.device)
-    return (codes << shifts).sum(-1, dtype=torch.uint8)
+    planes = codes.chunk(per_byte, dim=-1)
+    packed = planes[0].clone()
+    for index, plane in enumerate(planes[1:], start=1):
+        packed |= plane << (index * nbits)
+    return packed
 
 
 def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     """The inverse of ``pack_codes``: (..., D * nbits / 8) uint8 -> (..., D) uint8."""
     if nbits == 8:
         return packed
-    shifts = torch.arange(0, 8, nbits, dtype=torch.uint8, device=packed.device)
-    return ((packed[..., None] >> shifts) & (2**nbits - 1)).flatten(-2)
+    mask = 2**nbits - 1
+    return torch.cat([(packed >> shift) & mask for shift in range(0, 8, nbits)], dim=-1)
 
 
 @dataclass
