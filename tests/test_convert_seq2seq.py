@@ -157,3 +157,45 @@ def test_t5_bare_model_matches():
     expected = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=target).last_hidden_state
     got = xarch(input_ids=ids, attention_mask=mask, decoder_input_ids=target).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+LED_SIZES = dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_encoder_position_embeddings=64,
+                 max_decoder_position_embeddings=24, attention_window=[4, 6], dropout=0.0, attention_dropout=0.0)
+
+
+def tiny_led(seed: int = 0):
+    from transformers import LEDConfig, LEDForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LEDForConditionalGeneration(LEDConfig(**LED_SIZES)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+        model.final_logits_bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_led_with_global_tokens_matches(implementation):
+    """LED pads the 10-token sources to its window multiple inside; XArch takes them as they are. Global tokens on
+    the first token of each row and on one more of the first row."""
+    led = tiny_led()
+    xarch = from_hf(led)
+    assert xarch.config.max_decoder_position_embeddings == 24
+    xarch.set_attn_implementation(implementation)  # eager: the dense reference; sdpa: the banded kernel
+    ids, mask, target = inputs()
+    global_mask = torch.zeros_like(ids)
+    global_mask[:, 0] = 1
+    global_mask[0, 5] = 1
+    kwargs = dict(input_ids=ids, attention_mask=mask, global_attention_mask=global_mask)
+    expected = led(**kwargs, decoder_input_ids=target).logits
+    torch.testing.assert_close(xarch(**kwargs, decoder_input_ids=target).logits, expected, rtol=1e-4, atol=1e-4)
+    settings = dict(max_new_tokens=6, min_new_tokens=6)
+    for mode in ({"do_sample": False}, {"do_sample": False, "num_beams": 3}):
+        assert torch.equal(xarch.generate(**kwargs, **settings, **mode), led.generate(**kwargs, **settings, **mode))
+    xarch.set_attn_implementation("eager")  # transformers' LED has no other implementation
+    back = to_hf(xarch, "led")
+    torch.testing.assert_close(back(**kwargs, decoder_input_ids=target).logits, expected, rtol=1e-4, atol=1e-4)
+    for key, tensor in led.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], tensor, rtol=0, atol=0, msg=key)

@@ -15,6 +15,7 @@ from . import big_bird  # noqa: E402, F401
 from . import bert  # noqa: E402, F401
 from . import bloom  # noqa: E402, F401
 from . import gpt2  # noqa: E402, F401
+from . import led  # noqa: E402, F401
 from . import llama  # noqa: E402, F401
 from . import longformer  # noqa: E402, F401
 from . import mistral  # noqa: E402, F401

@@ -64,8 +64,8 @@ FIELDS = ConfigTable(
 DECODER_TWINS = {"decoder_attention_heads": "encoder_attention_heads", "decoder_ffn_dim": "encoder_ffn_dim"}
 
 
-def layer_rows(stack: str, hf_names: dict[str, str]) -> list[tuple[str, str]]:
-    return [(f"model.{stack}.layers.{{i}}.{hf}.{{p}}", f"model.{stack}.layers.{{i}}.{xarch}.{{p}}")
+def layer_rows(stack: str, hf_names: dict[str, str], prefix: str = "model.") -> list[tuple[str, str]]:
+    return [(f"{prefix}{stack}.layers.{{i}}.{hf}.{{p}}", f"model.{stack}.layers.{{i}}.{xarch}.{{p}}")
             for hf, xarch in hf_names.items()]
 
 
@@ -74,6 +74,8 @@ SELF_ATTENTION = {
     "self_attn.k_proj": "attention.k_proj",
     "self_attn.v_proj": "attention.v_proj",
     "self_attn.out_proj": "attention.o_proj",
+}
+FEED_FORWARD = {
     "self_attn_layer_norm": "attention_norm",
     "fc1": "mlp.up_proj",
     "fc2": "mlp.down_proj",
@@ -86,81 +88,110 @@ CROSS_ATTENTION = {
     "encoder_attn.out_proj": "cross_attention.o_proj",
     "encoder_attn_layer_norm": "cross_attention_norm",
 }
-# (transformers key, XArch key), head-model layout; `{i}` is the layer, `{p}` weight or bias
-TABLE = [
-    *[
-        row
-        for stack in ("encoder", "decoder")
-        for row in (
-            (f"model.{stack}.embed_tokens.weight", f"model.{stack}.embeddings.word_embeddings.weight"),
-            (f"model.{stack}.embed_positions.weight", f"model.{stack}.embeddings.position_embeddings.weight"),
-            (f"model.{stack}.layernorm_embedding.{{p}}", f"model.{stack}.embeddings.norm.{{p}}"),
-        )
-    ],
-    *layer_rows("encoder", SELF_ATTENTION),
-    *layer_rows("decoder", {**SELF_ATTENTION, **CROSS_ATTENTION}),
-    ("lm_head.weight", "lm_head.weight"),
-]
-SHARED = "model.shared.weight"  # BART's own name of the token table the stacks and the head share
+
+
+def weight_table(prefix: str, encoder_attention: dict[str, str]) -> list[tuple[str, str]]:
+    """(transformers key, XArch key) of a BART-shaped model under ``prefix`` (``model.``, LED's ``led.``) whose
+    encoder's self-attention has the names ``encoder_attention``; ``{i}`` is the layer, ``{p}`` weight or bias."""
+    return [
+        *[
+            row
+            for stack in ("encoder", "decoder")
+            for row in (
+                (f"{prefix}{stack}.embed_tokens.weight", f"model.{stack}.embeddings.word_embeddings.weight"),
+                (f"{prefix}{stack}.embed_positions.weight", f"model.{stack}.embeddings.position_embeddings.weight"),
+                (f"{prefix}{stack}.layernorm_embedding.{{p}}", f"model.{stack}.embeddings.norm.{{p}}"),
+            )
+        ],
+        *layer_rows("encoder", {**encoder_attention, **FEED_FORWARD}, prefix),
+        *layer_rows("decoder", {**SELF_ATTENTION, **FEED_FORWARD, **CROSS_ATTENTION}, prefix),
+        ("lm_head.weight", "lm_head.weight"),
+    ]
+
+
+TABLE = weight_table("model.", SELF_ATTENTION)
 FINAL_LOGITS_BIAS = "final_logits_bias"
 
 
-def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
+def bart_config(hf_config: PreTrainedConfig, fields: ConfigTable, family: str, **derived) -> XArchConfig:
+    """The XArch config of a BART-shaped ``hf_config`` (BART, LED) through ``fields``; refuses what has no exact
+    counterpart and warns about what acts only in training."""
     problems = activation_problems("activation_function", hf_config.activation_function)
-    if hf_config.scale_embedding:
+    if getattr(hf_config, "scale_embedding", False):
         problems.append("scale_embedding=True: XArch does not scale the token embeddings by sqrt(d_model)")
     for decoder, encoder in DECODER_TWINS.items():
         if getattr(hf_config, decoder) != getattr(hf_config, encoder):
             problems.append(f"{decoder}={getattr(hf_config, decoder)} != {encoder}={getattr(hf_config, encoder)}: "
                             "XArch's encoder and decoder have the same widths and head counts")
-    unsupported("BART", problems)
+    unsupported(family, problems)
     training_only = {name: getattr(hf_config, name)
                      for name in ("activation_dropout", "encoder_layerdrop", "decoder_layerdrop")
                      if getattr(hf_config, name)}
     if training_only:
-        logger.warning("BART's %s act only in training; XArch has neither, so the converted model is identical in "
-                       "eval mode and fine-tunes without them", training_only)
-    return FIELDS.to_xarch(hf_config, max_position_embeddings=hf_config.max_position_embeddings + POSITION_OFFSET)
+        logger.warning("%s's %s act only in training; XArch has neither, so the converted model is identical in "
+                       "eval mode and fine-tunes without them", family, training_only)
+    return fields.to_xarch(hf_config, **derived)
 
 
-def config_to_hf(config: XArchConfig, hf_class_name: str) -> PreTrainedConfig:
-    required = {**FIELDS.fixed, "is_encoder_decoder": True}
-    problems = check_xarch_config(config, "BART", required) + check_no_layer_sharing(config, "BART")
+def bart_hf_config(config: XArchConfig, fields: ConfigTable, family: str, problems: list[str], **derived):
+    """``bart_config`` the other way: every XArch option ``family`` lacks (and ``problems`` found by the caller)
+    raises, else its config from ``fields`` and ``derived``."""
+    problems = problems + check_no_layer_sharing(config, family)
     decoder = config.stack_config("decoder") if config.is_encoder_decoder else None
     if decoder is not None and sorted(set(decoder.layer_types)) != ["full_attention"]:
-        problems.append(f"XArchConfig.decoder_layer_types use {sorted(set(decoder.layer_types))}, but BART's decoder "
-                        "has only full attention")
+        problems.append(f"XArchConfig.decoder_layer_types use {sorted(set(decoder.layer_types))}, but {family}'s "
+                        "decoder has only full attention")
     unsupported("XArch", problems)
-    layers = config.num_decoder_layers or config.num_hidden_layers
-    return FIELDS.to_hf(
+    return fields.to_hf(
         config,
-        decoder_layers=layers,
         decoder_attention_heads=config.num_attention_heads,
         decoder_ffn_dim=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings - POSITION_OFFSET,
         activation_dropout=0.0,
-        scale_embedding=False,
+        **derived,
     )
 
 
-def state_dict_from_hf(state_dict: StateDict, hf_config: PreTrainedConfig, hf_class_name: str) -> StateDict:
+def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
+    return bart_config(hf_config, FIELDS, "BART",
+                       max_position_embeddings=hf_config.max_position_embeddings + POSITION_OFFSET)
+
+
+def config_to_hf(config: XArchConfig, hf_class_name: str) -> PreTrainedConfig:
+    problems = check_xarch_config(config, "BART", {**FIELDS.fixed, "max_decoder_position_embeddings": None})
+    return bart_hf_config(config, FIELDS, "BART", problems, decoder_layers=config.num_decoder_layers or
+                          config.num_hidden_layers, max_position_embeddings=config.max_position_embeddings -
+                          POSITION_OFFSET, scale_embedding=False)
+
+
+def shared_weights_from_hf(state_dict: StateDict, table: list, prefix: str, family: str) -> StateDict:
+    """A BART-shaped state dict renamed by ``table``: ``{prefix}shared`` (the stacks' one table) and a zero
+    ``final_logits_bias`` have no XArch weight of their own."""
     state_dict = dict(state_dict)
-    shared = state_dict.pop(SHARED)
+    shared = state_dict.pop(f"{prefix}shared.weight")
     bias = state_dict.pop(FINAL_LOGITS_BIAS, None)
     if bias is not None and bool(bias.any()):
-        unsupported("BART", [f"a non-zero {FINAL_LOGITS_BIAS}: XArch's LM head has no bias"])
-    if not torch.equal(shared, state_dict["model.encoder.embed_tokens.weight"]):
-        unsupported("BART", [f"{SHARED} differs from the encoder's embed_tokens: XArch's stacks share one table"])
-    return rename(state_dict, TABLE)
+        unsupported(family, [f"a non-zero {FINAL_LOGITS_BIAS}: XArch's LM head has no bias"])
+    if not torch.equal(shared, state_dict[f"{prefix}encoder.embed_tokens.weight"]):
+        unsupported(family, [f"{prefix}shared.weight differs from the encoder's embed_tokens: XArch's stacks share "
+                             "one table"])
+    return rename(state_dict, table)
+
+
+def shared_weights_to_hf(state_dict: StateDict, table: list, prefix: str, with_head: bool) -> StateDict:
+    """``shared_weights_from_hf`` the other way (``with_head``: the LM head model, which has the logits bias)."""
+    converted = rename(state_dict, table, reverse=True)
+    shared = converted[f"{prefix}shared.weight"] = converted[f"{prefix}encoder.embed_tokens.weight"]
+    if with_head:
+        converted[FINAL_LOGITS_BIAS] = torch.zeros(1, shared.shape[0], dtype=shared.dtype, device=shared.device)
+    return converted
+
+
+def state_dict_from_hf(state_dict: StateDict, hf_config: PreTrainedConfig, hf_class_name: str) -> StateDict:
+    return shared_weights_from_hf(state_dict, TABLE, "model.", "BART")
 
 
 def state_dict_to_hf(state_dict: StateDict, config: XArchConfig, hf_class_name: str) -> StateDict:
-    converted = rename(state_dict, TABLE, reverse=True)
-    converted[SHARED] = converted["model.encoder.embed_tokens.weight"]
-    if hf_class_name == "BartForConditionalGeneration":
-        table = converted[SHARED]
-        converted[FINAL_LOGITS_BIAS] = torch.zeros(1, table.shape[0], dtype=table.dtype, device=table.device)
-    return converted
+    return shared_weights_to_hf(state_dict, TABLE, "model.", hf_class_name.endswith("ForConditionalGeneration"))
 
 
 BART = register_converter(

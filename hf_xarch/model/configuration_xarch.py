@@ -59,7 +59,10 @@ DERIVED_DEFAULTS = {
     "initializer_range": (("hidden_size",), lambda c: c.hidden_size ** -0.5),
 }
 # the decoder's own fields of an encoder-decoder model (read only when is_encoder_decoder=True)
-ENCODER_DECODER_FIELDS = ("num_decoder_layers", "decoder_attention_type", "decoder_layer_types")
+ENCODER_DECODER_FIELDS = ("num_decoder_layers", "decoder_attention_type", "decoder_layer_types",
+                          "max_decoder_position_embeddings")
+# the sliding-window family's options, which are fields of the config
+SLIDING_OPTION_FIELDS = ("attention_window", "attention_dilation", "attention_sink_size", "global_projections")
 # the fields `sliding_window` (the key slots a causal sliding layer reads) is computed from
 SLIDING_WINDOW_SOURCES = {"attention_window", "attention_dilation", "layer_types", "attention_type", "num_hidden_layers",
                           "num_attention_heads"}
@@ -205,6 +208,8 @@ class XArchConfig(PreTrainedConfig):
         decoder_attention_type (`str`, defaults to `"full"`): the attention family of every decoder layer; it needs a
             causal form. Family options (`attention_window`, ...) are shared with the encoder where both use the family.
         decoder_layer_types (`list[str]`, *optional*): per-layer attention of the decoder, as `layer_types`.
+        max_decoder_position_embeddings (`int`, *optional*): the decoder's `max_position_embeddings` (LED's name: a
+            long-input encoder with a short decoder table); defaults to `max_position_embeddings`.
         decoder_start_token_id (`int`, *optional*): the first decoder input, which `generate()` starts from and which
             labels are shifted behind (BART: `eos_token_id`, T5: `pad_token_id`).
         add_cross_attention (`bool`, defaults to `False`): a decoder (`is_decoder=True`) whose blocks also attend to
@@ -294,6 +299,7 @@ class XArchConfig(PreTrainedConfig):
     num_decoder_layers: int | None = None
     decoder_attention_type: str = "full"
     decoder_layer_types: list[str] | None = None
+    max_decoder_position_embeddings: int | None = None
     decoder_start_token_id: int | None = None
     add_cross_attention: bool = False
 
@@ -716,9 +722,11 @@ class XArchConfig(PreTrainedConfig):
                   "decoder fields (num_decoder_layers, decoder_attention_type, decoder_layer_types) the decoder")
         if self.add_cross_attention:
             _fail("add_cross_attention", True, "False with is_encoder_decoder=True (the decoder stack sets it)")
-        layers = self.num_decoder_layers
-        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0):
-            _fail("num_decoder_layers", layers, "a positive integer, or None (num_hidden_layers)")
+        for field, default in (("num_decoder_layers", "num_hidden_layers"),
+                               ("max_decoder_position_embeddings", "max_position_embeddings")):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                _fail(field, value, f"a positive integer, or None ({default})")
         if self.decoder_attention_type not in ATTENTION_FAMILIES:
             _fail("decoder_attention_type", self.decoder_attention_type, f"one of {sorted(ATTENTION_FAMILIES)}")
         if self.output_layer != "full":
@@ -742,6 +750,7 @@ class XArchConfig(PreTrainedConfig):
                 is_decoder=True,
                 add_cross_attention=True,
                 num_hidden_layers=self.num_decoder_layers or self.num_hidden_layers,
+                max_position_embeddings=self.max_decoder_position_embeddings or self.max_position_embeddings,
                 attention_type=self.decoder_attention_type,
                 layer_types=self.decoder_layer_types,
                 sliding_window=None,  # derived again for the decoder's layers
@@ -755,6 +764,8 @@ class XArchConfig(PreTrainedConfig):
                     declared = declared_options(family)
                     values.update({option: declared.get(option, getattr(type(self), option, None))
                                    for option in family.options})
+            if "sliding_window" not in used:  # its options are config fields, not declared in its record
+                values.update({field: getattr(type(self), field) for field in SLIDING_OPTION_FIELDS})
         elif stack != "encoder":
             raise ValueError(f"stack_config: stack={stack!r}; use 'encoder' or 'decoder'")
         config = type(self)(**values)
