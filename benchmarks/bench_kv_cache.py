@@ -143,7 +143,8 @@ def main(argv=None) -> int:
         for label in long_settings:
             caches[label], results[label]["cache_bytes"] = long_context(model, context, settings[label])
         token = context[:, :1]
-        steps = {label: (lambda c=caches[label]: model(token, cache=c, use_cache=True)) for label in long_settings}
+        steps = {label: (lambda c=caches[label], m=model, t=token: m(t, cache=c, use_cache=True))
+                 for label in long_settings}
         with torch.no_grad():
             times = interleaved_timings(steps, repeats=args.decode_tokens, warmup=1)
         for label in long_settings:

@@ -152,7 +152,7 @@ class QuantizedStates:
     def select(self, index: slice | torch.Tensor, batch: bool = False) -> QuantizedStates:
         """The same states for some tokens (a slice of whole groups for keys), or for some batch rows."""
         if batch:
-            pick = lambda t: t.index_select(0, index.to(t.device))  # noqa: E731
+            pick = lambda t: t.index_select(0, index.to(t.device))
             return QuantizedStates(pick(self.codes), pick(self.scale), pick(self.low), self.nbits, self.group,
                                    self.per_channel)
         groups = slice(index.start // self.group, None) if self.per_channel else index
@@ -181,7 +181,7 @@ def quantize(states: torch.Tensor, nbits: int, group: int, per_channel: bool) ->
 def _cat_states(old: QuantizedStates | None, new: QuantizedStates) -> QuantizedStates:
     if old is None:
         return new
-    cat = lambda a, b: torch.cat([a, b], dim=2)  # noqa: E731
+    cat = lambda a, b: torch.cat([a, b], dim=2)
     return QuantizedStates(cat(old.codes, new.codes), cat(old.scale, new.scale), cat(old.low, new.low), new.nbits,
                            new.group, new.per_channel)
 
@@ -359,7 +359,7 @@ class QuantizedKVLayer(DynamicLayer):
     def _select_batch(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        pick = lambda t: t.index_select(0, index.to(t.device))  # noqa: E731
+        pick = lambda t: t.index_select(0, index.to(t.device))
         self.keys, self.values = pick(self.keys), pick(self.values)
         self.sink_keys, self.sink_values = pick(self.sink_keys), pick(self.sink_values)
         if self.quantized_keys is not None:

@@ -125,8 +125,8 @@ class QuantizedCacheGeneration:
 
 
 __all__ = [
-    "QuantizedCacheGeneration",
     "PastRecording",
+    "QuantizedCacheGeneration",
     "allow_layer_type",
     "cache_layer_for",
     "register_cache_layer",
