@@ -14,9 +14,10 @@ anything else -> the banded kernel. Decoding steps (queries at other slots than 
 cached keys, which the cache bounds by the window.
 
 Positions: rotary cos/sin (``position_embeddings``) rotate q and k before any path; an additive score bias
-(``score_bias``, a ``ScoreBias``) must be linear in the distance (``alibi_slopes``, ALiBi), which every path fuses
-with the distance counted in slots, -slope·|i - j|: the same as ALiBi's position distance whenever the padding is
-on one side (left or right), which is how batches are padded.
+(``score_bias``, a ``ScoreBias``: ALiBi, T5's buckets) enters every path through its ``relative`` (the bias of a
+distance): the band kernels build one (block x window) strip of it per head, the dense paths one (queries x kept
+keys) tile, flex one score at a time. Distances are counted in slots, which equal the positions' distances
+whenever the padding is on one side (left or right), which is how batches are padded.
 
 Importing this file also registers ``xarch_sliding_window`` in transformers' attention and mask interfaces, so any
 transformers model (Mistral, Llama...) can run its attention through the banded kernel.
@@ -36,7 +37,6 @@ from transformers.utils import is_tracing
 
 from .attention_full import XArchAttention
 from .attention_sliding_kernels import (
-    alibi_bias,
     banded_attention,
     dense_sliding_attention,
     flex_available,
@@ -58,7 +58,6 @@ from .attention_sliding_spec import (  # noqa: F401  (re-exported: the family's 
 )
 from .cache_quantized import QuantizedKVLayer, cache_attention, quantized_layer
 from .cache_sliding import SinkSlidingWindowLayer
-from .position_alibi import alibi_distance
 from .positions import apply_rotary
 from .registry import register_attention
 
@@ -163,27 +162,21 @@ class SlidingWindowAttention(XArchAttention):
                 raise ValueError("SlidingWindowAttention takes the SlidingWindowMask its build_mask returns")
             mask = SlidingWindowMask(q_start=cache.get_seq_length(layer_idx) if cache is not None else 0)
         query, key, value = self.project(hidden_states, position_embeddings)
-        slopes = None
-        if score_bias is not None:
-            slopes = score_bias.alibi_slopes
-            if slopes is None:  # the band kernels fuse a bias as -slope·distance; nothing else fits them yet
-                raise ValueError(
-                    f"score_bias: sliding_window layers take a bias linear in the distance (ALiBi), got a "
-                    f"{type(score_bias).__name__} without alibi_slopes"
-                )
+        # the band sees distances only: every bias reaches it as its `relative` (distance -> (heads, ...) bias)
+        relative_bias = score_bias.relative if score_bias is not None else None
         length = query.shape[2]
         q_slots = torch.arange(mask.q_start, mask.q_start + length, device=query.device)
         k_slots = q_slots
         stored = quantized_layer(cache, layer_idx)
         if stored is not None:  # a quantized cache with a past: attention block by block, never all in float
-            relative = score_bias.relative if score_bias is not None else None
-            output = self.quantized_attention(stored, query, key, value, q_slots, mask, relative)
+            output = self.quantized_attention(stored, query, key, value, q_slots, mask, relative_bias)
             return self.o_proj(output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
         if cache is not None:
             key, value, k_slots = self.update_cache(cache, layer_idx, key, value, mask)
-        output, weights = self.local_attention(query, key, value, q_slots, k_slots, mask, slopes)
+        output, weights = self.local_attention(query, key, value, q_slots, k_slots, mask, relative_bias)
         if mask.global_tokens is not None:
-            output = self.global_rows(output, hidden_states, query, key, value, mask, position_embeddings, slopes)
+            output = self.global_rows(output, hidden_states, query, key, value, mask, position_embeddings,
+                                      relative_bias)
         output = self.o_proj(output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1))
         return output, weights
 
@@ -244,7 +237,7 @@ class SlidingWindowAttention(XArchAttention):
         layer.compact()
         return output
 
-    def local_attention(self, query, key, value, q_slots, k_slots, mask, slopes):
+    def local_attention(self, query, key, value, q_slots, k_slots, mask, relative_bias):
         """Every query against its window (+ global keys, + sinks): (batch, heads, seq, dim) and eager weights."""
         key_valid, sinks = mask.slot_flags(k_slots, self.sink_size)
         global_keys = mask.global_tokens
@@ -258,7 +251,7 @@ class SlidingWindowAttention(XArchAttention):
             dilation = torch.tensor(self.dilation, device=query.device)
             visible = sliding_visibility(q_slots, k_slots, self.left, self.right, dilation, key_valid,
                                          global_keys if aligned else None, sinks)
-            bias = alibi_bias(slopes, q_slots, k_slots) if slopes is not None else None
+            bias = relative_bias(k_slots[None, :] - q_slots[:, None]) if relative_bias is not None else None
             output, weights = dense_sliding_attention(query, key, value, visible, self.scaling, bias, dropout,
                                                       self.training)
             return output, (weights if implementation == "eager" else None)
@@ -266,16 +259,16 @@ class SlidingWindowAttention(XArchAttention):
         if use_flex:
             output = flex_sliding_attention(
                 query, key, value, self.left, self.right, self.dilation, self.scaling, key_valid, global_keys,
-                sinks, slopes, cache=mask.flex_masks,
+                sinks, relative_bias=relative_bias, cache=mask.flex_masks,
             )
             return output, None
         output = banded_attention(
             query, key, value, self.left, self.right, self.dilation, self.scaling, key_valid, global_keys, sinks,
-            slopes, dropout,
+            dropout=dropout, relative_bias=relative_bias,
         )
         return output, None
 
-    def global_rows(self, output, hidden_states, query, key, value, mask, position_embeddings, slopes):
+    def global_rows(self, output, hidden_states, query, key, value, mask, position_embeddings, relative_bias):
         """Longformer's global attention: each global token attends to every real token (with the global
         projections when ``global_projections``); its row of ``output`` is replaced by that."""
         index, present = mask.global_layout()  # (B, G)
@@ -298,9 +291,8 @@ class SlidingWindowAttention(XArchAttention):
         visible = (mask.key_valid if mask.key_valid is not None else torch.ones_like(mask.global_tokens))
         visible = visible[:, None, None, :]
         bias = None
-        if slopes is not None:
-            distance = alibi_distance(index[:, None, :, None], slots[None, None, None, :], symmetric=True)  # (B,1,G,N)
-            bias = slopes[None, :, None, None] * distance.to(slopes.dtype)
+        if relative_bias is not None:  # (heads, B, G, N) -> (B, heads, G, N)
+            bias = relative_bias(slots[None, None, :] - index[:, :, None]).transpose(0, 1)
         dropout = self.attention_dropout if self.training else 0.0
         rows, _ = dense_sliding_attention(q_g, k_g, v_g, visible, self.scaling, bias, dropout, self.training)
         batch_index, entry = present.nonzero(as_tuple=True)
