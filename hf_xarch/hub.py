@@ -42,24 +42,6 @@ CITATIONS = {
   booktitle={EMNLP}, year={2023}}""",
     "mqa": """@article{shazeer2019fast,
   title={Fast Transformer Decoding: One Write-Head is All You Need}, author={Shazeer, Noam}, journal={arXiv:1911.02150}, year={2019}}""",
-    "rope": """@article{su2021roformer,
-  title={RoFormer: Enhanced Transformer with Rotary Position Embedding}, author={Su, Jianlin and Lu, Yu and Pan, Shengfeng and Murtadha, Ahmed and Wen, Bo and Liu, Yunfeng},
-  journal={arXiv:2104.09864}, year={2021}}""",
-    "position_interpolation": """@article{chen2023extending,
-  title={Extending Context Window of Large Language Models via Positional Interpolation}, author={Chen, Shouyuan and Wong, Sherman and Chen, Liangjian and Tian, Yuandong},
-  journal={arXiv:2306.15595}, year={2023}}""",
-    "yarn": """@article{peng2023yarn,
-  title={YaRN: Efficient Context Window Extension of Large Language Models}, author={Peng, Bowen and Quesnelle, Jeffrey and Fan, Honglu and Shippole, Enrico},
-  journal={arXiv:2309.00071}, year={2023}}""",
-    "alibi": """@inproceedings{press2022train,
-  title={Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation}, author={Press, Ofir and Smith, Noah A. and Lewis, Mike},
-  booktitle={ICLR}, year={2022}}""",
-    "nope": """@inproceedings{haviv2022transformer,
-  title={Transformer Language Models without Positional Encodings Still Learn Positional Information}, author={Haviv, Adi and Ram, Ori and Press, Ofir and Izsak, Peter and Levy, Omer},
-  booktitle={Findings of EMNLP}, year={2022}}""",
-    "bert": """@inproceedings{devlin2019bert,
-  title={BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding}, author={Devlin, Jacob and Chang, Ming-Wei and Lee, Kenton and Toutanova, Kristina},
-  booktitle={NAACL}, year={2019}}""",
     "albert": """@inproceedings{lan2020albert,
   title={ALBERT: A Lite BERT for Self-supervised Learning of Language Representations}, author={Lan, Zhenzhong and Chen, Mingda and Goodman, Sebastian and Gimpel, Kevin and Sharma, Piyush and Soricut, Radu},
   booktitle={ICLR}, year={2020}}""",
@@ -112,13 +94,8 @@ def describe_architecture(config: XArchConfig) -> list[str]:
     lines.append(f"**Heads**: {heads} query heads of {config.head_dim}, {kv} key/value heads: {kind}.")
     scheme = POSITION_SCHEMES[config.position_embedding_type]
     position = f"**Positions**: `{scheme.name}` — {scheme.description}"
-    if scheme.name == "rope":
-        rope = dict(config.rope_parameters)
-        position += f"; rope_type `{rope.get('rope_type', 'default')}`, theta {rope.get('rope_theta')}"
-        if "factor" in rope:
-            position += f", factor {rope['factor']}"
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            position += f", partial rotary {rope['partial_rotary_factor']}"
+    if scheme.card_details is not None:
+        position += f"; {scheme.card_details(config)}"
     if scheme.bounded:
         position += f"; at most {config.max_position_embeddings} positions"
     lines.append(position + ".")
@@ -149,20 +126,8 @@ def citations_for(config: XArchConfig) -> list[str]:
     families = dict.fromkeys(attention_family_for_layer_type(t) for t in config.layer_types)  # in layer order
     family_entries = [entry for family in families if family.citations for entry in family.citations(config)]
     before_families = len(keys)
-    scheme = config.position_embedding_type
-    if scheme == "rope":
-        keys.append("rope")
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type == "linear":
-            keys.append("position_interpolation")
-        if rope_type == "yarn":
-            keys.append("yarn")
-    elif scheme == "alibi":
-        keys.append("alibi")
-    elif scheme == "none":
-        keys.append("nope")
-    elif scheme == "learned" and not config.is_decoder:
-        keys.append("bert")
+    scheme = POSITION_SCHEMES[config.position_embedding_type]
+    family_entries += scheme.citations(config) if scheme.citations is not None else ()
     if config.embedding_size != config.hidden_size or getattr(config, "num_hidden_groups", None):
         keys.append("albert")
     if config.tie_word_embeddings:

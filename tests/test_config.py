@@ -1,11 +1,16 @@
 """XArchConfig: defaults, serialisation, and a clear ValueError for every bad value or impossible combination."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import AutoConfig
 
+import hf_xarch
 from hf_xarch import ATTENTION_FAMILIES, POSITION_SCHEMES, XArchConfig, XArchModel
 from hf_xarch.conversions import CONVERTERS
-from transformers import AutoConfig
 
 from .helpers import tiny_config
 
@@ -115,3 +120,29 @@ def test_registry_capabilities_decide_validity(family, scheme, is_decoder):
     else:
         with pytest.raises(ValueError):
             build()
+
+
+LIGHT_IMPORT = """
+import importlib.util, sys
+folder = sys.argv[1]
+spec = importlib.util.spec_from_file_location("copied_model", folder + "/__init__.py", submodule_search_locations=[folder])
+package = importlib.util.module_from_spec(spec)
+sys.modules["copied_model"] = package
+spec.loader.exec_module(package)
+import copied_model.configuration_xarch as configuration
+heavy = sorted(name for name in sys.modules if name.startswith("copied_model.") and not (
+    name.endswith(("_spec", "_specs")) or name.split(".")[1] in ("configuration_xarch", "registry", "specs", "transformers_private")))
+print(heavy, "transformers.masking_utils" in sys.modules, "hf_xarch" in sys.modules)
+print(sorted(configuration.ATTENTION_FAMILIES))
+"""
+
+
+def test_the_config_imports_only_the_light_specs():
+    """configuration_xarch (all AutoConfig loads of a saved model) imports the registry and each family's light spec,
+    never an attention module, a kernel or transformers' masking utilities; and it still knows every family."""
+    folder = Path(hf_xarch.__file__).parent / "model"
+    result = subprocess.run([sys.executable, "-c", LIGHT_IMPORT, str(folder)], capture_output=True, text=True,
+                            check=True)
+    heavy, families = result.stdout.strip().splitlines()
+    assert heavy == "[] False False", heavy
+    assert families == str(sorted(ATTENTION_FAMILIES))

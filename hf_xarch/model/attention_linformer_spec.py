@@ -8,7 +8,7 @@ longer one is refused. Every projected key mixes every position, so a query woul
 
 from __future__ import annotations
 
-from .registry import AttentionCost, AttentionFamily, config_error
+from .registry import AttentionCost, AttentionFamily, config_error, register_family
 
 LINFORMER_LAYER_TYPE = "linformer_attention"
 # the paper's sharing variants (section 4): one (E, F) pair per key/value head, one pair per layer for all heads
@@ -43,22 +43,24 @@ LINFORMER_CITATION = """@article{wang2020linformer,
   title={Linformer: Self-Attention with Linear Complexity}, author={Wang, Sinong and Li, Belinda Z. and Khabsa, Madian and Fang, Han and Ma, Hao},
   journal={arXiv preprint arXiv:2006.04768}, year={2020}}"""
 
-LINFORMER_FAMILY = AttentionFamily(
-    name="linformer",
-    layer_type=LINFORMER_LAYER_TYPE,
-    causal=False,  # every projected key mixes all positions, the future included
-    bidirectional=True,
-    global_tokens=False,
-    additive_position_bias=False,  # the scores are (N x k), not per (query, key) pair: no ALiBi
-    rotary=True,  # q and k are rotated before the keys are projected
-    cache_layer="dynamic",
-    paper="Wang et al. 2020 (Linformer)",
-    description="keys and values projected along the sequence to k rows: O(N·k), encoder only, length limit "
-    "max_position_embeddings",
-    options={"linformer_k": 256, "linformer_sharing": "headwise"},
-    validate=validate_linformer_config,
-    cost=linformer_attention_cost,
-    card_details=linformer_card_details,
-    citations=lambda config: (LINFORMER_CITATION,),
-    init=lambda module: module.reset_projections(),
+LINFORMER_FAMILY = register_family(
+    AttentionFamily(
+        name="linformer",
+        layer_type=LINFORMER_LAYER_TYPE,
+        causal=False,  # every projected key mixes all positions, the future included
+        bidirectional=True,
+        global_tokens=False,
+        additive_position_bias=False,  # the scores are (N x k), not per (query, key) pair: no ALiBi
+        rotary=True,  # q and k are rotated before the keys are projected
+        cache_layer="dynamic",
+        paper="Wang et al. 2020 (Linformer)",
+        description="keys and values projected along the sequence to k rows: O(N·k), encoder only, length limit "
+        "max_position_embeddings",
+        options={"linformer_k": 256, "linformer_sharing": "headwise"},
+        validate=validate_linformer_config,
+        cost=linformer_attention_cost,
+        card_details=linformer_card_details,
+        citations=lambda config: (LINFORMER_CITATION,),
+        init=lambda module: module.reset_projections(),
+    )
 )

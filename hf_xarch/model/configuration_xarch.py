@@ -15,8 +15,9 @@ from typing import Any
 
 from transformers.configuration_utils import PreTrainedConfig
 
-from .families import ATTENTION_FAMILIES, POSITION_SCHEMES
+from .attention_sliding_spec import derived_sliding_window, sliding_layers
 from .registry import attention_family_for_layer_type, config_error, declared_options
+from .specs import ATTENTION_FAMILIES, POSITION_SCHEMES
 from .transformers_private import register_family_with_transformers
 
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -396,8 +397,6 @@ class XArchConfig(PreTrainedConfig):
         return [kinds.pop()] * value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     def follow_sliding_window(self) -> None:
-        from .attention_sliding import derived_sliding_window
-
         try:
             span = derived_sliding_window(self)
         except (TypeError, ValueError, IndexError):  # fields mid-change (a list of the old length...): checks name them
@@ -408,8 +407,6 @@ class XArchConfig(PreTrainedConfig):
     def set_sliding_window(self, value) -> None:
         """``config.sliding_window = n`` (transformers' and Mistral's name): every sliding layer sees n keys, so
         ``attention_window`` becomes n too. None gives it back its derived value."""
-        from .attention_sliding import sliding_layers
-
         if value is None:
             self._assign(sliding_window=None)
             self.follow_sliding_window()

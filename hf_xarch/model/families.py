@@ -1,7 +1,8 @@
-"""Every attention family and position scheme, imported once so their registry entries exist.
+"""Every attention family's and position scheme's module, imported once so their records are complete (cache layer,
+``init``) and registered with transformers. ``modeling_xarch`` imports this file; ``configuration_xarch`` imports
+only ``specs.py``, the light records.
 
-Adding a family or scheme: write its file (decorated with ``register_attention`` / ``register_position``) and add
-one import line here. ``configuration_xarch`` imports this file, so validation always sees the full registry.
+Adding a family or scheme: its spec file (one import line in ``specs.py``) and its module (one import line here).
 """
 
 from .attention_bigbird import BigBirdAttention  # noqa: F401
@@ -14,3 +15,7 @@ from .attention_sliding import SlidingWindowAttention  # noqa: F401
 from .positions import LearnedPositionEmbedding, RotaryEmbedding, SinusoidalPositionEmbedding  # noqa: F401
 from .position_alibi import AlibiPositionBias  # noqa: F401
 from .registry import ATTENTION_FAMILIES, ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES  # noqa: F401
+from .transformers_private import register_family_with_transformers
+
+for _family in ATTENTION_FAMILIES.values():  # now with their cache layers (the config registered their layer types)
+    register_family_with_transformers(_family)

@@ -24,7 +24,8 @@ from transformers import initialization as init
 from torch import nn
 from torch.nn import functional as F
 
-from .registry import PositionScheme, register_position
+from .position_specs import ALIBI_SCHEME
+from .registry import register_position
 
 
 def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Tensor:
@@ -113,15 +114,7 @@ class AlibiBias:
         return self.tile(slice(None), slice(None))
 
 
-@register_position(
-    PositionScheme(
-        name="alibi",
-        kind="bias",
-        paper="Press et al. 2022 (ALiBi); slopes as in BLOOM (BigScience 2022)",
-        description="a per-head linear distance penalty added to attention scores; no position vectors, extrapolates",
-        init=lambda module: init.copy_(module.slopes, alibi_slopes(module.num_heads)),
-    )
-)
+@register_position(ALIBI_SCHEME, init=lambda module: init.copy_(module.slopes, alibi_slopes(module.num_heads)))
 class AlibiPositionBias(nn.Module):
     """Computes the ``AlibiBias`` every layer shares, once per forward (``XArchModel`` calls it)."""
 

@@ -1,5 +1,5 @@
 """Position schemes: learned and sinusoidal absolute positions, rotary (RoPE) through transformers' rope utilities,
-and ``none``. ALiBi (a score bias, with its own attention paths) lives in ``position_alibi.py``.
+and ``none`` (no module; its record is in ``position_specs.py`` with every scheme's). ALiBi (a score bias, with its own attention paths) lives in ``position_alibi.py``.
 
 Every module here is rebuilt from the config: tables that are not learned (sinusoidal frequencies, rotary inverse
 frequencies) are non-persistent buffers that ``XArchPreTrainedModel._init_weights`` recomputes, so a reloaded model
@@ -15,7 +15,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from .registry import PositionScheme, register_position
+from .position_specs import LEARNED_SCHEME, ROPE_SCHEME, SINUSOIDAL_SCHEME
+from .registry import register_position
 
 
 def check_position_limit(position_ids: torch.Tensor, limit: int, scheme: str) -> None:
@@ -32,14 +33,7 @@ def check_position_limit(position_ids: torch.Tensor, limit: int, scheme: str) ->
 
 
 @register_position(
-    PositionScheme(
-        name="learned",
-        kind="absolute",
-        bounded=True,
-        paper="Devlin et al. 2019 (BERT); Radford et al. 2019 (GPT-2)",
-        description="a trained table of max_position_embeddings vectors added to the token embeddings",
-        init=lambda module: init.normal_(module.weight, mean=0.0, std=module.initializer_range),
-    )
+    LEARNED_SCHEME, init=lambda module: init.normal_(module.weight, mean=0.0, std=module.initializer_range)
 )
 class LearnedPositionEmbedding(nn.Module):
     def __init__(self, config):
@@ -53,16 +47,7 @@ class LearnedPositionEmbedding(nn.Module):
         return nn.functional.embedding(position_ids, self.weight)
 
 
-@register_position(
-    PositionScheme(
-        name="sinusoidal",
-        kind="absolute",
-        paper="Vaswani et al. 2017",
-        description="fixed sin/cos features of the position (interleaved as in the paper) times a learned scale, "
-        "added to the embeddings",
-        init=lambda module: module.reset_parameters(),
-    )
-)
+@register_position(SINUSOIDAL_SCHEME, init=lambda module: module.reset_parameters())
 class SinusoidalPositionEmbedding(nn.Module):
     """The paper's sin/cos table times a learned scalar ``scale``.
 
@@ -100,14 +85,7 @@ class SinusoidalPositionEmbedding(nn.Module):
         return table.to(hidden_states.dtype) * self.scale.to(hidden_states.dtype)
 
 
-@register_position(
-    PositionScheme(
-        name="rope",
-        kind="rotary",
-        paper="Su et al. 2021 (RoFormer); Chen et al. 2023 (position interpolation); Peng et al. 2023 (YaRN)",
-        description="queries and keys rotated by position; rope_parameters picks the scaling (transformers' schema)",
-    )
-)
+@register_position(ROPE_SCHEME)
 class RotaryEmbedding(nn.Module):
     """Llama's rotary embedding: cos/sin from transformers' ``ROPE_INIT_FUNCTIONS`` (every rope type transformers
     knows) with its ``dynamic_rope_update`` for the types that change with the sequence length."""
@@ -160,7 +138,3 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
-
-register_position(
-    PositionScheme(name="none", kind="none", paper="Haviv et al. 2022 (NoPE)", description="no position information")
-)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from transformers import cache_utils, configuration_utils
 
+from .registry import ATTENTION_MODULES
+
 
 def allow_layer_type(layer_type: str) -> None:
     """Add ``layer_type`` to transformers' list of attention layer types, so that any ``PreTrainedConfig`` (ours, or
@@ -61,8 +63,12 @@ def cache_layer_for(layer_type: str, static: bool = False) -> type | None:
 def register_family_with_transformers(family) -> None:
     """What transformers must know of an attention family (a registry record): its layer type, valid in any config,
     and the cache layer ``DynamicCache(config=...)`` builds for it (the record's ``cache_layer_class``; for a layer type
-    transformers does not know and a family that names none, a ``DynamicLayer`` that keeps every key and value)."""
+    transformers does not know and a family that names none, a ``DynamicLayer`` that keeps every key and value). The
+    cache layer waits until the family's module registered (a light spec cannot name its cache layer class):
+    ``modeling_xarch`` registers every family again when it is imported, and every config built does for its own."""
     allow_layer_type(family.layer_type)
+    if family.name not in ATTENTION_MODULES:  # its light spec alone (the config module): the layer registers it later
+        return
     if family.cache_layer_class is not None:
         register_cache_layer(family.layer_type, family.cache_layer_class, static=family.cache_layer == "recurrent")
     elif cache_layer_for(family.layer_type) is None:
