@@ -45,7 +45,9 @@ class ScoreBias(Protocol):
         ...
 
     def relative(self, distance: torch.Tensor) -> torch.Tensor:
-        """(heads, *distance.shape) fp32: the bias of a key ``distance`` = key slot - query slot away."""
+        """(heads, *distance.shape) fp32: the bias of a key ``distance`` = key slot - query slot away. A bias that
+        depends on more than the distance raises ``ValueError`` here: the sliding window, which sees only
+        distances, then refuses it rather than adding a wrong one."""
         ...
 
 
