@@ -205,14 +205,19 @@ def bigbird_block_attention(query, key, value, plan, block_size, lengths, last_b
                       dim=-1)  # (batch, heads, blocks, S)
     slot_valid = torch.cat([structural_valid[:, None].expand(batch, heads, -1, -1),
                             (plan >= 0).expand(batch, -1, -1, -1)], dim=-1)
-    b = torch.arange(batch, device=query.device)[:, None, None, None]
-    h = torch.arange(heads, device=query.device)[None, :, None, None]
-    keys, values = k[b, h, index], v[b, h, index]  # (batch, heads, blocks, S, block, dim)
-    key_ok = valid.view(batch, 1, blocks, block_size)[b, 0, index] & slot_valid[..., None]
     slots = index.shape[-1]
-    scores = torch.einsum("bhiqd,bhiskd->bhiqsk", q.float(), keys.float()).reshape(
-        batch, heads, blocks, block_size, slots * block_size) * scaling
-    key_ok = key_ok.reshape(batch, heads, blocks, 1, slots * block_size)
+    # the key blocks of every query block as one index_select over (batch·heads·blocks) rows (its backward is an
+    # index_add, much cheaper than advanced indexing's), laid out (batch, heads, blocks, S·block, dim) so that plain
+    # batched matmuls take them without permuted copies
+    rows = torch.arange(batch * heads, device=query.device).view(batch, heads, 1, 1) * blocks + index
+    gather = lambda t: t.reshape(-1, block_size, t.shape[-1]).index_select(0, rows.flatten()).view(
+        batch, heads, blocks, slots * block_size, t.shape[-1])
+    keys, values = gather(k), gather(v)
+    row_valid = valid.view(batch, 1, blocks, block_size).expand(-1, heads, -1, -1).reshape(-1, block_size)
+    key_ok = row_valid.index_select(0, rows.flatten()).view(batch, heads, blocks, slots, block_size)
+    key_ok = (key_ok & slot_valid[..., None]).view(batch, heads, blocks, 1, slots * block_size)
+    q = q.float() * scaling
+    scores = torch.matmul(q, keys.float().transpose(-1, -2))  # (batch, heads, blocks, block, S·block)
     if last_block is None:  # a decoder: causal on (compacted) real tokens
         k_pos = (index[..., None] * block_size + torch.arange(block_size, device=query.device)).flatten(-2)
         q_pos = torch.arange(padded, device=query.device).view(blocks, block_size)
@@ -228,14 +233,13 @@ def bigbird_block_attention(query, key, value, plan, block_size, lengths, last_b
         covered = ((index[..., None] == g_block[:, None, None, None, :]) & slot_valid[..., None]).any(-2)
         g_ok = present[:, None, None, :] & ~covered  # (batch, heads, blocks, G)
         global_k = _take(key, g_index), _take(value, g_index)
-        g_scores = torch.einsum("bhiqd,bhgd->bhiqg", q.float(), global_k[0].float()) * scaling
+        g_scores = torch.matmul(q, global_k[0].float().transpose(-1, -2)[:, :, None])
         scores = torch.cat([scores, g_scores.masked_fill(~g_ok[:, :, :, None], torch.finfo(torch.float32).min)], -1)
     weights = nn.functional.softmax(scores, dim=-1)
     weights = nn.functional.dropout(weights, p=dropout, training=training).to(value.dtype)
-    block_weights = weights[..., : slots * block_size].reshape(batch, heads, blocks, block_size, slots, block_size)
-    output = torch.einsum("bhiqsk,bhiskd->bhiqd", block_weights, values)
+    output = torch.matmul(weights[..., : slots * block_size], values)
     if global_k is not None:
-        output = output + torch.einsum("bhiqg,bhgd->bhiqd", weights[..., slots * block_size :], global_k[1])
+        output = output + torch.matmul(weights[..., slots * block_size :], global_k[1][:, :, None])
     output = output.reshape(batch, heads, padded, -1)[:, :, :length]
     if last_block is None:
         return output
