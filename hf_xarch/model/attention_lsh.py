@@ -71,46 +71,82 @@ class ChunkPlan:
         self.real, self.rounds, self.padded, self.chunk, self.num_buckets = real, rounds, padded, chunk, num_buckets
 
 
+class SortedGather(torch.autograd.Function):
+    """``tensor.gather(2, index)`` where ``index`` reads each of the n rows ``copies`` times (once per hash round) and
+    ``inverse`` is where each (copy, row) went: the backward gathers with ``inverse`` and sums the copies instead of
+    scatter-adding (as transformers' ``ReverseSort``)."""
+
+    @staticmethod
+    def forward(ctx, tensor, index, inverse, copies: int):
+        ctx.save_for_backward(inverse)
+        ctx.copies = copies
+        return select_rows(tensor, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad = select_rows(grad, inverse)
+        if ctx.copies > 1:
+            grad = grad.view(*grad.shape[:2], ctx.copies, -1, grad.shape[-1]).sum(2)
+        return grad, None, None, None
+
+
+def select_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, n, ...) rows picked by (batch, heads or 1, m) indices -> (batch, heads, m, ...): one
+    ``index_select`` of whole rows (``gather`` with an index expanded over the row is several times slower)."""
+    batch, heads, n = tensor.shape[:3]
+    index = index.expand(batch, heads, index.shape[-1])
+    flat = (index + torch.arange(batch * heads, device=index.device).view(batch, heads, 1) * n).flatten()
+    return tensor.reshape(batch * heads * n, -1).index_select(0, flat).view(batch, heads, -1, *tensor.shape[3:])
+
+
 def lsh_attention(query, value, plan: ChunkPlan, attend_across_buckets: bool, dropout: float = 0.0,
                   training: bool = False) -> torch.Tensor:
     """Chunked LSH attention over the plan: (batch, heads, seq, dim) shared query/key and values -> the output."""
     batch, heads, length, dim = query.shape
     rounds, padded, chunk = plan.rounds, plan.padded, plan.chunk
-    query = nn.functional.pad(query, (0, 0, 0, padded - length))
-    value = nn.functional.pad(value, (0, 0, 0, padded - length))
-    order = plan.order.flatten(2)  # (batch, heads, rounds * padded)
+    chunks = padded // chunk
+    # every (round, position) slot, in sorted order, and back
+    round_start = torch.arange(rounds, device=query.device)[:, None] * padded
+    sort = (plan.order + round_start).flatten(2)
+    undo = (plan.order.argsort(dim=-1) + round_start).flatten(2)
+    positions = plan.order.flatten(2)  # the position in each sorted slot
 
-    def sorted_chunks(tensor):  # (batch, heads, padded, dim) -> (batch, heads, chunks of all rounds, chunk, dim)
-        gathered = tensor.gather(2, order[..., None].expand(-1, -1, -1, tensor.shape[-1]))
-        return gathered.view(batch, heads, -1, chunk, tensor.shape[-1])
+    def sorted_chunks(tensor):  # (batch, heads, seq, dim) -> (batch, heads, chunks of all rounds, chunk, dim)
+        if padded > length:
+            tensor = nn.functional.pad(tensor, (0, 0, 0, padded - length))
+        return SortedGather.apply(tensor, positions, undo, rounds).view(batch, heads, -1, chunk, tensor.shape[-1])
+
+    # each chunk's window: the chunk it looks back at, then itself
+    own = torch.arange(rounds * chunks, device=query.device).expand(batch, -1)
+    window = torch.stack([plan.previous, own], dim=-1).flatten(1)[:, None]  # (batch, 1, 2 * chunks)
 
     def with_previous(tensor):  # (batch, heads, chunks, chunk, ...) -> (..., previous chunk + own chunk, ...)
-        index = plan.previous[:, None, :].expand(batch, tensor.shape[1], -1)
-        index = index.view(*index.shape, *([1] * (tensor.dim() - 3))).expand_as(tensor)
-        return torch.cat([tensor.gather(2, index), tensor], dim=3)
+        selected = select_rows(tensor, window)
+        return selected.view(batch, tensor.shape[1], -1, 2 * chunk, *tensor.shape[4:])
 
     queries = sorted_chunks(query)
     keys = with_previous(length_normalized_keys(queries))
     values = with_previous(sorted_chunks(value))
-    position = order.view(batch, heads, -1, chunk)
-    offsets = torch.arange(rounds, device=query.device).repeat_interleave(padded // chunk)[:, None]
-    bucket = plan.bucket.gather(-1, plan.order).flatten(2).view(batch, heads, -1, chunk)
-    bucket = bucket + offsets * (plan.num_buckets + 1)  # a key from another round never shares a bucket
-    real = plan.real[:, None, :].expand(batch, heads, -1).gather(2, order).view(batch, heads, -1, chunk)
-    key_position, key_bucket, key_real = with_previous(position), with_previous(bucket), with_previous(real)
-    visible = key_real[..., None, :]
+    scores = torch.matmul(queries, keys.transpose(-1, -2))  # (batch, heads, chunks, chunk, 2 chunk)
+    position = plan.order.reshape(batch, heads, -1, chunk)
+    if not bool(plan.real.all()):
+        real = select_rows(plan.real[:, None, :, None].expand(batch, heads, -1, 1), positions)
+        scores.masked_fill_(~with_previous(real.view(batch, heads, -1, chunk))[..., None, :], MASKED_SCORE)
     if not attend_across_buckets:
-        visible = visible & (bucket[..., :, None] == key_bucket[..., None, :])
-    scores = torch.matmul(queries, keys.transpose(-1, -2))
-    scores = scores.masked_fill(~visible, MASKED_SCORE)
-    scores = scores.masked_fill(position[..., :, None] == key_position[..., None, :], SELF_SCORE)
-    weights, logits = softmax_and_logits(scores)
-    weights = nn.functional.dropout(weights, p=dropout, training=training)
+        offsets = torch.arange(rounds, device=query.device).repeat_interleave(chunks)[:, None] * (plan.num_buckets + 1)
+        bucket = plan.bucket.gather(-1, plan.order).reshape(batch, heads, -1, chunk) + offsets  # rounds never match
+        scores.masked_fill_(bucket[..., :, None] != with_previous(bucket)[..., None, :], MASKED_SCORE)
+    scores.masked_fill_(position[..., :, None] == with_previous(position)[..., None, :], SELF_SCORE)
+    # softmax normalises after taking out the row maximum: exact also where a query sees only itself (at -1e5,
+    # where fp32 steps by 0.008 and exp(score - logsumexp) would not sum to 1)
+    weights = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=training)
     output = torch.matmul(weights, values).view(batch, heads, rounds * padded, dim)
-    # back to (round, position) order: each round's inverse permutation, offset to that round's slots
-    undo = (plan.order.argsort(dim=-1) + torch.arange(rounds, device=query.device)[:, None] * padded).flatten(2)
-    output = output.gather(2, undo[..., None].expand(-1, -1, -1, dim)).view(batch, heads, rounds, padded, dim)
-    logits = logits.view(batch, heads, rounds * padded).gather(2, undo).view(batch, heads, rounds, padded)
+    output = SortedGather.apply(output, undo, sort, 1).view(batch, heads, rounds, padded, dim)
+    if rounds == 1:
+        return output[:, :, 0, :length]
+    logits = torch.logsumexp(scores, dim=-1).view(batch, heads, rounds * padded, 1)
+    logits = SortedGather.apply(logits, undo, sort, 1).view(batch, heads, rounds, padded)
     return combine_rounds(output, logits)[:, :, :length]
 
 
