@@ -9,9 +9,11 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from hf_xarch.cli import main as cli_main
 from hf_xarch.compare import recipe
+from hf_xarch.compare.measure import tensor_bytes
 from hf_xarch.compare.recipe import budget_steps, check_config, parse_command_line, run_compare
 from hf_xarch.compare.report import summarize
 from hf_xarch.train import pretrain
@@ -226,3 +228,16 @@ def test_summary_follows_the_numbers():
     assert "for b; they rise by more for a" in line(swapped, "At 4 x")
     assert "Parameters (lower is better): a 1,000 = b 1,000" in line(lines, "Parameters")
     assert "0.2000 bits per byte" in line(lines, "One training run")
+
+
+def test_cache_bytes_count_the_storage_a_cache_keeps_alive_once():
+    """A window kept as a view of a longer tensor holds the whole storage; two views of one storage count once."""
+    keys = torch.zeros(1, 2, 128, 16)
+    window = keys[:, :, -15:]
+
+    class Layer:
+        def __init__(self):
+            self.keys, self.values, self.state = window, keys[:, :, :4], (torch.zeros(3), {"n": torch.zeros(2)})
+
+    assert tensor_bytes(Layer()) == keys.numel() * 4 + 3 * 4 + 2 * 4
+    assert tensor_bytes(window.clone()) == window.numel() * 4

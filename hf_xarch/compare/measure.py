@@ -117,7 +117,8 @@ def tensor_bytes(value, seen: set | None = None) -> int:
 
 
 def cache_bytes(cache) -> int:
-    """What a transformers cache holds, over all its layers."""
+    """What a transformers cache holds, over all its layers: the storage behind its tensors, so a window kept as a view
+    of the prefill's keys counts the whole prefill (that memory stays allocated until the view is replaced)."""
     return sum(tensor_bytes(layer) for layer in getattr(cache, "layers", [cache]))
 
 
@@ -144,7 +145,7 @@ def evaluate_lengths(accelerator, model, packed: dict, cfg) -> dict[int, dict]:
             "eval_tokens": metrics["eval/tokens"],
             "forward_tokens_per_second": metrics["eval/tokens"] / seconds if seconds > 0 else None,
         }
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and cfg.measure.memory:
             entry.update(forward_memory(model, blocks[:1].to(accelerator.device)))
         results[length] = entry
     return results

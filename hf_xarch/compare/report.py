@@ -82,8 +82,9 @@ def criteria(results: dict, train_length: int, lengths: list[int]) -> list[Crite
             Criterion(f"decode speed after {decode['prompt_tokens']} tokens (tokens/s)",
                       _collect(results, lambda e: e.get("decode", {}).get("decode_tokens_per_second")), False,
                       " tok/s", 3, shorter),
-            Criterion(f"cache memory after {decode['prompt_tokens']} tokens (MiB)",
-                      _collect(results, lambda e: _mib(e.get("decode", {}).get("cache_bytes_after_prompt"))), True,
+            Criterion(f"cache memory after {decode['prompt_tokens']} + {decode['decode_tokens']} decoded tokens "
+                      "(MiB of tensor storage held)",
+                      _collect(results, lambda e: _mib(e.get("decode", {}).get("cache_bytes_after_decode"))), True,
                       " MiB", 3, shorter),
         ]
     found.append(Criterion("parameters", _collect(results, lambda e: e.get("parameters")), True, "", 4))
@@ -168,6 +169,14 @@ def caveats(results: dict, train_length: int, lengths: list[int], budget: dict, 
     threads = torch.get_num_threads()
     lines.append(f"Speeds and memory are single measurements on {device} with {threads} thread{'s' * (threads != 1)}; "
                  "this report does not measure their run-to-run noise, and other load on the machine slows them.")
+    shrinking = [f"{name} ({_mib(e['decode']['cache_bytes_after_prompt']):.3g} -> "
+                 f"{_mib(e['decode']['cache_bytes_after_decode']):.3g} MiB)" for name, e in results.items()
+                 if "decode" in e and e["decode"]["cache_bytes_after_prompt"] > e["decode"]["cache_bytes_after_decode"]]
+    if shrinking:
+        lines.append(f"Caches that hold more storage right after the prompt than after the decoded tokens: "
+                     f"{', '.join(shrinking)}; they keep memory from the prefill that decoding releases (a sliding "
+                     "window kept as a view of the prefill's keys holds their whole storage), so their peak is the "
+                     "prefill's.")
     for name, entry in results.items():
         skipped = [length for length, figures in entry["lengths"].items() if "skipped" in figures]
         if skipped:
@@ -212,7 +221,8 @@ def results_data(cfg, results: dict, train_length: int, lengths: list[int], proc
 
 CSV_COLUMNS = ("model", "length", "bits_per_byte", "loss", "forward_tokens_per_second", "forward_peak_bytes",
                "cache_bytes", "trained_length", "parameters", "train_tokens", "train_flops", "train_tokens_per_second",
-               "train_step_peak_bytes", "decode_tokens_per_second", "decode_prompt_tokens", "decode_cache_bytes")
+               "train_step_peak_bytes", "decode_tokens_per_second", "decode_prompt_tokens", "decode_cache_bytes_after_prompt",
+               "decode_cache_bytes_after_decode")
 
 
 def csv_rows(data: dict) -> list[dict]:
@@ -228,7 +238,8 @@ def csv_rows(data: dict) -> list[dict]:
                 "train_step_peak_bytes": entry.get("train_step_peak_bytes"),
                 "decode_tokens_per_second": decode.get("decode_tokens_per_second"),
                 "decode_prompt_tokens": decode.get("prompt_tokens"),
-                "decode_cache_bytes": decode.get("cache_bytes_after_prompt"),
+                "decode_cache_bytes_after_prompt": decode.get("cache_bytes_after_prompt"),
+                "decode_cache_bytes_after_decode": decode.get("cache_bytes_after_decode"),
             })
     return rows
 
@@ -263,15 +274,17 @@ def markdown(data: dict, plots: dict, plot_note: str | None) -> str:
                      for name, e in models.items()])
     lines += ["", "## Cost", ""]
     lines += _table(["model", "parameters", "train tokens", "train FLOPs", "train tok/s", "train step MiB",
-                     "decode tok/s", "cache MiB after prompt", "prompt tokens"],
+                     "decode tok/s", "cache MiB after prompt", "prompt tokens", "cache MiB after decode"],
                     [[name, e.get("parameters"), total_tokens(e), total_flops(e),
                       e["train"]["tokens_per_second"], _mib(e.get("train_step_peak_bytes")),
                       e.get("decode", {}).get("decode_tokens_per_second"),
-                      _mib(e.get("decode", {}).get("cache_bytes_after_prompt")), e.get("decode", {}).get("prompt_tokens")]
+                      _mib(e.get("decode", {}).get("cache_bytes_after_prompt")), e.get("decode", {}).get("prompt_tokens"),
+                      _mib(e.get("decode", {}).get("cache_bytes_after_decode"))]
                      for name, e in models.items()])
     for title, key, scale in (("Forward speed by length (tokens/s, evaluation batches)", "forward_tokens_per_second", 1),
                               ("Forward peak memory by length (MiB, one sequence)", "forward_peak_bytes", MIB),
-                              ("Cache memory by length (MiB, one sequence)", "cache_bytes", MIB)):
+                              ("Cache memory by length (MiB of tensor storage held after a one-sequence prefill)",
+                               "cache_bytes", MIB)):
         lines += ["", f"## {title}", ""]
         lines += _table(["model", *lengths], [[name, *[_scaled(e["lengths"].get(n, {}).get(key), scale)
                                                        for n in lengths]] for name, e in models.items()])
