@@ -238,3 +238,32 @@ def test_bad_inputs_are_refused():
         model.model.encoder(input_ids=ids, encoder_hidden_states=torch.zeros(2, 4, 32))
     with pytest.raises(ValueError, match="is_encoder_decoder"):
         XArchForConditionalGeneration(tiny_config())
+
+
+@pytest.mark.parametrize("length", [5, 13, 31])
+def test_sliding_encoder_takes_any_length_without_global_tokens(length):
+    """A long-input model (sliding-window encoder, window 6): lengths off the window multiple come out at their own
+    length (no padding to a multiple is visible), the banded kernel equals the dense reference, and generation needs
+    no global token: a padded batch generates what each row generates alone, on either path."""
+    torch.manual_seed(0)
+    config = seq2seq_config(attention_type="sliding_window", attention_window=6, position_embedding_type="rope",
+                            max_position_embeddings=128)
+    model = XArchForConditionalGeneration(config).eval()
+    ids = random_ids(2, length, seed=length, low=3)
+    mask = torch.ones_like(ids)
+    mask[1, length - 2 :] = 0
+    encoded = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert encoded.shape == (2, length, config.hidden_size)
+    generations = {}
+    for implementation in ("sdpa", "eager"):  # the banded kernel, the dense reference
+        model.set_attn_implementation(implementation)
+        generations[implementation] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        alone = model.generate(ids[1:, : length - 2], max_new_tokens=6, do_sample=False)
+        assert torch.equal(generations[implementation][1:], alone)
+    assert torch.equal(generations["sdpa"], generations["eager"])
+    target = generations["sdpa"][:, :-1]
+    logits = {}
+    for implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        logits[implementation] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-5, atol=1e-5)
