@@ -209,6 +209,13 @@ def test_big_bird_masked_lm_converts_exactly(implementation):
         with torch.no_grad():
             expected, got = hf(ids).logits, model(ids).logits
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # a padded row: transformers' blocks follow the batch (its last global block is padding for this row), XArch's the
+    # row's real tokens, which is transformers on the row alone
+    ids, mask = random_ids(2, 64, seed=7, low=3), torch.ones(2, 64, dtype=torch.long)
+    mask[1, 45:] = 0
+    with torch.no_grad():
+        alone, got = hf(ids[1:, :45]).logits, model(ids, attention_mask=mask).logits[1:, :45]
+    torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
 
 
 def test_big_bird_round_trip_and_full_attention():

@@ -13,6 +13,10 @@ pooler a plain Linear (``bert.pooler``) and its q/k/v biases following ``use_bia
   ``(5 + 2 * num_random_blocks) * block_size`` tokens (a warning, and the model stays switched); XArch never
   switches, so the two agree at longer inputs, where transformers' block-sparse path runs. Both take any length
   (transformers pads to a multiple of ``block_size`` inside the model).
+- Padded batches: transformers lays blocks over the padded batch, so a shorter row's last global block is the
+  batch's last block (padding for it) and its outputs depend on how far it was padded; XArch counts blocks on each
+  row's real tokens. Rows that fill the batch agree exactly, and a padded row's XArch outputs are transformers'
+  outputs for that row alone.
 - Embeddings: BigBird drops out before its embedding LayerNorm, XArch after it: identical in eval mode.
 - Pooler: ``BigBirdForMaskedLM`` holds one its logits never read; ``from_hf`` drops it (warned) and ``to_hf`` fills it
   with zeros.
