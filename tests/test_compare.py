@@ -14,7 +14,7 @@ import torch
 from hf_xarch.cli import main as cli_main
 from hf_xarch.compare import recipe
 from hf_xarch.compare.measure import tensor_bytes
-from hf_xarch.compare.recipe import budget_steps, check_config, parse_command_line, run_compare
+from hf_xarch.compare.recipe import budget_steps, check_config, parse_command_line, run_compare, shared_tokenizer
 from hf_xarch.compare.report import summarize
 from hf_xarch.train import pretrain
 
@@ -241,3 +241,18 @@ def test_cache_bytes_count_the_storage_a_cache_keeps_alive_once():
 
     assert tensor_bytes(Layer()) == keys.numel() * 4 + 3 * 4 + 2 * 4
     assert tensor_bytes(window.clone()) == window.numel() * 4
+
+
+def test_byte_level_tokenizer_is_one_token_per_byte(tmp_path):
+    class MainProcess:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+    cfg = tiny_cfg(tmp_path, "tokenizer.algorithm=byte")
+    tokenizer = shared_tokenizer(cfg, lambda: iter(["def f(x):\n    return x\n" * 20]), tmp_path, MainProcess())
+    text = "naïve café ✓ and ASCII"
+    assert len(tokenizer) == 5 + 256
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == len(text.encode("utf-8"))
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()  # shared by every model, and reloaded on resume

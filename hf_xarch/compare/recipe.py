@@ -343,10 +343,11 @@ def run_compare(cfg: Config) -> dict:
         lambda: (r[column] for r in records.stream(0)))
     tokenizer = shared_tokenizer(cfg, train_texts, output_dir, accelerator)
     train_length = cfg.data.block_size
-    lengths = evaluation_lengths(cfg)
+    # the training length is always scored: every extrapolation figure is relative to it
+    lengths = sorted(set(evaluation_lengths(cfg)) | {train_length})
     if cfg.extension.rope_types:
         lengths = sorted(set(lengths) | {extension_length(cfg)})
-    packed = heldout_blocks([r[column] for r in records.heldout], tokenizer, sorted(set(lengths) | {train_length}))
+    packed = heldout_blocks([r[column] for r in records.heldout], tokenizer, lengths)
     processes = PartialState().num_processes
     rows_per_step = cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps * processes
 
