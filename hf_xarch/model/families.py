@@ -14,6 +14,7 @@ from .attention_performer import PerformerAttention  # noqa: F401
 from .attention_sliding import SlidingWindowAttention  # noqa: F401
 from .positions import LearnedPositionEmbedding, RotaryEmbedding, SinusoidalPositionEmbedding  # noqa: F401
 from .position_alibi import AlibiPositionBias  # noqa: F401
+from .position_t5 import T5RelativePositionBias  # noqa: F401
 from .registry import ATTENTION_FAMILIES, ATTENTION_MODULES, POSITION_MODULES, POSITION_SCHEMES  # noqa: F401
 from .transformers_private import register_family_with_transformers
 

@@ -22,10 +22,10 @@ import math
 import torch
 from transformers import initialization as init
 from torch import nn
-from torch.nn import functional as F
 
 from .position_specs import ALIBI_SCHEME
 from .registry import register_position
+from .score_bias import positions_for_keys, score_positions
 
 
 def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Tensor:
@@ -82,16 +82,10 @@ class AlibiBias:
         return self.slopes
 
     def for_keys(self, kv_length: int) -> AlibiBias:
-        """The same bias for a key tensor of ``kv_length`` entries. A sliding-window cache returns only the latest
-        keys (take the last ``kv_length`` positions); a static cache returns slots not yet written, which the mask
-        hides (pad with position 0)."""
-        known = self.key_positions.shape[-1]
-        if known == kv_length:
+        """The same bias for a key tensor of ``kv_length`` entries (``positions_for_keys``)."""
+        if self.key_positions.shape[-1] == kv_length:
             return self
-        if known > kv_length:
-            keys = self.key_positions[..., known - kv_length :]
-        else:
-            keys = F.pad(self.key_positions, (0, kv_length - known))
+        keys = positions_for_keys(self.key_positions, kv_length)
         return AlibiBias(self.slopes, self.query_positions, keys, self.symmetric, None, self.monotone)
 
     def tile(self, queries: slice, keys: slice) -> torch.Tensor:
@@ -132,21 +126,8 @@ class AlibiPositionBias(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_length: int = 0,
     ) -> AlibiBias:
-        """``position_ids`` are the queries' positions; the keys are the cached tokens followed by the queries. The
-        cached tokens' positions are recounted from the 2D ``attention_mask`` (real tokens only, as
-        ``default_position_ids`` counts them) or, without one, taken as ``0..past_length-1``."""
-        query_positions = position_ids.to(device=hidden_states.device, dtype=torch.float32)
-        key_positions = query_positions
-        if past_length:
-            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] >= past_length:
-                past = (attention_mask[:, :past_length].long().cumsum(-1) - 1).clamp(min=0)
-            else:
-                past = torch.arange(past_length, device=hidden_states.device)[None]
-            past = past.to(device=hidden_states.device, dtype=torch.float32)
-            batch = max(past.shape[0], query_positions.shape[0])
-            key_positions = torch.cat(
-                [past.expand(batch, -1), query_positions.expand(batch, -1)], dim=-1
-            )
+        """Positions as ``score_positions`` counts them (cached keys recounted from the 2D ``attention_mask``)."""
+        query_positions, key_positions = score_positions(hidden_states, position_ids, attention_mask, past_length)
         slopes = self.slopes.to(hidden_states.device, torch.float32)
         key_padding = None
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == key_positions.shape[-1]:

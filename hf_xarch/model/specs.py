@@ -13,4 +13,5 @@ from .attention_lsh_spec import LSH_FAMILY  # noqa: F401
 from .attention_performer_spec import PERFORMER_FAMILY  # noqa: F401
 from .attention_sliding_spec import SLIDING_FAMILY  # noqa: F401
 from .position_specs import ALIBI_SCHEME  # noqa: F401
+from .position_t5_spec import T5_SCHEME  # noqa: F401
 from .registry import ATTENTION_FAMILIES, POSITION_SCHEMES  # noqa: F401
