@@ -40,6 +40,7 @@ import json
 import math
 import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..train.common import COMMON_SECTIONS, check_model_section, make_accelerator
@@ -326,6 +327,83 @@ def measure_model(accelerator, model, packed: dict, train_length: int, cfg) -> d
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """One model to train: a named configuration, or an extension of one (`base`, `rope_type`)."""
+
+    name: str
+    fields: dict
+    steps: int
+    flops_per_token: float | None
+    block_size: int
+    base: str | None = None
+    rope_type: str | None = None
+
+    def digest(self, cfg) -> str:
+        extra = {"steps": self.steps, "block_size": self.block_size}
+        if self.base is not None:  # the extension's settings change only the extended models
+            extra.update(base=self.base, rope_type=self.rope_type, extension=cfg.extension.to_dict())
+        return settings_digest(cfg, self.fields, extra)
+
+
+def plan_models(cfg, tokenizer, train_length: int, processes: int) -> list[Plan]:
+    """Every model in training order: the named ones at the budget, then the extensions of the RoPE ones."""
+    plans = []
+    for name, fields in model_fields(cfg).items():
+        flops = training_flops_per_token(fields, tokenizer, train_length)
+        plans.append(Plan(name, fields, budget_steps(cfg, flops, train_length, processes, name), flops, train_length))
+    if not cfg.extension.rope_types:
+        return plans
+    new_length = extension_length(cfg)
+    rows_per_step = cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps * processes
+    steps = cfg.extension.train_tokens // (rows_per_step * new_length)
+    if steps < 1:
+        raise ValueError(f"extension.train_tokens={cfg.extension.train_tokens} is less than one step of "
+                         f"{rows_per_step * new_length:,} tokens at the new length {new_length}")
+    for name, fields in model_fields(cfg).items():
+        if fields.get("position_embedding_type") == "rope":
+            flops = training_flops_per_token(fields, tokenizer, new_length)
+            plans += [Plan(f"{name}+{kind}", fields, steps, flops, new_length, name, kind)
+                      for kind in cfg.extension.rope_types]
+    return plans
+
+
+def train_and_measure(cfg, plan: Plan, digest: str, tokenizer, packed: dict, results: dict, accelerator,
+                      rows_per_step: int, overall) -> dict:
+    """Train one model with the pretrain recipe in OUTPUT/models/NAME, measure it, save its measurements.json."""
+    output_dir = Path(cfg.output_dir)
+    folder = output_dir / "models" / plan.name
+    model = None
+    if plan.base is not None:
+        model = extended_model(output_dir / "models" / plan.base, plan.block_size, plan.rope_type,
+                               cfg.extension.rope_kwargs.get(plan.rope_type, {}))
+    tokens_per_step = rows_per_step * plan.block_size
+
+    def advance(step, record):
+        if overall is not None:
+            overall.update(tokens_per_step)
+
+    pretrain_cfg = pretrain_config(cfg, folder, plan.fields, plan.steps, plan.block_size, output_dir / "tokenizer",
+                                   cfg.extension.warmup_steps if plan.base is not None else None)
+    trained = run_pretrain(pretrain_cfg, callbacks=[advance], model=model, tokenizer=tokenizer,
+                           description=f"{plan.name} ({plan.steps} steps)")
+    entry = {
+        "fields": plan.fields,
+        "trained_length": plan.block_size,
+        "train": training_figures(trained, tokens_per_step, plan.flops_per_token),
+        "pretrain_eval": format_scores(trained.eval_metrics),
+        "settings_digest": digest,
+    }
+    if plan.base is not None:
+        entry["extends"] = {"model": plan.base, "rope_type": plan.rope_type, "new_length": plan.block_size}
+        base_train = results[plan.base]["train"]
+        entry["train"]["base_tokens"], entry["train"]["base_flops"] = base_train["tokens"], base_train["flops"]
+    entry.update(measure_model(accelerator, trained.loop.model, packed, plan.block_size, cfg))
+    if accelerator.is_main_process:
+        (folder / RESULT_FILE).write_text(json.dumps(entry, indent=1, default=str))
+    return entry
+
+
 def run_compare(cfg: Config) -> dict:
     """Train and measure every model (skipping finished ones), then write the report; returns results.json's data."""
     from accelerate.state import PartialState
@@ -351,68 +429,20 @@ def run_compare(cfg: Config) -> dict:
     processes = PartialState().num_processes
     rows_per_step = cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps * processes
 
-    plans = []  # (name, fields, steps, flops per token, block size, base name or None, rope type or None)
-    for name, fields in model_fields(cfg).items():
-        flops = training_flops_per_token(fields, tokenizer, train_length)
-        plans.append((name, fields, budget_steps(cfg, flops, train_length, processes, name), flops, train_length,
-                      None, None))
-    new_length = extension_length(cfg) if cfg.extension.rope_types else None
-    for name, fields in model_fields(cfg).items():
-        if fields.get("position_embedding_type") != "rope":
-            continue
-        for rope_type in cfg.extension.rope_types:
-            flops = training_flops_per_token(fields, tokenizer, new_length)
-            steps = max(1, cfg.extension.train_tokens // (rows_per_step * new_length))
-            plans.append((f"{name}+{rope_type}", fields, steps, flops, new_length, name, rope_type))
-
     results: dict[str, dict] = {}
     todo = []
-    for plan in plans:
-        name, fields, steps, _, block_size, base, rope_type = plan
-        extra = {"steps": steps, "block_size": block_size}
-        if base is not None:  # the extension's settings change only the extended models
-            extra.update(base=base, rope_type=rope_type, extension=cfg.extension.to_dict())
-        digest = settings_digest(cfg, fields, extra)
-        done = finished(output_dir / "models" / name, digest, name)
+    for plan in plan_models(cfg, tokenizer, train_length, processes):
+        digest = plan.digest(cfg)
+        done = finished(output_dir / "models" / plan.name, digest, plan.name)
         if done is not None:
-            results[name] = done
-            accelerator.print(f"compare: {name}: finished earlier, measurements loaded")
+            results[plan.name] = done
+            accelerator.print(f"compare: {plan.name}: finished earlier, measurements loaded")
         else:
-            todo.append((*plan, digest))
-    overall = _overall_bar(cfg, accelerator, sum(step * rows_per_step * size for _, _, step, _, size, *_ in
-                                                 (plan[:7] for plan in todo)))
-    for name, fields, steps, flops, block_size, base, rope_type, digest in todo:
-        folder = output_dir / "models" / name
-        model = None
-        if base is not None:
-            model = extended_model(output_dir / "models" / base, new_length, rope_type,
-                                   cfg.extension.rope_kwargs.get(rope_type, {}))
-        tokens_per_step = rows_per_step * block_size
-
-        def advance(step, record, tokens=tokens_per_step):
-            if overall is not None:
-                overall.update(tokens)
-
-        pretrain_cfg = pretrain_config(cfg, folder, fields, steps, block_size, output_dir / "tokenizer",
-                                       cfg.extension.warmup_steps if base is not None else None)
-        trained = run_pretrain(pretrain_cfg, callbacks=[advance], model=model, tokenizer=tokenizer,
-                               description=f"{name} ({steps} steps)")
-        entry = {
-            "fields": fields,
-            "trained_length": block_size,
-            "train": training_figures(trained, tokens_per_step, flops),
-            "pretrain_eval": format_scores(trained.eval_metrics),
-            "settings_digest": digest,
-        }
-        if base is not None:
-            entry["extends"] = {"model": base, "rope_type": rope_type, "new_length": new_length}
-            base_train = results[base]["train"]
-            entry["train"]["base_tokens"], entry["train"]["base_flops"] = base_train["tokens"], base_train["flops"]
-        entry.update(measure_model(accelerator, trained.loop.model, packed, block_size, cfg))
-        if accelerator.is_main_process:
-            (folder / RESULT_FILE).write_text(json.dumps(entry, indent=1, default=str))
-        results[name] = entry
-        del trained, model
+            todo.append((plan, digest))
+    overall = _overall_bar(cfg, accelerator, sum(plan.steps * rows_per_step * plan.block_size for plan, _ in todo))
+    for plan, digest in todo:
+        results[plan.name] = train_and_measure(cfg, plan, digest, tokenizer, packed, results, accelerator,
+                                               rows_per_step, overall)
     if overall is not None:
         overall.close()
     data = None
