@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, interleaved_timings, markdown_table, median_ms, write_results  # noqa: E402
+from common import environment, interleaved_timings, markdown_table, median_ms, write_results
 
 SCHEMES = ("none", "alibi", "t5_relative")
 FAMILIES = {"full": {"is_decoder": True}, "sliding_window": {"is_decoder": False, "attention_window": 512}}
@@ -91,10 +91,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
          f"{env.get('cpu')} ({env['cpu_count']} cores, load {env.get('load_average_1min')}), torch {env['torch']}. "
          f"Command: `python benchmarks/bench_t5_bias.py {' '.join(sys.argv[1:])}`."),
         "",
-        "full: a decoder (causal); its unbiased path is transformers' SDPA, ALiBi the key-bias flash path, T5 the "
-        "blocked SDPA path (blocks of 1024 queries with their bias tile). sliding_window: an encoder, window 512; "
-        "all three run the native banded kernel, which adds the bias as one (block x window) strip per head and "
-        "returns the T5 table's gradient.",
+        ("full: a decoder (causal); its unbiased path is transformers' SDPA, ALiBi the key-bias flash path, T5 the "
+         "blocked SDPA path (blocks of 1024 queries with their bias tile). sliding_window: an encoder, window 512; "
+         "all three run the native banded kernel, which adds the bias as one (block x window) strip per head and "
+         "returns the T5 table's gradient."),
         "",
         table,
     ])
