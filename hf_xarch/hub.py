@@ -20,7 +20,7 @@ import torch
 import transformers
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
-from .model import modeling_xarch
+from .model import modeling_xarch, modeling_xarch_seq2seq
 from .model.configuration_xarch import XArchConfig
 from .model.registry import ATTENTION_FAMILIES, POSITION_SCHEMES, attention_family_for_layer_type
 
@@ -29,9 +29,10 @@ EVAL_RESULTS_NAME = "eval_results.json"  # what the recipes scored; a card rewri
 # the templates live in the repository's model_cards/; an installed wheel carries them under share/hf-xarch/
 TEMPLATE_DIRS = [Path(__file__).resolve().parent.parent / "model_cards", Path(sys.prefix) / "share" / "hf-xarch" / "model_cards"]
 
-# the card's pipeline tag and the Auto class its usage example loads, per architecture (modeling_xarch.HEADS)
-PIPELINE_TAGS = {head.model_class.__name__: head.pipeline_tag for head in modeling_xarch.HEADS}
-AUTO_CLASS_OF = {head.model_class.__name__: head.auto_class for head in modeling_xarch.HEADS}
+# the card's pipeline tag and the Auto class its usage example loads, per architecture (the modeling files' heads)
+ALL_HEADS = (*modeling_xarch.HEADS, *modeling_xarch_seq2seq.SEQ2SEQ_HEADS)
+PIPELINE_TAGS = {head.model_class.__name__: head.pipeline_tag for head in ALL_HEADS}
+AUTO_CLASS_OF = {head.model_class.__name__: head.auto_class for head in ALL_HEADS}
 
 CITATIONS = {
     "transformer": """@inproceedings{vaswani2017attention,
@@ -78,6 +79,13 @@ def describe_architecture(config: XArchConfig) -> list[str]:
     """The architecture in words, one line per aspect."""
     lines = []
     stack = "decoder (causal)" if config.is_decoder else "encoder (bidirectional)"
+    if config.is_encoder_decoder:
+        decoder = config.stack_config("decoder")
+        families = sorted({attention_family_for_layer_type(t).name for t in decoder.layer_types})
+        lines.append(f"**Encoder-decoder**: a causal decoder of {decoder.num_hidden_layers} layers of "
+                     f"{', '.join(f'`{name}`' for name in families)} self-attention with full cross-attention to the "
+                     "encoder output; one token table shared by both stacks"
+                     f"{' and the LM head' if config.tie_word_embeddings else ''}.")
     lines.append(
         f"**Stack**: {stack}, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
         f"{config.norm_position}-norm {config.norm_type}, {config.mlp_type} MLP of width {config.intermediate_size} "

@@ -267,3 +267,16 @@ def test_sliding_encoder_takes_any_length_without_global_tokens(length):
         model.set_attn_implementation(implementation)
         logits[implementation] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
     torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_model_card_says_encoder_decoder(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_xarch.hub import make_card
+
+    card = make_card(model_for("post-norm-sinusoidal-sliding-decoder"), repo_id="me/tiny")
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.pipeline_tag == "text2text-generation"
+    assert "AutoModelForSeq2SeqLM" in loaded.text
+    assert "a causal decoder of 3 layers of `sliding_window` self-attention with full cross-attention" in loaded.text
