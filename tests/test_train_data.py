@@ -278,4 +278,4 @@ def test_unknown_metric_is_refused():
     from hf_xarch.metrics import metric_path
 
     with pytest.raises(ValueError, match="available"):
-        metric_path("bleu")
+        metric_path("meteor")
