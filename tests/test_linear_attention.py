@@ -199,3 +199,16 @@ def test_shared_feature_map_options_are_read_by_either_family():
     config = tiny_config(attention_type="linear_sliding", linear_feature_map="t2r", linear_feature_dim=12)
     layer = XArchModel(config).layers[0].attention
     assert isinstance(layer, LinearSlidingAttention) and layer.feature_map.weight.shape[-1] == 12
+
+
+@pytest.mark.parametrize("family", ["linear", "linear_sliding"])
+def test_gradient_checkpointing_trains(family):
+    """Non-reentrant checkpointing re-runs each layer in the backward: the hybrid's banded kernel must unpack its saved
+    tensors once (it unpacked them twice, which checkpointing refuses)."""
+    torch.manual_seed(0)
+    model = XArchForCausalLM(tiny_config(attention_type=family, is_decoder=False, linear_window=4)
+                             if family == "linear_sliding" else tiny_config(attention_type=family))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = random_ids(2, 13, seed=5)
+    model.train()(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -105,6 +105,10 @@ _NO_WEIGHTS = (
     "performer layers have no attention weights to return: FAVOR+ never forms the attention matrix, and "
     "output_attentions=True warns and returns none, as transformers' sdpa does (README, mixed precision)"
 )
+_LINEAR_NO_WEIGHTS = (
+    "linear attention layers have no attention weights to return: φ(Q)(φ(K)ᵀV) never forms the attention matrix, and "
+    "output_attentions=True warns and returns none, as transformers' sdpa does"
+)
 FAMILY_SKIPS: dict[str, dict[str, str]] = {
     "performer": {
         "test_attention_outputs": _NO_WEIGHTS,
@@ -115,7 +119,12 @@ FAMILY_SKIPS: dict[str, dict[str, str]] = {
             "meta_init and save_reload invariants check a meta-device build and that reload is identical"
         ),
     },
+    "linear": {
+        "test_attention_outputs": _LINEAR_NO_WEIGHTS,
+        "test_retain_grad_hidden_states_attentions": _LINEAR_NO_WEIGHTS,
+    },
 }
+FAMILY_SKIPS["linear_sliding"] = FAMILY_SKIPS["linear"]
 
 
 # Mixin tests marked slow in every class (they still run in CI): half-precision eager == sdpa on CPU is about half of

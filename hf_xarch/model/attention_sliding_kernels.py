@@ -479,9 +479,10 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _native_banded_backward(ctx, grad_out, _grad_row_max, _grad_row_inv_sum):
-    band_bias, extra_bias = ctx.saved_tensors[6:8]
+    saved = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing refuses a second unpack
+    band_bias, extra_bias = saved[6:8]
     bias_grads = ctx.needs_input_grad[6] or ctx.needs_input_grad[7]
-    *grads, d_band, d_extra = native_banded_attention_backward(grad_out, *ctx.saved_tensors, *ctx.settings, bias_grads)
+    *grads, d_band, d_extra = native_banded_attention_backward(grad_out, *saved, *ctx.settings, bias_grads)
     d_band_bias = d_extra_bias = None
     if bias_grads:  # per (batch row, head) -> the biases' shapes (a bias shared by the heads sums theirs)
         d_band_bias = d_band.sum(0) if band_bias.shape[0] > 1 else d_band.sum((0, 1))[None]

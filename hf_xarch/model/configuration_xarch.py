@@ -199,6 +199,31 @@ class XArchConfig(PreTrainedConfig):
             at logit std 0.5); 0 gives the unbiased FAVOR+ estimate. Not allowed with `relu`, which adds its own 1e-3.
         Performer cannot take an additive score bias (ALiBi); its `attention_dropout` is unused (no weights exist).
 
+    Linformer (`attention_type="linformer"`, Wang et al. 2020; encoder only; options in `attention_linformer_spec.py`):
+        linformer_k (`int`, defaults to 256): keys and values are projected along the sequence to k rows: O(N·k).
+        linformer_sharing (`str`, defaults to `"headwise"`): the paper's variants: `headwise` (one E and F per layer
+            for all heads), `none` (one pair per key/value head) or `key_value` (E = F). Inputs may be up to
+            `max_position_embeddings` long (the projections' width); shorter ones use their first columns.
+
+    Reformer LSH (`attention_type="lsh"`, Kitaev et al. 2020; encoder only; options in `attention_lsh_spec.py`):
+        num_hashes (`int`, defaults to 1), num_buckets (`int`, even, defaults to 64), lsh_chunk_length (`int`, defaults
+            to 64): hash rounds, buckets per round and the chunk a sorted query attends within (plus the one before).
+        hash_seed (`int`, *optional*): the seed of the random rotations (transformers' draw); None: each layer draws
+            its own seed when built. The rotations are saved with the model either way.
+        lsh_attend_across_buckets (`bool`, defaults to `False`): `False` masks keys of other buckets (the paper's
+            rule); `True` lets a chunk see all its keys, as transformers' `LSHSelfAttention` does.
+
+    Linear attention (`attention_type="linear"`, Katharopoulos et al. 2020) and its hybrid with a softmax window
+    (`attention_type="linear_sliding"`, LoLCATs, Zhang et al. 2024); options in `attention_linear_spec.py`:
+        linear_feature_map (`str`, defaults to `"hedgehog"`): the feature map φ per head: `hedgehog` (learned,
+            softmax over [xW, -xW]), `t2r` (learned, relu(xW + b)), `elu` (elu + 1), `relu`, or `favor+` (the
+            Performer's random features, unbiased; `linear` only). Learned maps are trained by `hf_xarch.linearize`.
+        linear_feature_dim (`int`, *optional*): the width of W (hedgehog: 2x that many features), or favor+'s feature
+            count; defaults to head_dim (favor+: head_dim * ln(head_dim)); not allowed for `elu` / `relu`.
+        linear_window (`int`, defaults to 64): `linear_sliding` only: the nearest keys each query attends to with exact
+            softmax (a decoder: itself and window - 1 before it; an encoder: window // 2 on each side).
+        Neither takes ALiBi; `attention_dropout` is unused (no weights exist).
+
     Encoder-decoder (`is_encoder_decoder=True`; `XArchForConditionalGeneration`, T5 and BART's layout):
         is_encoder_decoder (`bool`, defaults to `False`): an encoder and a decoder with cross-attention. Every field
             above describes the encoder (any attention family, `layer_types`, global tokens, any position scheme) and
