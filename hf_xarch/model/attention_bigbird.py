@@ -199,7 +199,9 @@ def bigbird_block_attention(query, key, value, plan, block_size, lengths, last_b
     padded = blocks * block_size
     pad = (0, 0, 0, padded - length)
     q, k, v = (nn.functional.pad(t, pad).view(batch, heads, blocks, block_size, -1) for t in (query, key, value))
-    valid = torch.arange(padded, device=query.device)[None] < lengths[:, None]  # (batch, padded)
+    # (batch, padded); a row of padding only still "sees" its first slot, so that no softmax row is empty (NaN)
+    lengths = lengths.clamp(min=1)
+    valid = torch.arange(padded, device=query.device)[None] < lengths[:, None]
     structural, structural_valid = structural_blocks(blocks, last_block, query.device)
     index = torch.cat([structural[:, None].expand(batch, heads, -1, -1), plan.clamp(min=0).expand(batch, -1, -1, -1)],
                       dim=-1)  # (batch, heads, blocks, S)
@@ -216,31 +218,29 @@ def bigbird_block_attention(query, key, value, plan, block_size, lengths, last_b
     row_valid = valid.view(batch, 1, blocks, block_size).expand(-1, heads, -1, -1).reshape(-1, block_size)
     key_ok = row_valid.index_select(0, rows.flatten()).view(batch, heads, blocks, slots, block_size)
     key_ok = (key_ok & slot_valid[..., None]).view(batch, heads, blocks, 1, slots * block_size)
-    q = q.float() * scaling
-    scores = torch.matmul(q, keys.float().transpose(-1, -2))  # (batch, heads, blocks, block, S·block)
     if last_block is None:  # a decoder: causal on (compacted) real tokens
         k_pos = (index[..., None] * block_size + torch.arange(block_size, device=query.device)).flatten(-2)
         q_pos = torch.arange(padded, device=query.device).view(blocks, block_size)
         key_ok = key_ok & (k_pos[:, :, :, None, :] <= q_pos[None, None, :, :, None])
-    scores = scores.masked_fill(~key_ok, torch.finfo(torch.float32).min)
-    global_k = None
     if global_q is not None and bool(global_q.any()):
-        # the global tokens' keys for the query blocks whose plan does not hold their block already
+        # the global tokens' keys, for the query blocks whose plan does not hold their block already
         count = int(global_q.sum(1).max())
         g_index = torch.sort(global_q.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :count]
         present = global_q.gather(1, g_index)
         g_block = g_index // block_size
         covered = ((index[..., None] == g_block[:, None, None, None, :]) & slot_valid[..., None]).any(-2)
         g_ok = present[:, None, None, :] & ~covered  # (batch, heads, blocks, G)
-        global_k = _take(key, g_index), _take(value, g_index)
-        g_scores = torch.matmul(q, global_k[0].float().transpose(-1, -2)[:, :, None])
-        scores = torch.cat([scores, g_scores.masked_fill(~g_ok[:, :, :, None], torch.finfo(torch.float32).min)], -1)
-    weights = nn.functional.softmax(scores, dim=-1)
-    weights = nn.functional.dropout(weights, p=dropout, training=training).to(value.dtype)
-    output = torch.matmul(weights[..., : slots * block_size], values)
-    if global_k is not None:
-        output = output + torch.matmul(weights[..., slots * block_size :], global_k[1][:, :, None])
-    output = output.reshape(batch, heads, padded, -1)[:, :, :length]
+        spread = lambda t: _take(t, g_index)[:, :, None].expand(-1, -1, blocks, -1, -1)
+        keys, values = torch.cat([keys, spread(key)], 3), torch.cat([values, spread(value)], 3)
+        key_ok = torch.cat([key_ok, g_ok[:, :, :, None]], -1)  # an encoder's mask: one row per query block
+    # every query block against its keys in one fused call (torch's SDPA: on CPU a flash kernel that takes the mask,
+    # never materialising the (block x keys) scores); query blocks are SDPA's heads. Every row sees a real key (the
+    # first block is in every plan), so no row is all masked.
+    fold = lambda t: t.reshape(batch * heads, blocks, *t.shape[3:])
+    output = nn.functional.scaled_dot_product_attention(
+        fold(q), fold(keys), fold(values), attn_mask=fold(key_ok), dropout_p=dropout if training else 0.0,
+        scale=scaling,
+    ).view(batch, heads, padded, -1)[:, :, :length]
     if last_block is None:
         return output
     return _global_rows(output, query, key, value, block_size, lengths, last_block, global_q, scaling, dropout,
@@ -268,12 +268,9 @@ def _global_rows(output, query, key, value, block_size, lengths, last_block, glo
     rows, rows_ok = torch.cat(rows, 1), torch.cat(rows_ok, 1)
     rows = torch.where(rows_ok, rows, length)  # unused entries write to a spare row that is cut off
     q_rows = _take(nn.functional.pad(query, (0, 0, 0, 1)), rows)
-    key_valid = torch.arange(length, device=device)[None] < lengths[:, None]
-    visible = key_valid[:, None, None, :]
-    scores = torch.matmul(q_rows.float(), key.float().transpose(-1, -2)) * scaling
-    weights = nn.functional.softmax(scores.masked_fill(~visible, torch.finfo(torch.float32).min), dim=-1)
-    weights = nn.functional.dropout(weights, p=dropout, training=training).to(value.dtype)
-    dense = torch.matmul(weights, value)  # (batch, heads, R, dim)
+    visible = (torch.arange(length, device=device)[None] < lengths[:, None])[:, None, None, :]
+    dense = nn.functional.scaled_dot_product_attention(q_rows, key, value, attn_mask=visible, scale=scaling,
+                                                       dropout_p=dropout if training else 0.0)  # (batch, heads, R, dim)
     is_global = torch.zeros(batch, length + 1, dtype=torch.bool, device=device).scatter(1, rows, rows_ok)[:, :length]
     spread = torch.zeros(batch, heads, length + 1, dim, dtype=dense.dtype, device=device)
     spread = spread.scatter(2, rows[:, None, :, None].expand(-1, heads, -1, dim), dense)[:, :, :length]
