@@ -172,6 +172,10 @@ def summary(
         raise ValueError(f"summary: config must be an XArchConfig, got {type(config).__name__}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"summary: seq_len={seq_len!r} is not allowed: a positive integer")
+    if config.is_encoder_decoder:  # its decoder and cross-attention are not costed yet: no figures rather than wrong
+        raise ValueError("summary: is_encoder_decoder=True is not summarized yet; summarize its stacks one by one: "
+                         "summary(config.stack_config('encoder'), head='base') and "
+                         "summary(config.stack_config('decoder')) (without its cross-attention)")
     head = head or ("causal_lm" if config.is_decoder else "masked_lm")
     if head not in HEADS:
         raise ValueError(f"summary: head={head!r} is not allowed: one of {list(HEADS)}")

@@ -280,3 +280,12 @@ def test_model_card_says_encoder_decoder(tmp_path):
     assert loaded.data.pipeline_tag == "text2text-generation"
     assert "AutoModelForSeq2SeqLM" in loaded.text
     assert "a causal decoder of 3 layers of `sliding_window` self-attention with full cross-attention" in loaded.text
+
+
+def test_summary_refuses_an_encoder_decoder_rather_than_costing_its_encoder_only():
+    import hf_xarch
+
+    config = seq2seq_config()
+    with pytest.raises(ValueError, match="is_encoder_decoder"):
+        hf_xarch.summary(config, seq_len=64)
+    assert hf_xarch.summary(config.stack_config("encoder"), seq_len=64, head="base").num_layers == 2
