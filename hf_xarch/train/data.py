@@ -342,13 +342,27 @@ def pad_batch(sequences: list[list[int]], pad_id: int, label_rows: list[list[int
     return batch
 
 
+# a seq2seq batch's target side: it has its own length and mask, whatever the width of the source
+DECODER_KEYS = ("labels", "decoder_input_ids", "decoder_attention_mask")
+
+
 def slice_batch(batch: dict, start: int, stop: int) -> dict:
-    """Rows [start, stop) of every tensor in `batch`, with columns that are padding in every row trimmed off."""
+    """Rows [start, stop) of every tensor in `batch`, with columns that are padding in every row trimmed off (the
+    target side of a seq2seq batch, which has a ``decoder_attention_mask``, by its own mask)."""
     part = {key: value[start:stop] for key, value in batch.items()}
-    mask = part.get("attention_mask")
-    if mask is not None and mask.dim() == 2 and mask.numel():
-        used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-        if used < mask.shape[1]:
-            part = {key: value[:, :used] if value.dim() == 2 and value.shape[1] == mask.shape[1] else value
-                    for key, value in part.items()}
-    return part
+    if "decoder_attention_mask" not in part:
+        return _trim(part, list(part), "attention_mask")
+    part = _trim(part, [key for key in part if key not in DECODER_KEYS], "attention_mask")
+    return _trim(part, [key for key in part if key in DECODER_KEYS], "decoder_attention_mask")
+
+
+def _trim(part: dict, keys: list[str], mask_key: str) -> dict:
+    """`part` with the columns of its 2-D tensors `keys` cut after the last one that `mask_key` marks in any row."""
+    mask = part.get(mask_key)
+    if mask is None or mask.dim() != 2 or not mask.numel():
+        return part
+    used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    if used == mask.shape[1]:
+        return part
+    return {key: value[:, :used] if key in keys and value.dim() == 2 and value.shape[1] == mask.shape[1] else value
+            for key, value in part.items()}

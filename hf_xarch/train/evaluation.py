@@ -1,4 +1,5 @@
-"""Held-out evaluation: loss, perplexity and bits per byte for language models; accuracy and F1 for classifiers.
+"""Held-out evaluation: loss, perplexity and bits per byte for language models; accuracy and F1 for classifiers;
+BLEU, chrF and ROUGE of generated text for encoder-decoders.
 
 What is scored is stated with the numbers: the whole held-out set, or a seeded random sample drawn uniformly from all
 of it (never its first rows: held-out text in document order is not a sample of anything). Every result carries
@@ -7,8 +8,8 @@ counts behind it, so logs, ``eval_results.json`` and the model card say what the
 
 Each process evaluates rows ``rank::world`` of what is scored and the sums are reduced, so the numbers do not depend
 on how many processes ran. Evaluation runs the unwrapped model (no DDP hooks: no collectives inside forward, so
-processes may hold different numbers of rows). Accuracy and F1 come from the `evaluate` modules hf_xarch ships
-(``hf_xarch/metrics``), because metrics on the Hub cannot be loaded offline.
+processes may hold different numbers of rows). Accuracy, F1, BLEU, chrF and ROUGE come from the `evaluate` modules
+hf_xarch ships (``hf_xarch/metrics``), because metrics on the Hub cannot be loaded offline.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import torch
 
 from .data import mask_for_mlm, pad_batch
+from .text_pairs import pad_pairs
 
 EVAL_MASK_SEED = 1234  # one fixed masking for every evaluation, so MLM eval losses are comparable across steps
 # the counts that say what an evaluation covered (not scores: they stay out of the card's metric table)
@@ -211,6 +213,60 @@ def evaluate_classifier(
     if task == "token":  # accuracy and F1 count labelled tokens (the first sub-token of each word)
         result["eval/tokens"] = len(references)
         extra = f", {len(references):,} labelled tokens"
+    return _coverage(result, "examples", len(examples), heldout, sample is not None, sample_seed, extra)
+
+
+@torch.no_grad()
+def evaluate_seq2seq(
+    accelerator,
+    model,
+    examples: list[dict],
+    batch_size: int,
+    tokenizer,
+    metrics: dict,
+    generation: dict,
+    max_batches: int | None = None,
+    sample_seed: int = 0,
+) -> dict:
+    """Teacher-forced loss per target token, and BLEU, chrF (0-100) and ROUGE F-measures (0-1) of the text that
+    ``generate(**generation)`` writes for each source, scored against the example's reference text. `examples` come
+    from ``text_pairs.encode_pairs``; `max_batches` limits it to a random sample, as in `evaluate_lm`. Generation runs
+    on the unwrapped model, so not under FSDP or DeepSpeed (the recipe refuses those)."""
+    from accelerate.utils import gather_object
+
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    heldout = len(examples)
+    sample = sample_rows(heldout, (max_batches or 0) * batch_size, sample_seed)
+    if sample is not None:
+        examples = [examples[i] for i in sample.tolist()]
+    mine = [examples[i] for i in _shard(len(examples), accelerator.process_index, accelerator.num_processes)]
+    predictions, references = [], []
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        batch = {key: value.to(device) for key, value in pad_pairs(chunk, tokenizer.pad_token_id).items()}
+        count = int(batch["labels"].ne(-100).sum())
+        total += torch.tensor([float(model(**batch).loss) * count, count], dtype=torch.float64, device=device)
+        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **generation)
+        predictions += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        references += [e["target"] for e in chunk]
+    total = accelerator.reduce(total, reduction="sum")
+    predictions = gather_object(predictions) if accelerator.num_processes > 1 else predictions
+    references = gather_object(references) if accelerator.num_processes > 1 else references
+    if was_training:
+        model.train()
+    if not references:
+        raise ValueError("the held-out set is empty; raise data.heldout_fraction or add data")
+    result = {"eval/loss": float(total[0] / max(total[1], 1))}
+    result["eval/bleu"] = metrics["bleu"].compute(predictions=predictions, references=references)["score"]
+    result["eval/chrf"] = metrics["chrf"].compute(predictions=predictions, references=references)["score"]
+    rouge = metrics["rouge"].compute(predictions=predictions, references=references)
+    result.update({f"eval/{name}": value for name, value in rouge.items()})
+    decoding = f"beam search ({generation['num_beams']} beams)" if generation.get("num_beams", 1) > 1 else "greedy"
+    extra = f", {decoding} decoding of at most {generation['max_new_tokens']} new tokens"
     return _coverage(result, "examples", len(examples), heldout, sample is not None, sample_seed, extra)
 
 

@@ -132,6 +132,8 @@ def check_tokenizer_for_task(tokenizer, task: str) -> None:
         needed["mask_token"] = "masked language modelling"
     if task == "clm":
         needed["eos_token"] = "separating packed documents"
+    if task == "seq2seq":
+        needed["eos_token"] = "ending targets (generation stops there)"
     for attribute, why in needed.items():
         if getattr(tokenizer, attribute, None) is None:
             raise ValueError(f"the tokenizer has no {attribute}, which {task!r} needs for {why}")
