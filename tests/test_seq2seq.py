@@ -19,6 +19,11 @@ ENCODERS = {
                                        "mlp_type": "gated", "hidden_act": "silu", "tie_word_embeddings": False},
     "post-norm-sinusoidal-sliding-decoder": {"norm_position": "post", "position_embedding_type": "sinusoidal",
                                              "decoder_attention_type": "sliding_window", "attention_window": 4},
+    # a decoder with a recurrent-state cache: its cross-attention layers still keep every encoder key
+    "no-positions-performer-decoder": {"position_embedding_type": "none", "decoder_attention_type": "performer"},
+    "alibi": {"position_embedding_type": "alibi"},
+    "t5-relative": {"position_embedding_type": "t5_relative", "relative_attention_num_buckets": 8,
+                    "norm_type": "rmsnorm", "attention_bias": False, "mlp_bias": False},
 }
 
 
