@@ -220,7 +220,8 @@ class QuantizedKVLayer(DynamicLayer):
         super().lazy_initialization(key_states, value_states)
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
         self.sink_slots, self.quantized_slots, self.residual_slots = empty, empty, empty
-        self.sink_keys, self.sink_values = key_states[:, :, :0], value_states[:, :, :0]
+        # clones: an empty view would keep the whole first chunk's memory alive
+        self.sink_keys, self.sink_values = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
 
     # ---- what is stored ----------------------------------------------------------------------------------------
     @property
