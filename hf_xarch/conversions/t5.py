@@ -121,10 +121,16 @@ def scales_decoder_output(hf_config: PreTrainedConfig, hf_class_name: str) -> bo
     return hf_class_name == "T5ForConditionalGeneration" and bool(getattr(hf_config, "scale_decoder_outputs", True))
 
 
+def initializer_range(hf_config: PreTrainedConfig) -> float:
+    """T5's std for most of its weights (k, v, wi, the relative table: ``initializer_factor * d_model ** -0.5``)."""
+    return hf_config.initializer_factor * hf_config.d_model**-0.5
+
+
 def config_from_hf(hf_config: PreTrainedConfig, hf_class_name: str) -> XArchConfig:
     start = getattr(hf_config, "decoder_start_token_id", None)
     return FIELDS.to_xarch(
         hf_config,
+        initializer_range=initializer_range(hf_config),
         mlp_type="gated" if hf_config.is_gated_act else "plain",
         decoder_start_token_id=hf_config.pad_token_id if start is None else start,
     )
