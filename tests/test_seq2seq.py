@@ -294,3 +294,17 @@ def test_summary_refuses_an_encoder_decoder_rather_than_costing_its_encoder_only
     with pytest.raises(ValueError, match="is_encoder_decoder"):
         hf_xarch.summary(config, seq_len=64)
     assert hf_xarch.summary(config.stack_config("encoder"), seq_len=64, head="base").num_layers == 2
+
+
+def test_attention_outputs_keep_self_and_cross_attention_apart():
+    model = model_for("full-learned")
+    model.set_attn_implementation("eager")  # the weights exist on the reference path
+    ids, mask = padded_inputs()
+    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4], output_attentions=True,
+                output_hidden_states=True)
+    assert [a.shape for a in out.encoder_attentions] == [(2, 4, 11, 11)] * 2
+    assert [a.shape for a in out.decoder_attentions] == [(2, 4, 4, 4)] * 3
+    assert [a.shape for a in out.cross_attentions] == [(2, 4, 4, 11)] * 3
+    assert len(out.encoder_hidden_states) == 3 and len(out.decoder_hidden_states) == 4
+    assert float(out.cross_attentions[0][1, :, :, 7:].abs().max()) == 0  # padded source tokens get no weight
+    torch.testing.assert_close(out.cross_attentions[0].sum(-1), torch.ones(2, 4, 4))
