@@ -1,6 +1,7 @@
-"""Local ``evaluate`` metric modules (accuracy, f1), loadable offline, unlike metrics on the Hub.
+"""Local ``evaluate`` metric modules (accuracy, f1, bleu, chrf, rouge), loadable offline, unlike metrics on the Hub.
 
-``evaluate.load(metric_path("f1"))`` loads one. They compute with numpy only (the Hub's versions need scikit-learn).
+``evaluate.load(metric_path("f1"))`` loads one. They compute with numpy or the standard library only (the Hub's
+versions need scikit-learn, sacrebleu or rouge_score); bleu and chrf give sacrebleu's numbers, rouge rouge_score's.
 """
 
 from __future__ import annotations
