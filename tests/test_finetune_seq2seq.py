@@ -145,7 +145,7 @@ def _pairs_file(tmp_path, count=80):
     import random
 
     rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     pairs = [{"source": " ".join(rng.choice(words) for _ in range(8)), "target": "the answer is yes"}
              for _ in range(count)]
     path = tmp_path / "pairs.json"
