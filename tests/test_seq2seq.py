@@ -300,8 +300,9 @@ def test_attention_outputs_keep_self_and_cross_attention_apart():
     model = model_for("full-learned")
     model.set_attn_implementation("eager")  # the weights exist on the reference path
     ids, mask = padded_inputs()
-    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4], output_attentions=True,
-                output_hidden_states=True)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4], output_attentions=True,
+                    output_hidden_states=True)
     assert [a.shape for a in out.encoder_attentions] == [(2, 4, 11, 11)] * 2
     assert [a.shape for a in out.decoder_attentions] == [(2, 4, 4, 4)] * 3
     assert [a.shape for a in out.cross_attentions] == [(2, 4, 4, 11)] * 3
