@@ -31,7 +31,6 @@ from .base import (
     check_no_layer_sharing,
     check_xarch_config,
     heads,
-    mismatches,
     register_converter,
     rename,
     unsupported,
@@ -172,8 +171,8 @@ def shared_weights_from_hf(state_dict: StateDict, table: list, prefix: str, fami
     if bias is not None and bool(bias.any()):
         unsupported(family, [f"a non-zero {FINAL_LOGITS_BIAS}: XArch's LM head has no bias"])
     if not torch.equal(shared, state_dict[f"{prefix}encoder.embed_tokens.weight"]):
-        unsupported(family, [f"{prefix}shared.weight differs from the encoder's embed_tokens: XArch's stacks share "
-                             "one table"])
+        message = f"{prefix}shared.weight differs from the encoder's embed_tokens: XArch's stacks share one table"
+        unsupported(family, [message])
     return rename(state_dict, table)
 
 

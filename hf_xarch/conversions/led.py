@@ -24,6 +24,8 @@ from hf_xarch.model.configuration_xarch import XArchConfig
 
 from .bart import (
     FIELDS as BART_FIELDS,
+)
+from .bart import (
     bart_config,
     bart_hf_config,
     shared_weights_from_hf,

@@ -17,8 +17,8 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithPast,
@@ -322,11 +322,12 @@ class XArchModel(XArchPreTrainedModel):
 
     def __new__(cls, config=None, *args, **kwargs):
         # AutoModel maps one config class to one class: an encoder-decoder config gets its encoder-decoder base model
+        built = cls
         if cls is XArchModel and getattr(config, "is_encoder_decoder", False):
             from .modeling_xarch_seq2seq import XArchSeq2SeqModel
 
-            cls = XArchSeq2SeqModel
-        return super().__new__(cls)
+            built = XArchSeq2SeqModel
+        return super().__new__(built)
 
     def __init__(self, config: XArchConfig):
         config.check_all()  # fields changed since the config was built are checked before any layer reads them
