@@ -309,3 +309,15 @@ def test_attention_outputs_keep_self_and_cross_attention_apart():
     assert len(out.encoder_hidden_states) == 3 and len(out.decoder_hidden_states) == 4
     assert float(out.cross_attentions[0][1, :, :, 7:].abs().max()) == 0  # padded source tokens get no weight
     torch.testing.assert_close(out.cross_attentions[0].sum(-1), torch.ones(2, 4, 4))
+
+
+def test_static_cache_and_assisted_generation_give_the_greedy_tokens():
+    """generate()'s other caches: a static self-attention cache (transformers prebuilds masks for it, which XArch's
+    families build themselves) and assisted decoding (the self-attention cache is cropped, the cross one kept)."""
+    model, assistant = model_for("full-learned"), model_for("full-learned", seed=1)
+    ids, mask = padded_inputs()
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    static = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, greedy)
+    assisted = model.generate(ids[:1], max_new_tokens=5, do_sample=False, assistant_model=assistant)
+    assert torch.equal(assisted, model.generate(ids[:1], max_new_tokens=5, do_sample=False))

@@ -23,7 +23,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_xarch import XArchConfig
-from .modeling_xarch import Head, XArchModel, XArchPreTrainedModel
+from .modeling_xarch import Head, XArchForCausalLM, XArchModel, XArchPreTrainedModel
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int | None) -> torch.Tensor:
@@ -163,6 +163,8 @@ class XArchForConditionalGeneration(XArchPreTrainedModel, GenerationMixin):
     ``translation`` and ``text2text-generation`` work as with transformers' own encoder-decoders."""
 
     _tied_weights_keys = {"lm_head.weight": "model.encoder.embeddings.word_embeddings.weight"}
+    # the families build their masks from the 2-d padding mask in every forward (see XArchForCausalLM's)
+    create_masks_for_generate = staticmethod(XArchForCausalLM.create_masks_for_generate)
 
     def __init__(self, config: XArchConfig):
         if not config.is_encoder_decoder:
