@@ -21,8 +21,9 @@ random block: converted models use it.
 
 Paths (``config._attn_implementation``): ``eager`` -> ``bigbird_reference``, the dense softmax under the plan's
 visible-key mask (N×N, the definition the tests hold the fast path to); anything else -> ``bigbird_block_attention``:
-each query block against its gathered key blocks, O(N·(5 + r)·block_size) time and memory, plus the global rows
-against every key, O(N·(2·block_size + G)); no N×N tensor. Drawing the plan hashes (query block, key block) pairs,
+each query block against its gathered key blocks in one call of torch's SDPA (the plan as its mask),
+O(N·(5 + r)·block_size) time and memory, plus the global rows against every key, O(N·(2·block_size + G)); no N×N
+tensor. Drawing the plan hashes (query block, key block) pairs,
 O(heads·(N/block_size)²) integer work, small next to the attention. Forwards after cached tokens (decoding) use the
 reference rule on the queries' rows.
 """
