@@ -146,3 +146,22 @@ def test_a_reloaded_model_keeps_its_drawn_rotations(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = XArchModel.from_pretrained(tmp_path)
     assert torch.equal(reloaded.layers[0].attention.rotations, first)
+
+
+def test_bf16_autocast_hashes_in_fp32():
+    """Under bf16 autocast the buckets are the fp32 ones (an argmax of bf16-rounded vectors would move the tokens near
+    a boundary), so one layer's output differs from fp32 only by bf16 rounding."""
+    config = tiny_config(attention_type="lsh", num_hashes=2, num_buckets=32, lsh_chunk_length=4, hash_seed=1)
+    layer = LSHAttention(config, 0).eval()
+    hidden = torch.randn(4, 61, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = layer(hidden)[0]
+        shared = layer.project(hidden)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            shared_bf16 = layer.project(hidden)[0]
+            got = layer(hidden)[0]
+            buckets = layer.buckets(hidden, None, shared_bf16)
+    assert shared_bf16.dtype == torch.bfloat16 and got.dtype == torch.bfloat16
+    assert torch.equal(buckets, hash_buckets(shared, layer.rotations))
+    assert not torch.equal(hash_buckets(shared_bf16.float(), layer.rotations), buckets)  # bf16 hashing would differ
+    assert float((got.float() - expected).abs().max()) <= 0.03 * float(expected.abs().max())

@@ -236,12 +236,26 @@ class LSHAttention(XArchAttention):
             shared = apply_rotary(shared, *position_embeddings)
         return shared, value
 
+    def buckets(self, hidden_states, position_embeddings, shared: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, rounds, seq) buckets, always hashed in fp32 (the shared vectors recomputed in fp32 when they
+        are not: autocast, a bf16 model). A bucket is an argmax, so bf16 rounding would move the tokens near a
+        boundary to another bucket, and the model would attend differently than in fp32."""
+        with torch.no_grad(), torch.autocast(hidden_states.device.type, enabled=False):
+            if shared.dtype != torch.float32:
+                bias = None if self.q_proj.bias is None else self.q_proj.bias.float()
+                shared = nn.functional.linear(hidden_states.float(), self.q_proj.weight.float(), bias)
+                shared = shared.view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+                if position_embeddings is not None:
+                    shared = apply_rotary(shared, *(table.float() for table in position_embeddings))
+            return hash_buckets(shared, self.rotations.float())
+
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
         kwargs.pop("layer_idx", None)
         shared, value = self.project(hidden_states, position_embeddings)
         value = repeat_kv(value, self.num_key_value_groups)
         key_mask = None if attention_mask is None else attention_mask[:, -hidden_states.shape[1]:]
-        plan = ChunkPlan(hash_buckets(shared, self.rotations), key_mask, self.num_buckets, self.chunk_length)
+        buckets = self.buckets(hidden_states, position_embeddings, shared)
+        plan = ChunkPlan(buckets, key_mask, self.num_buckets, self.chunk_length)
         reference = self.config._attn_implementation == self.family.reference_implementation
         attention = lsh_attention_reference if reference else lsh_attention
         output = attention(shared, value, plan, self.attend_across_buckets,
