@@ -212,3 +212,19 @@ def test_gradient_checkpointing_trains(family):
     ids = random_ids(2, 13, seed=5)
     model.train()(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_hybrid_decoding_after_a_long_prompt_equals_the_full_forward():
+    """A prompt long enough for the banded kernel, then tokens one at a time (the dense window path) from the cache:
+    the logits of the full forward."""
+    torch.manual_seed(0)
+    config = tiny_config(attention_type="linear_sliding", linear_window=6, is_decoder=True,
+                         position_embedding_type="rope")
+    model = XArchForCausalLM(config).eval()
+    ids = random_ids(2, 48, seed=6)
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        full = model(ids).logits
+        steps = [model(ids[:, :40], cache=cache, use_cache=True).logits]
+        steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(40, 48)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)

@@ -26,6 +26,7 @@ from .attention_performer_kernels import compute_dtype, normalise, without_autoc
 from .attention_sliding_kernels import banded_attention, sliding_visibility
 
 LINEAR_CHUNK = 64  # tokens per chunk of the causal scan (the masked C×C product against the per-chunk overhead)
+DENSE_WINDOW_QUERIES = 16  # the hybrid's window runs dense for at most this many new tokens (decoding)
 
 
 def with_ones(value: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -102,6 +103,17 @@ def mixed(window_out, sums, gamma):
     return (gamma * window_out + (1 - gamma) * sums[..., :-1]) / (gamma + (1 - gamma) * sums[..., -1:])
 
 
+def dense_window(query, key, value, valid, left: int, right: int, scaling: float) -> torch.Tensor:
+    """Softmax over each query's window, dense: the queries are the last of the key slots (``sliding_visibility``
+    decides who sees whom)."""
+    length, slots = query.shape[2], key.shape[2]
+    q_slots = torch.arange(slots - length, slots, device=query.device)
+    k_slots = torch.arange(slots, device=query.device)
+    visible = sliding_visibility(q_slots, k_slots, left, right, torch.ones(query.shape[1], dtype=torch.long), valid)
+    scores = (query @ key.transpose(-1, -2) * scaling).masked_fill(~visible, -torch.inf)
+    return torch.softmax(scores, -1).nan_to_num(0.0) @ value
+
+
 @without_autocast
 def linear_sliding_attention(query, key, value, feature_map, window: int, scaling: float, gamma, causal: bool,
                              key_mask=None, state=None):
@@ -125,10 +137,12 @@ def linear_sliding_attention(query, key, value, feature_map, window: int, scalin
     else:
         sums_before = None
     kept = key.shape[2] - length
-    # the window, on the local sequence (the kept slots get zero queries whose rows are dropped)
-    local_query = F.pad(query, (0, 0, kept, 0))
-    window_out = banded_attention(local_query, key, value, left, right, [1] * heads, scaling, key_valid=valid)
-    window_out = window_out[:, :, kept:]
+    if length <= DENSE_WINDOW_QUERIES:  # decoding: a few queries against the kept keys, dense is cheapest
+        window_out = dense_window(query, key, value, valid, left, right, scaling)
+    else:  # the banded kernel on the local sequence (the kept slots get zero queries whose rows are dropped)
+        local_query = F.pad(query, (0, 0, kept, 0))
+        window_out = banded_attention(local_query, key, value, left, right, [1] * heads, scaling, key_valid=valid)
+        window_out = window_out[:, :, kept:]
     phi_q, phi_k = feature_map(query * root), feature_map(key * root)
     values = with_ones(value, valid)
     if causal:  # query at local slot kept + t reads keys up to slot kept + t - window

@@ -130,7 +130,8 @@ def linear_attention_cost(config, layer: int, seq_len: int) -> AttentionCost:
 def linear_sliding_attention_cost(config, layer: int, seq_len: int) -> AttentionCost:
     # the linear part (as above; the bidirectional form runs it twice, before and after the window) plus softmax over
     # the window (q·k and the weighted sum: 4 FLOPs x head_dim per head and key). A decoder's cache is the state plus
-    # the window - 1 most recent keys and values (kv heads) and their padding flags.
+    # the window - 1 most recent keys and values, kept repeated to every query head (as the state is) beside one
+    # padding flag per key (bookkeeping, not counted).
     per_token, state, _ = _linear_parts(config)
     left, right = window_sides(config.linear_window, config.is_decoder)
     keys = min(seq_len, left + right + 1)
@@ -138,7 +139,7 @@ def linear_sliding_attention_cost(config, layer: int, seq_len: int) -> Attention
     forward = per_token * (1 if config.is_decoder else 2) + window * ((keys + 1) / 2 if config.is_decoder else keys)
     decode = per_token + window * keys
     kept = min(seq_len, left)
-    cache = state + kept * (2 * config.num_key_value_heads * config.head_dim + 1) + config.num_attention_heads
+    cache = state + kept * 2 * config.num_attention_heads * config.head_dim
     return AttentionCost(forward, decode, cache if config.is_decoder else 0)
 
 
