@@ -1,8 +1,9 @@
 """Quantized KV cache (``generate(cache_implementation="quantized")``, KIVI) against the float cache, in one run.
 
-Two tiny decoders are trained by the pretrain recipe's library on the default corpus (a full-attention one, and a
-sliding-window one with attention sinks), then, for the float cache and each quantized setting (8/4/2 bits x
-residual 0/32/128):
+A tiny full-attention decoder is trained by the pretrain recipe's library on the default corpus and measured as it is
+and as a sliding-window model with attention sinks (the same weights with ``attention_type="sliding_window"``, window
+128, 4 sinks: StreamingLLM's use of a model trained with full attention). For each, the float cache and each quantized
+setting (8/4/2 bits x residual 0/32/128):
 
 - **bits per byte** on held-out text, scored through cached decoding: teacher-forced, token by token, over rows of
   ``--eval-tokens`` contiguous held-out tokens (longer than the training block), every token through the cache;
@@ -30,42 +31,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_timings, markdown_table, median_ms, write_results  # noqa: E402
 
+from hf_xarch import XArchForCausalLM  # noqa: E402
 from hf_xarch.model.cache_quantized import XArchQuantizedCache  # noqa: E402
 from hf_xarch.train.config import load_config, merge, xarch_config_fields  # noqa: E402
 from hf_xarch.train.data import load_records  # noqa: E402
 from hf_xarch.train.pretrain import DEFAULTS as PRETRAIN_DEFAULTS  # noqa: E402
 from hf_xarch.train.pretrain import run_pretrain  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+from transformers import AutoTokenizer, DynamicCache  # noqa: E402
 
 MODELS = {
-    "full": {"attention_type": "full"},
+    "full": {},
     "sliding+sinks": {"attention_type": "sliding_window", "attention_window": 128, "attention_sink_size": 4},
 }
 BITS = (8, 4, 2)
 RESIDUALS = (0, 32, 128)
 
 
-def train(name: str, fields: dict, args, tokenizer=None):
+def pretrain_config(args):
     values = {
-        "output_dir": str(Path(args.work) / name.replace("+", "_")),
-        "model": {**PRETRAIN_DEFAULTS["model"], **fields, "max_position_embeddings": args.long + 2048},
+        "output_dir": str(Path(args.work) / "full"),
+        "model": {**PRETRAIN_DEFAULTS["model"], "max_position_embeddings": args.long + 2048},
         "data": {**PRETRAIN_DEFAULTS["data"], "max_bytes": args.corpus_bytes, "block_size": args.block_size},
         "tokenizer": {**PRETRAIN_DEFAULTS["tokenizer"], "vocab_size": 2048, "train_bytes": args.corpus_bytes // 2},
-        "training": {**PRETRAIN_DEFAULTS["training"], "max_steps": args.steps},
+        "training": {**PRETRAIN_DEFAULTS["training"], "max_steps": args.steps, "micro_batch_size": args.batch},
         "evaluation": {**PRETRAIN_DEFAULTS["evaluation"], "every_steps": 0, "max_batches": 1, "final_max_batches": 1},
         "checkpoint": {**PRETRAIN_DEFAULTS["checkpoint"], "every_steps": 0, "resume": "never"},
         "logging": {**PRETRAIN_DEFAULTS["logging"], "tensorboard": False, "plot": False, "progress_bar": False},
     }
-    cfg = load_config(merge(PRETRAIN_DEFAULTS, values, {"model": xarch_config_fields()}))
-    result = run_pretrain(cfg, tokenizer=tokenizer)
-    return result.loop.model.eval(), result.tokenizer, cfg
+    return load_config(merge(PRETRAIN_DEFAULTS, values, {"model": xarch_config_fields()}))
 
 
-def heldout_rows(cfg, tokenizer, rows: int, length: int) -> torch.Tensor:
+def heldout_rows(cfg, tokenizer, rows: int, length: int, repeat: bool = False) -> torch.Tensor:
     """``rows`` stretches of ``length`` contiguous held-out tokens (the held-out documents joined)."""
     records = load_records(cfg.data, cfg.seed)
     text = "\n\n".join(record[cfg.data.text_column] for record in records.heldout)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if repeat:  # the long context (memory, speed): the held-out text again where it is shorter
+        ids = ids.repeat(-(-rows * length // ids.numel()))
     if ids.numel() < rows * length:
         raise SystemExit(f"held-out text has {ids.numel()} tokens, fewer than {rows} x {length}")
     return ids[: rows * length].view(rows, length)
@@ -106,6 +108,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps of each model")
     parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8, help="training rows per step")
     parser.add_argument("--corpus-bytes", type=int, default=2_000_000)
     parser.add_argument("--eval-rows", type=int, default=4)
     parser.add_argument("--eval-tokens", type=int, default=512)
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="runs/bench_kv_cache")
+    parser.add_argument("--trained", default=None, help="measure the model saved in this folder instead of training")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--output", default="kv_cache")
     args = parser.parse_args(argv)
@@ -122,14 +126,20 @@ def main(argv=None) -> int:
     data = {"args": vars(args), "models": {}}
     markdown = [f"# Quantized KV cache vs float (`bench_kv_cache.py`)\n\n`python benchmarks/bench_kv_cache.py "
                 f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n"]
-    tokenizer = None
+    cfg = pretrain_config(args)
+    began = time.perf_counter()
+    if args.trained:  # a model this script trained before (same --corpus-bytes): its folder
+        folder, tokenizer = args.trained, AutoTokenizer.from_pretrained(args.trained)
+    else:
+        trained = run_pretrain(cfg)
+        folder, tokenizer = trained.output_dir, trained.tokenizer
+        data["training"] = {"seconds": time.perf_counter() - began, "eval": trained.eval_metrics}
+    trained_s = time.perf_counter() - began
+    rows = heldout_rows(cfg, tokenizer, args.eval_rows, args.eval_tokens)
+    context = heldout_rows(cfg, tokenizer, 1, args.long, repeat=True)
     for name in args.models:
         fields = MODELS[name]
-        began = time.perf_counter()
-        model, tokenizer, cfg = train(name, fields, args, tokenizer)
-        trained_s = time.perf_counter() - began
-        rows = heldout_rows(cfg, tokenizer, args.eval_rows, args.eval_tokens)
-        context = heldout_rows(cfg, tokenizer, 1, args.long) if args.long else None
+        model = XArchForCausalLM.from_pretrained(folder, **fields).eval()
         results = {}
         for label, setting in settings.items():
             began = time.perf_counter()
@@ -159,13 +169,15 @@ def main(argv=None) -> int:
             else:
                 row += ["", "", "", ""]
             rows_md.append(row)
-        data["models"][name] = {"fields": fields, "train_seconds": trained_s, "results": results}
-        markdown.append(f"## {name} ({fields}), trained {args.steps} steps of {args.block_size} tokens\n")
+        data["models"][name] = {"fields": fields, "results": results}
+        trained_as = f"trained in {args.trained}" if args.trained else (
+            f"{args.steps} steps of {args.batch} x {args.block_size} tokens ({trained_s:.0f} s)")
+        markdown.append(f"## {name} ({fields or 'as trained'}): {trained_as}\n")
         markdown.append(markdown_table(
             ["cache", "bits/byte", "vs float", f"cache MiB @ {args.long}", "x float", "decode tok/s", "x float"],
             rows_md) + "\n")
         print(markdown[-1], flush=True)
-    write_results(args.output, "\n".join(markdown), data)
+        write_results(args.output, "\n".join(markdown), data)  # after each model: a cut-short run keeps what it did
     return 0
 
 
