@@ -271,3 +271,20 @@ def test_a_killed_seq2seq_run_resumes_to_the_uninterrupted_weights(tmp_path):
                                                  whole.loop.model.state_dict().items()):
         assert name == other and torch.equal(tensor, expected), name
     assert resumed.eval_metrics == whole.eval_metrics
+
+
+@pytest.mark.one_thread
+def test_lora_seq2seq_saves_a_seq2seq_adapter_and_a_merged_model(tmp_path):
+    import json
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    from hf_xarch.train.finetune import run_finetune
+
+    result = run_finetune(_cfg(tmp_path, f"data.files=[{_pairs_file(tmp_path, count=40)}]", "lora.enabled=true",
+                               "training.max_steps=2", "evaluation.every_steps=0", "checkpoint.every_steps=0"))
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_2_SEQ_LM"
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    merged = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path))
+    assert type(merged).__name__ == "XArchForConditionalGeneration" and "eval/bleu" in result.eval_metrics
