@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from hf_xarch import ATTENTION_FAMILIES, XArchForCausalLM
-from tests.helpers import random_ids, tiny_config
+from tests.helpers import FAMILY_OVERRIDES, random_ids, tiny_config
 
 LEARNING_RATE = 0.5  # large, so that a wrong gradient moves the weights visibly
 
@@ -37,7 +37,7 @@ LEARNING_RATE = 0.5  # large, so that a wrong gradient moves the weights visibly
 def fsdp_config(family: str):
     """Tied embeddings, 4 layers over 2 distinct blocks (ALBERT: one group of 2 inner blocks, each applied twice), and
     RoPE, whose unsaved inv_freq buffer the meta-device build must rebuild (every family takes it)."""
-    options = {"sliding_window": 4} if family == "sliding_window" else {}  # shorter than the 16-token rows
+    options = FAMILY_OVERRIDES.get(family, {})  # windows and blocks shorter than the 16-token rows
     return tiny_config(attention_type=family, is_decoder=True, tie_word_embeddings=True, num_hidden_layers=4,
                        num_hidden_groups=1, inner_group_num=2, position_embedding_type="rope", **options)
 
@@ -104,7 +104,7 @@ def run_family(family: str, folder: Path, rank: int, world: int) -> dict:
 def main(folder: Path) -> None:
     accelerator = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
     results = {"accelerate_distributed_type": str(accelerator.distributed_type), "world_size": accelerator.num_processes}
-    for family in ATTENTION_FAMILIES:
+    for family in (name for name, record in ATTENTION_FAMILIES.items() if record.causal):  # causal LMs
         results[family] = run_family(family, folder, accelerator.process_index, accelerator.num_processes)
     if accelerator.is_main_process:
         (folder / "results.json").write_text(json.dumps(results, indent=1))

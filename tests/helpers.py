@@ -9,6 +9,15 @@ from hf_xarch import XArchConfig
 from hf_xarch.testing import run_without_hf_xarch  # a Python in which `import hf_xarch` fails
 
 
+# a family's options where the defaults would make its machinery idle on short test inputs (the kit's 13 tokens, FSDP's 16)
+FAMILY_OVERRIDES = {
+    "sliding_window": {"attention_window": 4},  # a band narrower than the sequence, a bounded cache
+    "linear_sliding": {"linear_window": 4},  # keys outside the window, so its linear part runs too
+    "bigbird": {"block_size": 2, "num_random_blocks": 2},  # 7 blocks of 13 tokens: random blocks with a choice
+    "lsh": {"num_buckets": 4, "lsh_chunk_length": 4, "num_hashes": 2},  # 4 chunks of 13 tokens, 2 rounds
+}
+
+
 def tiny_config(**overrides) -> XArchConfig:
     """A tiny random-model config; any field can be overridden."""
     values = dict(

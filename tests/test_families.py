@@ -27,6 +27,7 @@ from hf_xarch.testing import (
     travels_with_saved_models,
 )
 
+from .helpers import FAMILY_OVERRIDES
 from .toy_families import (
     TOY_FAMILIES,
     DriftingCacheAttention,
@@ -37,13 +38,6 @@ from .toy_families import (
 )
 
 TINY = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
-# a family's options where the defaults would make its machinery idle on the kit's 13-token inputs
-FAMILY_OVERRIDES = {
-    "sliding_window": {"attention_window": 4},  # a band narrower than the sequence, a bounded cache
-    "linear_sliding": {"linear_window": 4},  # keys outside the window, so its linear part runs too
-    "bigbird": {"block_size": 2, "num_random_blocks": 2},  # 7 blocks of 13 tokens: random blocks with a choice
-    "lsh": {"num_buckets": 4, "lsh_chunk_length": 4, "num_hashes": 2},  # 4 chunks of 13 tokens, 2 rounds
-}
 
 
 def toy_families_registered() -> ExitStack:

@@ -42,7 +42,7 @@ from hf_xarch.model.modeling_xarch import HEADS
 from hf_xarch.model.registry import ATTENTION_FAMILIES, POSITION_SCHEMES, AttentionFamily
 from hf_xarch.testing import allowed
 
-from .test_families import FAMILY_OVERRIDES
+from .helpers import FAMILY_OVERRIDES
 from .transformers_suite.fetch import PyPIUnreachable, import_transformers_tests
 
 try:

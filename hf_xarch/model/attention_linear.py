@@ -42,6 +42,16 @@ from .registry import register_attention
 logger = logging.get_logger(__name__)
 
 
+def copy_into(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    """``init.copy_`` that also fills a parameter FSDP2 has sharded (a DTensor, after a meta-device build): the value
+    is sharded the same way first, since a DTensor cannot be copied from a plain tensor."""
+    if hasattr(parameter, "device_mesh") and hasattr(parameter, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(parameter.dtype), parameter.device_mesh, parameter.placements)
+    init.copy_(parameter, value)
+
+
 # ---- the feature maps ------------------------------------------------------------------------------------------------
 # Each takes (heads, head_dim, dim); ``init_parameters`` sets its tensors (``_init_weights`` calls it, so meta-device
 # builds and from_pretrained work; transformers' init functions keep loaded tensors).
@@ -54,7 +64,7 @@ class HedgehogFeatureMap(nn.Module):
 
     def init_parameters(self) -> None:
         heads, head_dim, dim = self.weight.shape
-        init.copy_(self.weight, torch.eye(head_dim, dim).expand(heads, head_dim, dim))
+        copy_into(self.weight, torch.eye(head_dim, dim).expand(heads, head_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = x @ self.weight.to(x.dtype)
@@ -71,7 +81,7 @@ class T2RFeatureMap(nn.Module):
 
     def init_parameters(self) -> None:
         heads, head_dim, dim = self.weight.shape
-        init.copy_(self.weight, torch.eye(head_dim, dim).expand(heads, head_dim, dim))
+        copy_into(self.weight, torch.eye(head_dim, dim).expand(heads, head_dim, dim))
         init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
