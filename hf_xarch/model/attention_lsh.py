@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.utils import is_tracing
 
 from .attention_full import XArchAttention, repeat_kv
 from .attention_linformer import key_padding_mask
@@ -130,7 +131,7 @@ def lsh_attention(query, value, plan: ChunkPlan, attend_across_buckets: bool, dr
     values = with_previous(sorted_chunks(value))
     scores = torch.matmul(queries, keys.transpose(-1, -2))  # (batch, heads, chunks, chunk, 2 chunk)
     position = plan.order.reshape(batch, heads, -1, chunk)
-    if not bool(plan.real.all()):
+    if is_tracing(plan.real) or not bool(plan.real.all()):  # traced: no data-dependent branch, mask always
         real = select_rows(plan.real[:, None, :, None].expand(batch, heads, -1, 1), positions)
         scores.masked_fill_(~with_previous(real.view(batch, heads, -1, chunk))[..., None, :], MASKED_SCORE)
     if not attend_across_buckets:
@@ -258,8 +259,12 @@ class LSHAttention(XArchAttention):
         plan = ChunkPlan(buckets, key_mask, self.num_buckets, self.chunk_length)
         reference = self.config._attn_implementation == self.family.reference_implementation
         attention = lsh_attention_reference if reference else lsh_attention
-        output = attention(shared, value, plan, self.attend_across_buckets,
-                           self.attention_dropout if self.training else 0.0, self.training)
+        # in fp32 whatever the input's dtype: Reformer's -1e9 / -1e5 masks do not fit fp16, and a bf16 softmax over
+        # them loses the ordering "self wins over masked keys, loses to any other"
+        with torch.autocast(device_type=value.device.type, enabled=False):
+            output = attention(shared.float(), value.float(), plan, self.attend_across_buckets,
+                               self.attention_dropout if self.training else 0.0, self.training)
+        output = output.to(value.dtype)
         output = self.o_proj(output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1).contiguous())
         return output, None
 
