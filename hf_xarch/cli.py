@@ -21,7 +21,7 @@ import traceback
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("hf_xarch.quickstart", "train a tiny model on the default corpus, save, reload and generate"),
     "pretrain": ("hf_xarch.train.pretrain", "pretrain a causal or masked LM (recipe)"),
-    "finetune": ("hf_xarch.train.finetune", "fine-tune for sequence/token classification, full or LoRA (recipe)"),
+    "finetune": ("hf_xarch.train.finetune", "fine-tune for sequence/token classification or seq2seq (task=seq2seq), full or LoRA (recipe)"),
     "extend-context": ("hf_xarch.train.extend_context", "extend a RoPE model's context and fine-tune (recipe)"),
     "linearize": ("hf_xarch.train.linearize", "softmax -> linear attention: attention transfer, then LoRA (recipe)"),
     "compare": ("hf_xarch.compare.recipe", "train several configurations at equal compute and compare them"),
