@@ -213,20 +213,6 @@ class XArchConfig(PreTrainedConfig):
         lsh_attend_across_buckets (`bool`, defaults to `False`): `False` masks keys of other buckets (the paper's
             rule); `True` lets a chunk see all its keys, as transformers' `LSHSelfAttention` does.
 
-    Linformer (`attention_type="linformer"`, Wang et al. 2020; encoder only; options in `attention_linformer_spec.py`):
-        linformer_k (`int`, defaults to 256): keys and values are projected along the sequence to k rows: O(N·k).
-        linformer_sharing (`str`, defaults to `"headwise"`): the paper's variants: `headwise` (one E and F per layer
-            for all heads), `none` (one pair per key/value head) or `key_value` (E = F). Inputs may be up to
-            `max_position_embeddings` long (the projections' width); shorter ones use their first columns.
-
-    Reformer LSH (`attention_type="lsh"`, Kitaev et al. 2020; encoder only; options in `attention_lsh_spec.py`):
-        num_hashes (`int`, defaults to 1), num_buckets (`int`, even, defaults to 64), lsh_chunk_length (`int`, defaults
-            to 64): hash rounds, buckets per round and the chunk a sorted query attends within (plus the one before).
-        hash_seed (`int`, *optional*): the seed of the random rotations (transformers' draw); None: each layer draws
-            its own seed when built. The rotations are saved with the model either way.
-        lsh_attend_across_buckets (`bool`, defaults to `False`): `False` masks keys of other buckets (the paper's
-            rule); `True` lets a chunk see all its keys, as transformers' `LSHSelfAttention` does.
-
     Linear attention (`attention_type="linear"`, Katharopoulos et al. 2020) and its hybrid with a softmax window
     (`attention_type="linear_sliding"`, LoLCATs, Zhang et al. 2024); options in `attention_linear_spec.py`:
         linear_feature_map (`str`, defaults to `"hedgehog"`): the feature map φ per head: `hedgehog` (learned,
