@@ -34,7 +34,7 @@ from .attention_linear_kernels import (
     linear_sliding_reference,
 )
 from .attention_linear_spec import LINEAR_FAMILY, LINEAR_SLIDING_FAMILY, feature_dim_of
-from .attention_performer import draw_projection, key_padding_mask, recurrent_state_layer
+from .attention_performer import draw_projection, key_padding_mask, new_token_mask, recurrent_state_layer
 from .attention_performer_kernels import performer_attention, performer_attention_reference
 from .cache_performer import PerformerStateLayer
 from .registry import register_attention
@@ -190,14 +190,7 @@ class LinearAttention(XArchAttention):
             )
         query, key, value = self.project(hidden_states, position_embeddings)
         length = hidden_states.shape[1]
-        key_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[-1] < length:
-                raise ValueError(
-                    f"{self.family.name} layer {self.layer_idx}: expected a 2D padding mask covering the {length} new "
-                    f"tokens, got shape {tuple(attention_mask.shape)}"
-                )
-            key_mask = attention_mask[:, -length:]
+        key_mask = new_token_mask(attention_mask, length, f"{self.family.name} layer {self.layer_idx}")
         key = repeat_kv(key, self.num_key_value_groups)
         value = repeat_kv(value, self.num_key_value_groups)
         layer = recurrent_state_layer(cache, layer_idx, self.family) if cache is not None and self.is_causal else None

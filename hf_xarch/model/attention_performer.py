@@ -71,6 +71,17 @@ def key_padding_mask(attention_mask, layers: str):
     return None if not is_tracing(mask) and bool(mask.all()) else mask
 
 
+def new_token_mask(attention_mask, length: int, layer: str):
+    """The padding mask of the ``length`` new tokens (the last columns of the 2D mask), or None without one; a
+    recurrent family reads no past keys, so only these. ``layer`` names the layer in the error."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[-1] < length:
+        raise ValueError(f"{layer}: expected a 2D padding mask covering the {length} new tokens, "
+                         f"got shape {tuple(attention_mask.shape)}")
+    return attention_mask[:, -length:]
+
+
 def recurrent_state_layer(cache, layer_idx: int, family):
     """The cache layer of a family whose cache is a recurrent state (its record's ``cache_layer_class``)."""
     layer_class, layers = family.cache_layer_class, cache.layers
@@ -174,14 +185,7 @@ class PerformerAttention(XArchAttention):
             self.count_training_step()
         query, key, value = self.project(hidden_states, position_embeddings)
         length = hidden_states.shape[1]
-        key_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[-1] < length:
-                raise ValueError(
-                    f"performer layer {self.layer_idx}: expected a 2D padding mask covering the {length} new tokens, "
-                    f"got shape {tuple(attention_mask.shape)}"
-                )
-            key_mask = attention_mask[:, -length:]
+        key_mask = new_token_mask(attention_mask, length, f"performer layer {self.layer_idx}")
         key = repeat_kv(key, self.num_key_value_groups)
         value = repeat_kv(value, self.num_key_value_groups)
         layer = self.state_layer(cache, layer_idx) if cache is not None and self.is_causal else None
