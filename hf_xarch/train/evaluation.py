@@ -15,6 +15,7 @@ hf_xarch ships (``hf_xarch/metrics``), because metrics on the Hub cannot be load
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -79,6 +80,39 @@ def _eval_model(accelerator, model):
     return accelerator.unwrap_model(model)
 
 
+@contextmanager
+def _eval_mode(model):
+    """`model` in eval mode for the block, back in training mode after it if it was training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
+def _sample_and_shard(accelerator, examples: list, max_batches: int | None, batch_size: int, seed: int):
+    """The examples an evaluation scores (all of them, or the seeded sample of `sample_rows`), this process's shard
+    of them, and whether they are a sample."""
+    sample = sample_rows(len(examples), (max_batches or 0) * batch_size, seed)
+    if sample is not None:
+        examples = [examples[i] for i in sample.tolist()]
+    mine = [examples[i] for i in _shard(len(examples), accelerator.process_index, accelerator.num_processes)]
+    return examples, mine, sample is not None
+
+
+def _gather_pairs(accelerator, predictions: list, references: list) -> tuple[list, list]:
+    """Every process's predictions and references, in one list each; refuses an empty held-out set."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        predictions, references = gather_object(predictions), gather_object(references)
+    if not references:
+        raise ValueError("the held-out set is empty; raise data.heldout_fraction or add data")
+    return predictions, references
+
+
 def _batch_starts(count: int, batch_size: int, world: int) -> range:
     """Batch offsets into this process's shard; every process gets the same number of batches (a process whose
     shard ran out gets empty batches), so collectives inside a sharded model's forward line up."""
@@ -106,8 +140,6 @@ def evaluate_lm(
     to a random sample of ``max_batches x batch_size`` blocks (see `sample_rows`); unset, every block is scored.
     ``eval/bytes`` is the scored tokens x the held-out text's bytes per token: the denominator of bits per byte."""
     model = _eval_model(accelerator, model)
-    was_training = model.training
-    model.eval()
     device = accelerator.device
     if len(blocks) == 0:
         raise ValueError("the held-out set has no blocks to evaluate; raise data.heldout_fraction or add data")
@@ -123,19 +155,18 @@ def evaluate_lm(
     rows = inputs
     mine = list(_shard(len(rows), accelerator.process_index, accelerator.num_processes))
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, number of tokens)
-    for start in _batch_starts(len(rows), batch_size, accelerator.num_processes):
-        index = torch.tensor(mine[start : start + batch_size] or [0], dtype=torch.long)  # row 0 as a zero-weight filler
-        batch_inputs, batch_labels = inputs[index].to(device), labels[index].to(device)
-        count = int((batch_labels[:, 1:] if task == "clm" else batch_labels).ne(-100).sum())
-        filler = start >= len(mine)
-        if count == 0 and not filler:
-            continue
-        loss = model(input_ids=batch_inputs, labels=batch_labels).loss
-        if not filler:
-            total += torch.tensor([float(loss) * count, count], dtype=torch.float64, device=device)
+    with _eval_mode(model):
+        for start in _batch_starts(len(rows), batch_size, accelerator.num_processes):
+            index = torch.tensor(mine[start : start + batch_size] or [0], dtype=torch.long)  # row 0: zero-weight filler
+            batch_inputs, batch_labels = inputs[index].to(device), labels[index].to(device)
+            count = int((batch_labels[:, 1:] if task == "clm" else batch_labels).ne(-100).sum())
+            filler = start >= len(mine)
+            if count == 0 and not filler:
+                continue
+            loss = model(input_ids=batch_inputs, labels=batch_labels).loss
+            if not filler:
+                total += torch.tensor([float(loss) * count, count], dtype=torch.float64, device=device)
     total = accelerator.reduce(total, reduction="sum")
-    if was_training:
-        model.train()
     if total[1] == 0:
         raise ValueError("the held-out set has no tokens to evaluate; raise data.heldout_fraction or add data")
     loss, tokens = float(total[0] / total[1]), int(total[1])
@@ -165,44 +196,33 @@ def evaluate_classifier(
     """Loss, accuracy and F1 (macro over classes; binary F1 of class 1 when there are two) on held-out `examples`
     (dicts with ``input_ids`` and ``labels``; token labels are -100 where not scored). `max_batches` limits it to a
     random sample of ``max_batches x batch_size`` examples, as in `evaluate_lm`."""
-    from accelerate.utils import gather_object
-
     model = _eval_model(accelerator, model)
-    was_training = model.training
-    model.eval()
     device = accelerator.device
     heldout = len(examples)
-    sample = sample_rows(heldout, (max_batches or 0) * batch_size, sample_seed)
-    if sample is not None:
-        examples = [examples[i] for i in sample.tolist()]
-    mine = [examples[i] for i in _shard(len(examples), accelerator.process_index, accelerator.num_processes)]
+    examples, mine, sampled = _sample_and_shard(accelerator, examples, max_batches, batch_size, sample_seed)
     predictions, references = [], []
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in _batch_starts(len(examples), batch_size, accelerator.num_processes):
-        chunk = mine[start : start + batch_size]
-        if not chunk:  # this process's shard ran out: a filler batch whose results are dropped
-            if examples:
-                _classifier_batch(model, examples[:1], pad_id, task, device)
-            continue
-        output, labels = _classifier_batch(model, chunk, pad_id, task, device)
-        chosen = output.logits.argmax(-1)
-        if task == "token":
-            scored = labels.ne(-100)
-            predictions += chosen[scored].tolist()
-            references += labels[scored].tolist()
-            count = int(scored.sum())
-        else:
-            predictions += chosen.tolist()
-            references += labels.tolist()
-            count = len(chunk)
-        total += torch.tensor([float(output.loss) * count, count], dtype=torch.float64, device=device)
+    with _eval_mode(model):
+        for start in _batch_starts(len(examples), batch_size, accelerator.num_processes):
+            chunk = mine[start : start + batch_size]
+            if not chunk:  # this process's shard ran out: a filler batch whose results are dropped
+                if examples:
+                    _classifier_batch(model, examples[:1], pad_id, task, device)
+                continue
+            output, labels = _classifier_batch(model, chunk, pad_id, task, device)
+            chosen = output.logits.argmax(-1)
+            if task == "token":
+                scored = labels.ne(-100)
+                predictions += chosen[scored].tolist()
+                references += labels[scored].tolist()
+                count = int(scored.sum())
+            else:
+                predictions += chosen.tolist()
+                references += labels.tolist()
+                count = len(chunk)
+            total += torch.tensor([float(output.loss) * count, count], dtype=torch.float64, device=device)
     total = accelerator.reduce(total, reduction="sum")
-    predictions = gather_object(predictions) if accelerator.num_processes > 1 else predictions
-    references = gather_object(references) if accelerator.num_processes > 1 else references
-    if was_training:
-        model.train()
-    if not references:
-        raise ValueError("the held-out set is empty; raise data.heldout_fraction or add data")
+    predictions, references = _gather_pairs(accelerator, predictions, references)
     average = "binary" if num_labels == 2 else "macro"
     result = {"eval/loss": float(total[0] / max(total[1], 1))}
     result["eval/accuracy"] = metrics["accuracy"].compute(predictions=predictions, references=references)["accuracy"]
@@ -213,7 +233,7 @@ def evaluate_classifier(
     if task == "token":  # accuracy and F1 count labelled tokens (the first sub-token of each word)
         result["eval/tokens"] = len(references)
         extra = f", {len(references):,} labelled tokens"
-    return _coverage(result, "examples", len(examples), heldout, sample is not None, sample_seed, extra)
+    return _coverage(result, "examples", len(examples), heldout, sampled, sample_seed, extra)
 
 
 @torch.no_grad()
@@ -232,34 +252,24 @@ def evaluate_seq2seq(
     ``generate(**generation)`` writes for each source, scored against the example's reference text. `examples` come
     from ``text_pairs.encode_pairs``; `max_batches` limits it to a random sample, as in `evaluate_lm`. Generation runs
     on the unwrapped model, so not under FSDP or DeepSpeed (the recipe refuses those)."""
-    from accelerate.utils import gather_object
-
     model = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
     device = accelerator.device
     heldout = len(examples)
-    sample = sample_rows(heldout, (max_batches or 0) * batch_size, sample_seed)
-    if sample is not None:
-        examples = [examples[i] for i in sample.tolist()]
-    mine = [examples[i] for i in _shard(len(examples), accelerator.process_index, accelerator.num_processes)]
+    examples, mine, sampled = _sample_and_shard(accelerator, examples, max_batches, batch_size, sample_seed)
     predictions, references = [], []
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        batch = {key: value.to(device) for key, value in pad_pairs(chunk, tokenizer.pad_token_id).items()}
-        count = int(batch["labels"].ne(-100).sum())
-        total += torch.tensor([float(model(**batch).loss) * count, count], dtype=torch.float64, device=device)
-        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **generation)
-        predictions += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
-        references += [e["target"] for e in chunk]
+    with _eval_mode(model):
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            batch = {key: value.to(device) for key, value in pad_pairs(chunk, tokenizer.pad_token_id).items()}
+            count = int(batch["labels"].ne(-100).sum())
+            total += torch.tensor([float(model(**batch).loss) * count, count], dtype=torch.float64, device=device)
+            generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       **generation)
+            predictions += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+            references += [e["target"] for e in chunk]
     total = accelerator.reduce(total, reduction="sum")
-    predictions = gather_object(predictions) if accelerator.num_processes > 1 else predictions
-    references = gather_object(references) if accelerator.num_processes > 1 else references
-    if was_training:
-        model.train()
-    if not references:
-        raise ValueError("the held-out set is empty; raise data.heldout_fraction or add data")
+    predictions, references = _gather_pairs(accelerator, predictions, references)
     result = {"eval/loss": float(total[0] / max(total[1], 1))}
     result["eval/bleu"] = metrics["bleu"].compute(predictions=predictions, references=references)["score"]
     result["eval/chrf"] = metrics["chrf"].compute(predictions=predictions, references=references)["score"]
@@ -267,7 +277,7 @@ def evaluate_seq2seq(
     result.update({f"eval/{name}": value for name, value in rouge.items()})
     decoding = f"beam search ({generation['num_beams']} beams)" if generation.get("num_beams", 1) > 1 else "greedy"
     extra = f", {decoding} decoding of at most {generation['max_new_tokens']} new tokens"
-    return _coverage(result, "examples", len(examples), heldout, sample is not None, sample_seed, extra)
+    return _coverage(result, "examples", len(examples), heldout, sampled, sample_seed, extra)
 
 
 def _classifier_batch(model, chunk: list[dict], pad_id: int, task: str, device):
