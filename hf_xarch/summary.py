@@ -217,6 +217,11 @@ def summary(
         attention_weights[block] = _linear_weights(module)
         params["mlp"] += mlp_weights + mlp_biases
         params["norms"] += 2 * _norm_params(config, hidden)
+    # what a family shares across its layers (Linformer's layerwise projection): one module the model owns, counted once
+    for family in {families[layer].name for layer in first_layer.values()}:
+        build_shared = getattr(ATTENTION_MODULES[family], "build_shared", None)
+        shared = _build(build_shared, config) if build_shared is not None else None
+        params["attention"] += _count(shared) if shared is not None else 0
 
     head_flops = 0.0
     tied = False

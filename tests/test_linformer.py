@@ -2,7 +2,8 @@
 
 The layer equals a dense reference of the projected attention, softmax(Q (E K)ᵀ / √d) (F V), written here from the
 paper with the layer's weights; shorter inputs use the projections' first columns (fairseq's slicing); the sharing
-variants have the parameters the paper describes; decoders and over-long inputs are refused.
+variants have the parameters the paper describes (layerwise: one matrix the model owns, saved once, trained by every
+Linformer layer); decoders and over-long inputs are refused.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import math
 import pytest
 import torch
 
+from hf_xarch import XArchForMaskedLM, XArchModel
 from hf_xarch.model.attention_linformer import LinformerAttention
+from hf_xarch.testing import check_attention_family
 
 from .helpers import tiny_config
 
@@ -22,7 +25,16 @@ pytestmark = pytest.mark.one_thread
 def linformer_layer(**overrides) -> LinformerAttention:
     torch.manual_seed(0)
     config = tiny_config(attention_type="linformer", linformer_k=6, num_key_value_heads=2, **overrides)
-    return LinformerAttention(config, 0).eval()
+    layer = LinformerAttention(config, 0).eval()
+    if layer.layerwise:  # alone, the layer is lent the projection a model would own
+        layer.lend_shared(LinformerAttention.build_shared(config))
+    return layer
+
+
+def projections(layer: LinformerAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (E, F) the layer applies: its own, or with layerwise sharing the one matrix it was lent."""
+    e = layer.lent[0].key_projection if layer.layerwise else layer.key_projection
+    return e, e if layer.value_projection is None else layer.value_projection
 
 
 def dense_projected_attention(layer: LinformerAttention, hidden: torch.Tensor) -> torch.Tensor:
@@ -31,18 +43,18 @@ def dense_projected_attention(layer: LinformerAttention, hidden: torch.Tensor) -
     q = (hidden[0] @ layer.q_proj.weight.T + layer.q_proj.bias).view(n, heads, d)
     k = (hidden[0] @ layer.k_proj.weight.T + layer.k_proj.bias).view(n, kv_heads, d)
     v = (hidden[0] @ layer.v_proj.weight.T + layer.v_proj.bias).view(n, kv_heads, d)
-    value_projection = layer.key_projection if layer.value_projection is None else layer.value_projection
+    key_projection, value_projection = projections(layer)
     outputs = []
     for h in range(heads):
         g = h // (heads // kv_heads)  # the key/value head this query head reads (GQA)
-        e = layer.key_projection[g if layer.key_projection.shape[0] > 1 else 0, :, :n]  # first n columns
+        e = key_projection[g if key_projection.shape[0] > 1 else 0, :, :n]  # first n columns
         f = value_projection[g if value_projection.shape[0] > 1 else 0, :, :n]
         scores = q[:, h] @ (e @ k[:, g]).T / math.sqrt(d)
         outputs.append(torch.softmax(scores, -1) @ (f @ v[:, g]))
     return layer.o_proj(torch.cat(outputs, -1))[None]
 
 
-@pytest.mark.parametrize("sharing", ["none", "headwise", "key_value"])
+@pytest.mark.parametrize("sharing", ["none", "headwise", "key_value", "layerwise"])
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("length", [64, 9])
 def test_equals_dense_projected_attention(sharing, implementation, length):
@@ -76,6 +88,66 @@ def test_sharing_variants_hold_the_papers_parameters():
     assert headwise.key_projection.shape == headwise.value_projection.shape == (1, k, length)
     shared = linformer_layer(linformer_sharing="key_value")
     assert shared.key_projection.shape == (1, k, length) and shared.value_projection is None
+    layerwise = linformer_layer(linformer_sharing="layerwise")
+    assert layerwise.key_projection is None and layerwise.value_projection is None  # the model's, for all layers
+    assert projections(layerwise)[0].shape == (1, k, length)
+
+
+def test_a_layerwise_layer_without_its_models_projection_is_refused():
+    layer = LinformerAttention(tiny_config(attention_type="linformer", linformer_sharing="layerwise"), 0)
+    with pytest.raises(ValueError, match="linformer_sharing='layerwise' layers read the projection their model owns"):
+        layer(torch.randn(1, 5, 32))
+
+
+MIXED = ["linformer_attention", "full_attention", "linformer_attention"]  # sharing skips the full layer
+
+
+def test_layerwise_sharing_is_one_matrix_that_every_linformer_layer_trains():
+    """The paper's layerwise variant: every Linformer layer (a full layer between them) applies the one matrix the
+    model owns, as its dense reference says, and each layer's gradient reaches it."""
+    torch.manual_seed(0)
+    config = tiny_config(attention_type="linformer", linformer_k=6, linformer_sharing="layerwise",
+                         num_hidden_layers=3, layer_types=MIXED)
+    model = XArchModel(config).eval()
+    shared = model.shared_attention["linformer"].key_projection
+    assert [name for name, _ in model.named_parameters() if "projection" in name] == \
+        ["shared_attention.linformer.key_projection"]
+    inputs = {}  # each Linformer layer's input in the model's forward, to run the layer alone on it
+    for index in (0, 2):
+        model.layers[index].attention.register_forward_pre_hook(
+            lambda module, args, index=index: inputs.__setitem__(index, args[0].detach()))
+    model(torch.randint(1, 99, (1, 11), generator=torch.Generator().manual_seed(1)))
+    for index in (0, 2):
+        layer = model.layers[index].attention
+        output = layer(inputs[index])[0]
+        torch.testing.assert_close(output, dense_projected_attention(layer, inputs[index]), rtol=1e-5, atol=1e-5)
+        (gradient,) = torch.autograd.grad(output.square().sum(), shared)
+        assert gradient[:, :, :11].abs().sum() > 0, f"layer {index}'s gradient does not reach the shared matrix"
+
+
+def test_a_layerwise_model_saves_the_matrix_once_and_reloads(tmp_path):
+    """With layers of another family between them: saved once (safetensors would refuse two names for one tensor),
+    and the reloaded model is the original (the kit below also loads one in a Python without hf_xarch)."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    config = tiny_config(attention_type="linformer", linformer_k=6, linformer_sharing="layerwise",
+                         num_hidden_layers=3, layer_types=MIXED)
+    model = XArchForMaskedLM(config).eval()
+    model.save_pretrained(tmp_path)
+    saved = [name for name in load_file(tmp_path / "model.safetensors") if "projection" in name]
+    assert saved == ["model.shared_attention.linformer.key_projection"]
+    reloaded = XArchForMaskedLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 99, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_layerwise_sharing_passes_the_kit():
+    """The registry's invariants for the layerwise variant (test_families.py runs the family's default sharing):
+    padding, reference, save/reload, meta-device init, and a load in a fresh process without hf_xarch."""
+    check_attention_family("linformer", invariants=["padding", "reference", "save_reload", "meta_init"],
+                           position_embedding_type="rope", linformer_sharing="layerwise", linformer_k=8)
 
 
 def test_inputs_longer_than_max_position_embeddings_are_refused():

@@ -42,6 +42,9 @@ for name in sorted(set(ATTENTION_FAMILIES) - {"full"}):  # every family register
         CASES.append(("causal_lm", dict(is_decoder=True, attention_type=name, position_embedding_type="none")))
     CASES.append(("base", dict(attention_type=name, position_embedding_type="learned",
                                is_decoder=not ATTENTION_FAMILIES[name].bidirectional)))
+# Linformer's layerwise projection: one parameter the model owns for all of its Linformer layers, among others
+CASES.append(("base", dict(attention_type="linformer", linformer_sharing="layerwise", num_hidden_layers=3,
+                           layer_types=["linformer_attention", "full_attention", "linformer_attention"])))
 if "alibi" in POSITION_SCHEMES:
     CASES.append(("causal_lm", dict(is_decoder=True, position_embedding_type="alibi")))
 
@@ -52,7 +55,7 @@ def part_of(name: str) -> str:
         return "norms"
     if name.startswith(("lm_head", "pooler")):
         return "head"
-    if ".attention." in name:
+    if ".attention." in name or name.startswith("shared_attention."):  # a family's parameters shared by its layers
         return "attention"
     if ".mlp." in name:
         return "mlp"

@@ -12,8 +12,9 @@ from .registry import AttentionCost, AttentionFamily, config_error, register_fam
 
 LINFORMER_LAYER_TYPE = "linformer_attention"
 # the paper's sharing variants (section 4): one (E, F) pair per key/value head, one pair per layer for all heads
-# ("headwise"), one matrix per layer for keys and values alike ("key_value")
-LINFORMER_SHARING = ("none", "headwise", "key_value")
+# ("headwise"), one matrix per layer for keys and values alike ("key_value"), one matrix for keys and values of every
+# Linformer layer of the stack ("layerwise", owned once by the model)
+LINFORMER_SHARING = ("none", "headwise", "key_value", "layerwise")
 
 
 def validate_linformer_config(config) -> dict:
@@ -23,7 +24,8 @@ def validate_linformer_config(config) -> dict:
         raise config_error("linformer_k", k, "a positive integer (the projected length of keys and values)")
     if config.linformer_sharing not in LINFORMER_SHARING:
         raise config_error("linformer_sharing", config.linformer_sharing,
-                           f"one of {list(LINFORMER_SHARING)} (per head / per layer / keys and values alike)")
+                           f"one of {list(LINFORMER_SHARING)} (per head / per layer / keys and values alike / one "
+                           "for all layers)")
     return {}
 
 
@@ -36,7 +38,10 @@ def linformer_attention_cost(config, layer: int, seq_len: int) -> AttentionCost:
 
 
 def linformer_card_details(config) -> str:
-    return f"k={config.linformer_k}, sharing {config.linformer_sharing}, length limit {config.max_position_embeddings}"
+    shared = " (one projection for keys and values of all Linformer layers)" \
+        if config.linformer_sharing == "layerwise" else ""
+    return (f"k={config.linformer_k}, sharing {config.linformer_sharing}{shared}, length limit "
+            f"{config.max_position_embeddings}")
 
 
 LINFORMER_CITATION = """@article{wang2020linformer,

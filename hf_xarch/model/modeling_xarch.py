@@ -343,6 +343,17 @@ class XArchModel(XArchPreTrainedModel):
         for index, block in enumerate(self.block_schedule):
             first_layer.setdefault(block, index)
         self.layers = nn.ModuleList([XArchBlock(config, first_layer[block]) for block in sorted(first_layer)])
+        # what a family shares across its layers (Linformer's layerwise projection), by family name: owned here once,
+        # as T5's bias table is (saved once, in FSDP's root unit), and lent to each of the family's layers
+        self.shared_attention = nn.ModuleDict()
+        for block in self.layers:
+            family = type(block.attention)
+            name = family.family.name
+            build_shared = getattr(family, "build_shared", None)
+            if name not in self.shared_attention and build_shared and (shared := build_shared(config)) is not None:
+                self.shared_attention[name] = shared
+            if name in self.shared_attention:
+                block.attention.lend_shared(self.shared_attention[name])
         self.norm = make_norm(config) if config.final_norm else None
         self.gradient_checkpointing = False
         self.post_init()
