@@ -202,7 +202,8 @@ class XArchConfig(PreTrainedConfig):
     Linformer (`attention_type="linformer"`, Wang et al. 2020; encoder only; options in `attention_linformer_spec.py`):
         linformer_k (`int`, defaults to 256): keys and values are projected along the sequence to k rows: O(N·k).
         linformer_sharing (`str`, defaults to `"headwise"`): the paper's variants: `headwise` (one E and F per layer
-            for all heads), `none` (one pair per key/value head) or `key_value` (E = F). Inputs may be up to
+            for all heads), `none` (one pair per key/value head), `key_value` (E = F) or `layerwise` (one E = F for
+            every Linformer layer of the stack, held once by the model as `shared_attention`). Inputs may be up to
             `max_position_embeddings` long (the projections' width); shorter ones use their first columns.
 
     Reformer LSH (`attention_type="lsh"`, Kitaev et al. 2020; encoder only; options in `attention_lsh_spec.py`):
