@@ -174,8 +174,47 @@ def test_band_builds_the_bias_in_strips(monkeypatch):
     model = XArchModel(t5_config(attention_type="sliding_window", attention_window=window, num_hidden_layers=1,
                                  max_position_embeddings=length))
     model(random_ids(1, length, seed=5)).last_hidden_state.sum().backward()
-    assert asked and max(asked) <= 64 * 64  # a block's rows x its window's columns
+    # one distance per offset of the band (block 16 + span 32 - 1 = 47), not per (row, column) of a block's strip
+    # (16 x 32): the strip is Toeplitz, so the table is looked up, and its gradient summed, per offset
+    assert asked and max(asked) < 64
     assert model.layer_positions.relative_attention_bias.weight.grad is not None
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize(("decoder", "dilation"), [(False, [1, 1, 1]), (True, [1, 1, 1]), (False, [1, 2, 1])],
+                         ids=["bidirectional", "causal", "dilated"])
+@pytest.mark.parametrize("seed", [11, 12])
+def test_band_bias_per_offset_equals_the_dense_reference(seed, decoder, dilation, native):
+    """The banded kernel's T5 bias (looked up per offset of the band, its gradient summed per offset) against the
+    dense reference with the whole N x N bias: odd sizes (a last partial block), padding, batch 2, both bucket
+    directions, forward and the gradients of q, k, v and the table."""
+    if native and not kernels.native_supported(torch.zeros(1, 1, 4, 8)):
+        pytest.skip("no native kernel here (no C compiler or no MKL)")
+    gen = torch.Generator().manual_seed(seed)
+    n, heads, window = 77, 3, 10
+    left, right = (window - 1, 0) if decoder else (window // 2, window // 2)
+    inputs = [torch.randn(2, heads, n, 8, generator=gen).requires_grad_() for _ in range(3)]
+    valid = torch.arange(n)[None] < torch.tensor([[n], [n - 19]])
+    weights = torch.randn(2, heads, n, 8, generator=gen) * valid[:, None, :, None]  # padded rows count for nothing
+    positions = torch.arange(float(n))[None]
+    results = []
+    for path in ("banded", "dense"):
+        table = torch.randn(8, heads, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+        bias = T5RelativeBias(table, positions, positions, not decoder, 8, 20)
+        if path == "banded":
+            out = kernels.banded_attention(*inputs, left, right, dilation, 0.3, valid, relative_bias=bias.relative,
+                                           native=native)
+        else:
+            slots = torch.arange(n)
+            visible = kernels.sliding_visibility(slots, slots, left, right, torch.tensor(dilation), valid)
+            out, _ = kernels.dense_sliding_attention(*inputs, visible, 0.3, bias.dense())
+        grads = torch.autograd.grad((out * weights).sum(), [*inputs, table])
+        results.append((out.detach() * valid[:, None, :, None], grads))
+    (out, grads), (want, want_grads) = results
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert grads[-1].abs().sum() > 0
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("extra", ["sinks", "global"])

@@ -18,9 +18,10 @@ Global tokens' *own* rows (they attend to every token) are full attention and li
 - ``dense_sliding_attention``: the N×N reference (and the decode path, where N×window is small).
 - ``banded_attention``: blocks of ``block`` queries against their window of ``block + left + right`` keys, with the
   global keys and sinks appended to every window. A score bias of the distance (ALiBi, T5's buckets) comes in as
-  one (block x window) strip per head and one (query x extra key) bias, and both backwards return their gradients
-  (T5's table is learned). A custom autograd function keeps only q, k, v (flash-attention
-  style: the backward recomputes each block's scores), so time and memory grow like N·w. Dilation ``d`` is turned
+  one value per offset of the band per head (the block x window strip is Toeplitz: ``band_rows``) and one
+  (query x extra key) bias, and both backwards return their gradients (T5's table is learned). A custom autograd
+  function keeps only q, k, v (flash-attention style: the backward recomputes each block's scores), so time and
+  memory grow like N·w. Dilation ``d`` is turned
   into ``d`` interleaved undilated sequences (slot ``i`` belongs to sequence ``i mod d``), so the kernel never
   computes the ``d-1`` of every ``d`` keys a dilated window skips. On CPU in float32 it runs the fused C kernel
   of ``attention_sliding_native.py`` (the custom op ``native_banded_attention``, one block at a time); elsewhere,
@@ -387,9 +388,10 @@ def native_banded_attention(
     band_bias: torch.Tensor, extra_bias: torch.Tensor, block: int, left: int, scale: float, dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_BandedCore``'s rule and arguments, run by the C kernel of ``attention_sliding_native.py`` block by block
-    (CPU, float32). Per head, only the keys (and in the backward the values) are copied, transposed. Returns the
-    output and each row's softmax max and 1/sum, so that the backward recomputes the forward's probabilities without
-    a second max and sum. Dropout draws its mask from a hash of (seed, head, query, key) instead of torch's
+    (CPU, float32), except that band_bias is (1|H, block + span - 1), per offset (``band_rows`` gives the strip).
+    Its learned gradient is summed per offset in C, never as a per-head strip. Per head, only the keys (and in the
+    backward the values) are copied, transposed. Returns the output and each row's softmax max and 1/sum, so that
+    the backward recomputes the forward's probabilities without a second max and sum. Dropout draws its mask from a hash of (seed, head, query, key) instead of torch's
     generator, in the forward and again in the backward."""
     batch, heads, n, _ = q.shape
     geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed)
@@ -421,8 +423,8 @@ def native_banded_attention_backward(
     row_inv_sum: torch.Tensor, block: int, left: int, scale: float, dropout_p: float, seed: int, bias_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of ``native_banded_attention``'s output for q, k, v, ek and ev, and with ``bias_grads`` those
-    of a learned band and extra bias (T5's table) per (batch row, head): (B, H, block, span) and (B, H, N, G), which
-    the caller sums to the biases' shapes (empty tensors without)."""
+    of a learned band and extra bias (T5's table) per (batch row, head): (B, H, block + span - 1) and (B, H, N, G),
+    which the caller sums to the biases' shapes (empty tensors without)."""
     batch, heads = q.shape[:2]
     geometry = _NativeGeometry(q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout_p, seed)
     # A gradient whose rows BLAS cannot take (the broadcast one of a .sum(), a strided view) is gathered block by
@@ -507,12 +509,12 @@ class _NativeGeometry:
     def __init__(self, q, k, v, ek, ev, key_bias, band_bias, extra_bias, block, left, scale, dropout, seed):
         self.q, self.k, self.v = q, k, v
         self.block, self.left, self.scale, self.dropout, self.seed = block, left, scale, dropout, seed
-        self.span, self.extra = band_bias.shape[-1], ek.shape[2]
+        self.span, self.extra = band_bias.shape[-1] - block + 1, ek.shape[2]  # the band bias is per offset
         self.key_bias, self.band_bias = key_bias.contiguous(), band_bias.contiguous()
         self.extra_bias = extra_bias.contiguous()
         self.ek, self.ev = ek.contiguous(), ev.contiguous()
         self.clean = torch.tensor(_clean_windows(key_bias, block, self.span), dtype=torch.uint8)
-        self.strips = torch.tensor(_band_strips(band_bias), dtype=torch.int64).reshape(-1, 2)
+        self.strips = torch.tensor(_band_strips(band_bias, block), dtype=torch.int64).reshape(-1, 2)
         # the transposed windows' buffers: TRANSPOSED_WINDOWS windows wide (or the whole sequence, if shorter), an
         # odd number of cache lines (see _padded_length)
         self.t_stride = _padded_length(min(q.shape[2], TRANSPOSED_WINDOWS * self.span))
@@ -561,10 +563,23 @@ def _clean_windows(key_bias: torch.Tensor, block: int, span: int) -> list[bool]:
     return ((count[starts + span] - count[starts]) == 0).tolist()
 
 
-def _band_strips(band_bias: torch.Tensor) -> list[tuple[int, int]]:
-    """Column ranges of the window where ``band_bias`` is not zero everywhere. Without ALiBi the band's mask only
-    cuts the two corners of a block's window, so the add skips the middle columns (most of the window)."""
-    nonzero = (band_bias != 0).flatten(0, -2).any(0).tolist()
+def band_rows(band_bias: torch.Tensor, block: int) -> torch.Tensor:
+    """The band bias per offset (..., block + span - 1) as the strip of a block's rows (..., block, span): row r,
+    column j holds offset j - r, at index j - r + block - 1 (a view, then a copy by ``flip``). Autograd sums a
+    strip's gradient back per offset."""
+    span = band_bias.shape[-1] - block + 1
+    return band_bias.unfold(-1, span, 1).flip(-2)
+
+
+def _band_strips(band_bias: torch.Tensor, block: int | None = None) -> list[tuple[int, int]]:
+    """Column ranges of the window where the band bias is not zero in every row: ``band_bias`` by row (..., block,
+    span), or with ``block`` by offset (..., block + span - 1; column j of the rows spans offsets j .. j + block - 1).
+    Without ALiBi the band's mask only cuts the two corners of a block's window, so the add skips the middle
+    columns (most of the window)."""
+    nonzero = (band_bias != 0).flatten(0, -2).any(0)
+    if block is not None:
+        nonzero = nonzero.unfold(0, block, 1).any(-1)
+    nonzero = nonzero.tolist()
     strips, start = [], None
     for column, flag in enumerate(nonzero + [False]):
         if flag and start is None:
@@ -691,10 +706,11 @@ def banded_attention(
 
     width = left + right
     span = (1 + -(-width // block)) * block  # a window of whole blocks covering block + left + right keys
-    r = torch.arange(block, device=device)[:, None]
-    j = torch.arange(span, device=device)[None, :]
-    # (1, block, span): key j of row r's window is the slot j - left - r away (dilation is undone by _dilate)
-    band = _additive(sees(j - left - r, left, right, 1), dtype)[None]
+    # key j of row r's window is the slot (j - r) - left away (dilation is undone by _dilate): the band's mask and
+    # bias depend on the offset j - r alone, so one value per offset (block + span - 1 of them) stands for the
+    # whole (block x span) strip, and a learned bias's gradient comes back summed per offset (``band_rows``)
+    offset = torch.arange(block + span - 1, device=device) - (block - 1)
+    band = _additive(sees(offset - left, left, right, 1), dtype)[None]  # (1, block + span - 1)
     out = torch.empty_like(query) if len(set(dilation)) > 1 else None
     for d in sorted(set(dilation)):
         heads_d = [h for h in range(heads) if dilation[h] == d]
@@ -707,8 +723,8 @@ def banded_attention(
         key_bias = F.pad(_additive(valid_d, dtype), (left, kp - left - nd), value=neg)  # (B', Kp), small
         band_bias = band
         if relative_bias is not None:  # the distance in slots is d·t, t the offset within the undilated window
-            strip = relative_bias(d * (j - left - r)).to(dtype)  # (H, block, span)
-            band_bias = band + (strip if out is None else strip[heads_d])  # (h_d, block, span)
+            strip = relative_bias(d * (offset - left)).to(dtype)  # (H, block + span - 1)
+            band_bias = band + (strip if out is None else strip[heads_d])  # (h_d, block + span - 1)
         if extras is not None:
             index = extra_slots[:, None, :, None].expand(-1, h_d, -1, dim)
             ek, ev = torch.gather(select(key), 2, index), torch.gather(select(value), 2, index)  # (B, h_d, G, D)
@@ -720,9 +736,13 @@ def banded_attention(
             ek = ev = query.new_zeros(rows_b, h_d, 0, dim)
             eb = query.new_zeros(rows_b, 1, nd, 0)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
-        args = (q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, block, left, float(scaling), float(dropout), seed)
-        # both paths add any band and extra bias (ALiBi's, T5's) and return its gradient where one is learned
-        result = native_banded_attention(*args)[0] if native and native_supported(q_d) else _BandedCore.apply(*args)
+        settings = (block, left, float(scaling), float(dropout), seed)
+        # both paths add any band and extra bias (ALiBi's, T5's) and return its gradient where one is learned; the C
+        # kernel reads the band bias per offset, the torch path (chunks of blocks) as the strip of a block's rows
+        if native and native_supported(q_d):
+            result = native_banded_attention(q_d, k_d, v_d, ek, ev, key_bias, band_bias, eb, *settings)[0]
+        else:
+            result = _BandedCore.apply(q_d, k_d, v_d, ek, ev, key_bias, band_rows(band_bias, block), eb, *settings)
         result = _undilate(result, d, n)
         if out is None:
             return result

@@ -105,8 +105,10 @@ typedef struct {
                                 each of the windows that hold it */
     int64_t t_stride;
     const float *ek, *ev;    /* (extra, dim): extra keys and values */
-    const float *band_bias;  /* (block, span): row r's bias over its window's columns */
-    const int64_t *strips;   /* n_strips column ranges [lo, hi) outside which band_bias is zero */
+    const float *band_bias;  /* (block + span - 1): the bias of each offset in the band, column j of row r at
+                                j - r + block - 1 (it depends on the distance alone), so row r's window columns are
+                                the span floats from band_bias + block - 1 - r */
+    const int64_t *strips;   /* n_strips column ranges [lo, hi) outside which every row's band bias is zero */
     const float *key_bias;   /* per padded key slot */
     const uint8_t *clean;    /* per block: 1 when no key of its window has a key_bias */
     const float *extra_bias; /* (n, extra) */
@@ -126,8 +128,9 @@ typedef struct {
     float *grad_out_block;   /* backward: null where grad_out's rows suit BLAS (unit column stride, rows at least
                                 dim apart); else scratch, (block, dim), that each block's rows are gathered into,
                                 instead of a dense copy of the whole gradient */
-    float *grad_band_bias;   /* backward: null, or (block, span) accumulated (zeroed by the caller): the gradient of
-                                a learned band_bias (T5's table), the scores' gradient summed over the blocks */
+    float *grad_band_bias;   /* backward: null, or (block + span - 1) accumulated (zeroed by the caller): the
+                                gradient of a learned band_bias (T5's table), the scores' gradient summed per offset
+                                over every row of every block */
     float *grad_extra_bias;  /* backward: null, or (n, extra) written: the gradient of extra_bias */
 } Head;
 
@@ -169,7 +172,7 @@ static void block_scores(const Head *h, int64_t c, const Block *b, const float *
     if (g) gemm('N', 'T', b->rows, g, dim, (float)h->scale, q, h->q_stride, h->ek, dim, 0.f, s + span, ld);
     for (int64_t r = 0; r < b->rows; r++) {
         float *row = s + r * ld;
-        const float *bias = h->band_bias + r * span;
+        const float *bias = h->band_bias + (h->block - 1 - r);
         for (int64_t t = 0; t < h->n_strips; t++) /* without ALiBi, only the window's two corners */
             for (int64_t j = h->strips[2 * t]; j < h->strips[2 * t + 1]; j++) row[j] += bias[j];
         if (!h->clean[c]) {
@@ -398,7 +401,7 @@ int xarch_banded_backward(Head *h) {
             for (int64_t j = 0; j < ld; j++) dprow[j] = prow[j] * (dprow[j] - dot);
             if (h->dropout > 0) apply_dropout(h, b.q0 + r, b.q0 - h->left, prow); /* dV takes the kept ones */
             if (h->grad_band_bias) { /* a bias added to the scores has the scores' gradient */
-                float *gb = h->grad_band_bias + r * span;
+                float *gb = h->grad_band_bias + (h->block - 1 - r);
 #pragma omp simd
                 for (int64_t j = 0; j < span; j++) gb[j] += dprow[j];
             }
