@@ -148,3 +148,20 @@ def test_the_config_imports_only_the_light_specs():
     heavy, families = result.stdout.strip().splitlines()
     assert heavy == "[] False False", heavy
     assert families == str(sorted(ATTENTION_FAMILIES))
+
+
+@pytest.mark.parametrize("attention_type", ["performer", "linear"])
+def test_attention_dropout_on_layers_without_weights_is_not_silently_ignored(attention_type):
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_xarch.model import configuration_xarch
+
+    # a value of its own per case: the warning is logged once per message
+    dropout = {"performer": 0.137, "linear": 0.139}[attention_type]
+    with CaptureLogger(configuration_xarch.logger) as captured:
+        XArchConfig(attention_type=attention_type, attention_dropout=dropout)
+    assert f"attention_dropout={dropout} has no effect on the ['{attention_type}'] layers" in captured.out
+    with CaptureLogger(configuration_xarch.logger) as captured:
+        XArchConfig(attention_type=attention_type, attention_dropout=0.0)
+        XArchConfig(attention_type="full", attention_dropout=0.141)
+    assert "has no effect" not in captured.out

@@ -31,6 +31,7 @@ from .helpers import FAMILY_OVERRIDES
 from .toy_families import (
     TOY_FAMILIES,
     DriftingCacheAttention,
+    DropoutIgnoringAttention,
     FutureLeakingAttention,
     PaddingBlindAttention,
     ToySoftmaxAttention,
@@ -108,8 +109,10 @@ def test_check_attention_family_reports_what_it_checked():
         (PaddingBlindAttention, "padding", r"row \d \(\d+ tokens of (left|right) padding\): the output at real token"),
         (DriftingCacheAttention, "cached_decode",
          r"cached decode drifts from the full forward at position \d+ of row \d of \d, in decode step 1"),
+        (DropoutIgnoringAttention, "capabilities",
+         r"attention_weights=True, but attention_dropout=0.5 leaves a training-mode forward unchanged"),
     ],
-    ids=["leaks-the-future", "ignores-padding", "cache-decode-drifts"],
+    ids=["leaks-the-future", "ignores-padding", "cache-decode-drifts", "ignores-attention-dropout"],
 )
 def test_the_kit_catches_a_broken_family(module_cls, invariant, message):
     name = f"broken_{invariant}"

@@ -84,14 +84,15 @@ class ToySoftmaxAttention(XArchAttention):
         key, value = self.cached(key, value, cache, layer_idx)
         key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
         visible = self.visibility(query.shape[2], key.shape[2], attention_mask).to(query.device)
+        dropout = self.attention_dropout if self.training else 0.0
         if self.config._attn_implementation == self.family.reference_implementation:
             scores = (query @ key.transpose(-1, -2)) * self.scaling
             weights = scores.masked_fill(~visible, torch.finfo(scores.dtype).min).softmax(-1)
-            output = weights @ value
+            output = nn.functional.dropout(weights, p=dropout, training=self.training) @ value
         else:
             weights = None
             output = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=visible,
-                                                                scale=self.scaling)
+                                                                dropout_p=dropout, scale=self.scaling)
         output = self.o_proj(output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1))
         return output, weights
 
@@ -122,6 +123,14 @@ class DriftingCacheAttention(ToySoftmaxAttention):
         if key.shape[2] > new:
             return key[:, :, 1:], value[:, :, 1:]
         return key, value
+
+
+class DropoutIgnoringAttention(ToySoftmaxAttention):
+    """Declares attention_weights=True (the toy's flags) but never drops them: attention_dropout is silently ignored."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.attention_dropout = 0.0
 
 
 def broken_family(name: str) -> AttentionFamily:

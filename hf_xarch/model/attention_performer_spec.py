@@ -78,6 +78,7 @@ PERFORMER_FAMILY = register_family(
         bidirectional=True,
         global_tokens=False,
         additive_position_bias=False,  # no score matrix exists to add a bias to (ALiBi); RoPE works (rotate q, k)
+        attention_weights=False,  # no weights to drop: attention_dropout has no effect
         rotary=True,
         cache_layer="recurrent",
         paper="Choromanski et al. 2021 (Performer, FAVOR+)",

@@ -14,11 +14,14 @@ import math
 from typing import Any
 
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.utils import logging
 
 from .attention_sliding_spec import derived_sliding_window, sliding_layers
 from .registry import attention_family_for_layer_type, config_error, declared_options
 from .specs import ATTENTION_FAMILIES, POSITION_SCHEMES
 from .transformers_private import register_family_with_transformers
+
+logger = logging.get_logger(__name__)
 
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -197,7 +200,8 @@ class XArchConfig(PreTrainedConfig):
             feature floor" in `attention_performer_kernels.py`). Defaults to 1e-3 for `softmax` (measured in
             `benchmarks/bench_performer.py`: never worse than performer-pytorch's 1e-4 floor, and up to 2.4x better
             at logit std 0.5); 0 gives the unbiased FAVOR+ estimate. Not allowed with `relu`, which adds its own 1e-3.
-        Performer cannot take an additive score bias (ALiBi); its `attention_dropout` is unused (no weights exist).
+        Performer cannot take an additive score bias (ALiBi); `attention_dropout` has no weights to drop in its layers
+        (a nonzero value logs a warning).
 
     Linformer (`attention_type="linformer"`, Wang et al. 2020; encoder only; options in `attention_linformer_spec.py`):
         linformer_k (`int`, defaults to 256): keys and values are projected along the sequence to k rows: O(N·k).
@@ -223,7 +227,7 @@ class XArchConfig(PreTrainedConfig):
             count; defaults to head_dim (favor+: head_dim * ln(head_dim)); not allowed for `elu` / `relu`.
         linear_window (`int`, defaults to 64): `linear_sliding` only: the nearest keys each query attends to with exact
             softmax (a decoder: itself and window - 1 before it; an encoder: window // 2 on each side).
-        Neither takes ALiBi; `attention_dropout` is unused (no weights exist).
+        Neither takes ALiBi; `attention_dropout` has no weights to drop (a nonzero value logs a warning).
 
     Encoder-decoder (`is_encoder_decoder=True`; `XArchForConditionalGeneration`, T5 and BART's layout):
         is_encoder_decoder (`bool`, defaults to `False`): an encoder and a decoder with cross-attention. Every field
@@ -542,6 +546,12 @@ class XArchConfig(PreTrainedConfig):
                 _fail("position_embedding_type", self.position_embedding_type, f"{where} cannot rotate q and k")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             _fail("head_dim", self.head_dim, "an even number with rope (features rotate in pairs)")
+        weightless = sorted({family.name for family in self.layer_families() if not family.attention_weights})
+        if self.attention_dropout and weightless:
+            # a warning, not an error: configs converted from BERT & co. carry a nonzero attention_dropout, and a
+            # saved Performer config with one must keep loading
+            logger.warning_once(f"attention_dropout={self.attention_dropout} has no effect on the {weightless} layers "
+                                "of this model: they form no attention weights to drop")
 
     def check_position_offset(self) -> None:
         offset = self.position_offset

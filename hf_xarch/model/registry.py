@@ -56,6 +56,9 @@ class AttentionFamily:
     global_tokens: bool = False  # accepts `global_attention_mask`
     additive_position_bias: bool = True  # can add a per-(query, key) score bias such as ALiBi
     rotary: bool = True  # can rotate queries and keys (RoPE)
+    # forms softmax attention weights and applies `attention_dropout` to them in training; False: there is nothing to
+    # drop (linear attention), and the config warns that a nonzero `attention_dropout` has no effect on its layers
+    attention_weights: bool = True
     cache_layer: str = "dynamic"  # "dynamic" (growing KV), "sliding_window" (bounded KV), "recurrent" (fixed state)
     paper: str = ""
     description: str = ""

@@ -279,6 +279,7 @@ def check_capabilities(case: FamilyCase) -> str:
             _fail(case, "capabilities", f"global_tokens=True, but global position 1 and position {last} do not "
                   "see each other")
         checked.append("global tokens see and are seen by every position")
+    checked.append(_check_attention_dropout(case))
     if case.decoder and record.cache_layer_class is not None:
         cache = DynamicCache(config=model.config)
         found = {type(layer).__name__ for layer in cache.layers}
@@ -287,6 +288,29 @@ def check_capabilities(case: FamilyCase) -> str:
                   f"DynamicCache(config=...) builds {sorted(found)}")
         checked.append(f"the cache holds {record.cache_layer_class.__name__} layers")
     return "; ".join(checked)
+
+
+def _check_attention_dropout(case: FamilyCase) -> str:
+    """``attention_weights``: a family with weights drops them in training (attention_dropout changes the output of
+    a training-mode forward); one without has nothing to drop (the output is the same, random draws seeded alike)."""
+    from ..model.modeling_xarch import XArchModel
+
+    ids, outputs = case.ids(2, LENGTH), []
+    for dropout in (0.0, 0.5):
+        torch.manual_seed(int(torch.randint(0, 2**31, (), generator=case.generator("weights"))))
+        model = XArchModel(case.config(attention_dropout=dropout)).train()
+        torch.manual_seed(int(torch.randint(0, 2**31, (), generator=case.generator("dropout"))))
+        with torch.no_grad():
+            outputs.append(_hidden(model, ids))
+    moved = float((outputs[1] - outputs[0]).abs().max())
+    if case.record.attention_weights and not moved > _scale(outputs[0]):
+        _fail(case, "capabilities", "attention_weights=True, but attention_dropout=0.5 leaves a training-mode "
+              "forward unchanged (the weights are not dropped)")
+    if not case.record.attention_weights and moved > _scale(outputs[0]):
+        _fail(case, "capabilities", f"attention_weights=False, but attention_dropout=0.5 moves a training-mode "
+              f"forward by {moved:.3g}")
+    return "attention_dropout " + ("drops the weights in training" if case.record.attention_weights
+                                   else "has nothing to drop")
 
 
 def _expect_value_error(case: FamilyCase, flag: str, build) -> None:
