@@ -663,8 +663,8 @@ def banded_attention(
 
     query (B, H, N, D), key/value (B, KV, N, D) at the same slots 0..N-1; dilation: one int per head;
     key_valid / global_keys / sink_keys: (B, N) bool; relative_bias: an additive score bias as a function of the
-    distance ``key slot - query slot`` -> (H, *distance.shape) (``ScoreBias.relative``), built here once as one
-    (block x window) strip per head and once for the extra keys, never N×N; alibi_slopes: (H,), ALiBi's, the same
+    distance ``key slot - query slot`` -> (H, *distance.shape) (``ScoreBias.relative``), looked up here once per
+    offset of the band (block + window values per head) and once for the extra keys, never N×N; alibi_slopes: (H,), ALiBi's, the same
     as ``relative_bias=slope_bias(alibi_slopes)``; native: run the fused C kernel of ``attention_sliding_native.py``
     where it can (CPU float32, and a C compiler here), False forces the torch path (the tests compare the two).
     Returns (B, H, N, D).

@@ -13,8 +13,9 @@ wider buckets up to ``relative_attention_max_distance``, beyond which all share 
   (``score_positions``), so a decode step sees the same distances as the full forward.
 
 The bias is a ``ScoreBias`` (``score_bias.py``): it depends on the distance alone, so every path takes it - the
-full family's reference, blocked SDPA and flex paths, and the sliding window's band, which builds one (block x
-window) strip per head from ``relative``. It never holds an N×N tensor outside the eager reference.
+full family's reference, blocked SDPA and flex paths, and the sliding window's band, which asks ``relative`` once
+per offset of the band (block + window distances) and gets the table's gradient back summed per offset. It never
+holds an N×N tensor outside the eager reference.
 
 The record, its options and their checks are in ``position_t5_spec.py`` (no torch). This file imports only torch and
 siblings: it travels to the Hub with every saved model (the README's "Sharing models").
