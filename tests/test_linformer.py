@@ -159,6 +159,10 @@ def test_inputs_longer_than_max_position_embeddings_are_refused():
 def test_decoders_are_refused_at_config_build():
     with pytest.raises(ValueError, match="attention_type='linformer'.*no causal form"):
         tiny_config(attention_type="linformer", is_decoder=True)
+    # a Linformer layer among a decoder's layer_types: the message names the field that chose it
+    with pytest.raises(ValueError, match=r"layer_types=\['full_attention', 'linformer_attention'\] is not allowed: "
+                       r"layer 1 \('linformer'\) has no causal form"):
+        tiny_config(is_decoder=True, layer_types=["full_attention", "linformer_attention"])
 
 
 @pytest.mark.parametrize(("field", "value"), [("linformer_k", 0), ("linformer_k", 2.5), ("linformer_sharing", "layer")])

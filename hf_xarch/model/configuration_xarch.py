@@ -532,10 +532,13 @@ class XArchConfig(PreTrainedConfig):
         scheme = POSITION_SCHEMES[self.position_embedding_type]
         for index, family in enumerate(self.layer_families()):
             where = f"layer {index} ({family.name!r})"
+            # the field that chose this layer's family: attention_type, or layer_types where the layer differs from it
+            chosen_by = ("attention_type", family.name) if family.name == self.attention_type \
+                else ("layer_types", self.layer_types)
             if self.is_decoder and not family.causal:
-                _fail("attention_type", family.name, f"{where} has no causal form, so it cannot be a decoder layer")
+                _fail(*chosen_by, f"{where} has no causal form, so it cannot be a decoder layer")
             if not self.is_decoder and not family.bidirectional:
-                _fail("attention_type", family.name, f"{where} is causal only, so it needs is_decoder=True")
+                _fail(*chosen_by, f"{where} is causal only, so it needs is_decoder=True")
             if scheme.kind == "bias" and not family.additive_position_bias:
                 _fail(
                     "position_embedding_type",
