@@ -24,6 +24,13 @@ Conventions (so numbers compare across configs and with papers):
 - The adaptive-softmax head is costed as its full log-probabilities (every cluster for every token), an upper bound
   of the training loss's cost, which evaluates each token's own cluster only.
 
+Encoder-decoders (``is_encoder_decoder=True``; ``seq_len`` is the source length, ``target_len`` the target's): each
+stack is costed as above (``stack_config``), the shared token table counts once, and every decoder layer adds its
+cross-attention: q and o projections per target token, k and v per source token, and full attention of each target
+token over the source. FLOPs per token spread one example's FLOPs over its source + target tokens; inference is one
+target token decoded (the encoder ran once before); ``kv_cache_bytes_per_token`` is the decoder's self-attention cache
+per target token, and ``cross_attention_cache_bytes`` the source's keys and values, cached once per sequence.
+
 A family without a cost function is not guessed at: its attention-core FLOPs and cache bytes are reported as unknown
 (``None``), the totals that would include them too, and ``unknown_families`` names it.
 """
@@ -52,6 +59,7 @@ from hf_xarch.model.families import ATTENTION_FAMILIES, ATTENTION_MODULES, POSIT
 from hf_xarch.model.registry import AttentionCost
 
 HEADS = ("causal_lm", "masked_lm", "base")
+SEQ2SEQ_HEADS = ("seq2seq_lm", "base")  # XArchForConditionalGeneration, XArchSeq2SeqModel
 PARTS = ("embeddings", "attention", "mlp", "norms", "head")
 
 
@@ -75,6 +83,10 @@ class ModelSummary:
     # the same with generate(cache_implementation="quantized") at 8/4/2 bits (residual 128, default groups): setting ->
     # bytes per token; empty for encoders, None where a family's cost is unknown
     quantized_kv_cache_bytes_per_token: dict[str, float] | None = field(default_factory=dict)
+    # encoder-decoders only: the target length (seq_len is the source's), and the cross-attention keys and values
+    # of the source that every decoder layer caches once per sequence, in bytes
+    target_len: int | None = None
+    cross_attention_cache_bytes: float | None = None
 
     @property
     def total_parameters(self) -> int:
@@ -86,7 +98,8 @@ class ModelSummary:
     def __str__(self) -> str:
         lines = [
             (
-                f"XArch summary: head={self.head}, seq_len={self.seq_len}, {self.num_layers} layers "
+                f"XArch summary: head={self.head}, seq_len={self.seq_len}"
+                f"{'' if self.target_len is None else f', target_len={self.target_len}'}, {self.num_layers} layers "
                 f"({self.num_distinct_blocks} distinct blocks), output layer tied={self.tied_output}"
             ),
             "",
@@ -105,6 +118,8 @@ class ModelSummary:
             f"inference FLOPs per token:                {_fmt(self.inference_flops_per_token)}",
             f"KV-cache bytes per token ({self.bytes_per_value} B/value): {_fmt(self.kv_cache_bytes_per_token)}",
         ]
+        if self.cross_attention_cache_bytes is not None:
+            lines.append(f"cross-attention cache bytes per sequence:  {_fmt(self.cross_attention_cache_bytes)}")
         for setting, value in (self.quantized_kv_cache_bytes_per_token or {}).items():
             lines.append(f"  quantized cache, {setting + ':':<29} {_fmt(value)}")
         lines += [f"note: {note}" for note in self.notes]
@@ -160,25 +175,36 @@ def _bytes_per_value(config: XArchConfig, dtype: str | torch.dtype | None) -> in
 
 
 def summary(
-    config: XArchConfig, seq_len: int = 2048, head: str | None = None, dtype: str | torch.dtype | None = None
+    config: XArchConfig,
+    seq_len: int = 2048,
+    head: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    target_len: int | None = None,
 ) -> ModelSummary:
     """Parameters by part, FLOPs per token and KV-cache bytes per token of ``config`` (see the module docstring).
 
+    seq_len: the sequence length; for an encoder-decoder, the source (encoder input) length.
     head: ``causal_lm`` (XArchForCausalLM), ``masked_lm`` (XArchForMaskedLM) or ``base`` (XArchModel, no head);
-        defaults to ``causal_lm`` for decoders and ``masked_lm`` for encoders.
+        defaults to ``causal_lm`` for decoders and ``masked_lm`` for encoders. An encoder-decoder takes
+        ``seq2seq_lm`` (XArchForConditionalGeneration, the default) or ``base`` (XArchSeq2SeqModel).
     dtype: the type of cached keys/values; defaults to ``config.dtype``, else float32.
+    target_len: encoder-decoders only: the target (decoder) length; defaults to ``seq_len``.
     """
     if not isinstance(config, XArchConfig):
         raise ValueError(f"summary: config must be an XArchConfig, got {type(config).__name__}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"summary: seq_len={seq_len!r} is not allowed: a positive integer")
-    if config.is_encoder_decoder:  # its decoder and cross-attention are not costed yet: no figures rather than wrong
-        raise ValueError("summary: is_encoder_decoder=True is not summarized yet; summarize its stacks one by one: "
-                         "summary(config.stack_config('encoder'), head='base') and "
-                         "summary(config.stack_config('decoder')) (without its cross-attention)")
+    if target_len is not None and (isinstance(target_len, bool) or not isinstance(target_len, int) or target_len <= 0):
+        raise ValueError(f"summary: target_len={target_len!r} is not allowed: a positive integer, or None")
+    if config.is_encoder_decoder:
+        return _encoder_decoder_summary(config, seq_len, target_len or seq_len, head or "seq2seq_lm", dtype)
+    if target_len is not None:
+        raise ValueError(f"summary: target_len={target_len} is for encoder-decoders (is_encoder_decoder=True); a "
+                         "single stack has one length, seq_len")
     head = head or ("causal_lm" if config.is_decoder else "masked_lm")
     if head not in HEADS:
-        raise ValueError(f"summary: head={head!r} is not allowed: one of {list(HEADS)}")
+        raise ValueError(f"summary: head={head!r} is not allowed: one of {list(HEADS)}"
+                         + (" ('seq2seq_lm' needs is_encoder_decoder=True)" if head == "seq2seq_lm" else ""))
     if head == "masked_lm" and config.is_decoder:
         raise ValueError("summary: head='masked_lm' needs an encoder (is_decoder=False), as XArchForMaskedLM does")
     if head == "causal_lm" and not config.is_decoder:
@@ -334,6 +360,76 @@ def summary(
     )
 
 
+def _encoder_decoder_summary(
+    config: XArchConfig, source_len: int, target_len: int, head: str, dtype: str | torch.dtype | None
+) -> ModelSummary:
+    """``summary`` of an encoder-decoder: each stack summarized as the single stack it is (``stack_config``), plus
+    what only the pair has: the cross-attention of every decoder layer, and one shared token table (see the module
+    docstring for the per-token conventions)."""
+    if head not in SEQ2SEQ_HEADS:
+        raise ValueError(f"summary: head={head!r} is not allowed for an encoder-decoder: one of {list(SEQ2SEQ_HEADS)}")
+    from hf_xarch.model.attention_cross import XArchCrossAttention
+
+    bytes_per_value = _bytes_per_value(config, dtype)
+    decoder_config = config.stack_config("decoder")
+    encoder = summary(config.stack_config("encoder"), seq_len=source_len, head="base", dtype=dtype)
+    decoder = summary(decoder_config, seq_len=target_len, head="causal_lm" if head == "seq2seq_lm" else "base",
+                      dtype=dtype)
+    params = {part: encoder.parameters[part] + decoder.parameters[part] for part in PARTS}
+    # the decoder's token table (and E -> H projection) is the encoder's
+    hidden, emb = config.hidden_size, config.embedding_size
+    params["embeddings"] -= config.vocab_size * emb + (emb * hidden + hidden if emb != hidden else 0)
+
+    schedule = decoder_config.block_schedule()
+    for block in sorted(set(schedule)):
+        cross = _build(XArchCrossAttention, decoder_config, block)
+        params["attention"] += _count(cross)
+        params["norms"] += _norm_params(config, hidden)  # cross_attention_norm
+    # projection FLOPs of a cross-attention layer: q and o per target token, k and v per source token
+    per_target = 2 * (cross.q_proj.weight.numel() + cross.o_proj.weight.numel())
+    per_source = 2 * (cross.k_proj.weight.numel() + cross.v_proj.weight.numel())
+    per_key = 4 * config.num_attention_heads * config.head_dim  # scores and mixing of one query with one key
+    layers = len(schedule)
+
+    # FLOPs of one example (source and target), spread over its source_len + target_len tokens
+    tokens = source_len + target_len
+    forward = {}
+    for part in PARTS:
+        values = (encoder.forward_flops[part], decoder.forward_flops[part])
+        forward[part] = None if None in values else (values[0] * source_len + values[1] * target_len) / tokens
+    if forward["attention"] is not None:
+        cross_flops = layers * (target_len * per_target + source_len * per_source + target_len * source_len * per_key)
+        forward["attention"] += cross_flops / tokens
+    total_forward = _sum(forward.values())
+    # a decoded token: the decoder's own step, and its cross-attention over the source (keys and values cached)
+    inference = decoder.inference_flops_per_token
+    if inference is not None:
+        inference += layers * (per_target + source_len * per_key)
+    notes = list(dict.fromkeys(encoder.notes + decoder.notes))
+    notes.append(f"encoder-decoder: FLOPs per token of a {source_len}-token source with a {target_len}-token target "
+                 "(both count as tokens); inference = one target token decoded; KV-cache = the decoder's self-attention "
+                 "per target token, and the cross-attention keys/values of the source once per sequence")
+    return ModelSummary(
+        head=head,
+        seq_len=source_len,
+        target_len=target_len,
+        bytes_per_value=bytes_per_value,
+        num_layers=encoder.num_layers + decoder.num_layers,
+        num_distinct_blocks=encoder.num_distinct_blocks + decoder.num_distinct_blocks,
+        tied_output=decoder.tied_output,
+        parameters=params,
+        forward_flops=forward,
+        training_flops_per_token=None if total_forward is None else 3 * total_forward,
+        inference_flops_per_token=inference,
+        kv_cache_bytes_per_token=decoder.kv_cache_bytes_per_token,
+        cross_attention_cache_bytes=layers * 2 * config.num_key_value_heads * config.head_dim * source_len
+        * bytes_per_value,
+        unknown_families=list(dict.fromkeys(encoder.unknown_families + decoder.unknown_families)),
+        notes=notes,
+        quantized_kv_cache_bytes_per_token={},
+    )
+
+
 def load_config(path: str) -> XArchConfig:
     """An XArchConfig from a saved model folder (its config.json) or a config JSON file."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
@@ -351,11 +447,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-xarch summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a saved model folder or a config.json")
     parser.add_argument("--seq-len", type=int, default=2048, help="sequence length of the FLOP and cache figures")
-    parser.add_argument("--head", choices=HEADS, default=None, help="default: causal_lm for decoders, else masked_lm")
+    parser.add_argument("--head", choices=HEADS + SEQ2SEQ_HEADS[:1], default=None,
+                        help="default: causal_lm for decoders, seq2seq_lm for encoder-decoders, else masked_lm")
+    parser.add_argument("--target-len", type=int, default=None,
+                        help="encoder-decoders: target length (default: --seq-len, then the source length)")
     parser.add_argument("--dtype", default=None, help="type of cached keys/values (default: the config's, else float32)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    result = summary(load_config(args.config), seq_len=args.seq_len, head=args.head, dtype=args.dtype)
+    result = summary(load_config(args.config), seq_len=args.seq_len, head=args.head, dtype=args.dtype,
+                     target_len=args.target_len)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0
 

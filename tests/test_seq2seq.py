@@ -287,15 +287,6 @@ def test_model_card_says_encoder_decoder(tmp_path):
     assert "a causal decoder of 3 layers of `sliding_window` self-attention with full cross-attention" in loaded.text
 
 
-def test_summary_refuses_an_encoder_decoder_rather_than_costing_its_encoder_only():
-    import hf_xarch
-
-    config = seq2seq_config()
-    with pytest.raises(ValueError, match="is_encoder_decoder"):
-        hf_xarch.summary(config, seq_len=64)
-    assert hf_xarch.summary(config.stack_config("encoder"), seq_len=64, head="base").num_layers == 2
-
-
 def test_attention_outputs_keep_self_and_cross_attention_apart():
     model = model_for("full-learned")
     model.set_attn_implementation("eager")  # the weights exist on the reference path

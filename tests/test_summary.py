@@ -55,12 +55,13 @@ def part_of(name: str) -> str:
         return "norms"
     if name.startswith(("lm_head", "pooler")):
         return "head"
-    if ".attention." in name or name.startswith("shared_attention."):  # a family's parameters shared by its layers
+    # shared_attention: a family's parameters shared by its layers
+    if ".attention." in name or ".cross_attention." in name or name.startswith("shared_attention."):
         return "attention"
     if ".mlp." in name:
         return "mlp"
-    if ".embeddings." in name or name.startswith("embeddings."):
-        return "embeddings"
+    if ".embeddings." in name or name.startswith("embeddings.") or "layer_positions." in name:
+        return "embeddings"  # a position scheme's module (T5's bias table) counts with the embeddings
     raise AssertionError(f"unexpected parameter {name}")
 
 
@@ -233,3 +234,103 @@ def test_cli_reads_a_saved_folder_and_a_config_file(tmp_path, capsys):
     assert "attention" in table and "KV-cache bytes per token" in table
     assert cli_main(["summary", str(tmp_path / "missing")]) == 2
     assert "neither a folder" in capsys.readouterr().err
+
+
+SEQ2SEQ = dict(is_encoder_decoder=True, num_decoder_layers=3, decoder_start_token_id=1)
+SEQ2SEQ_CASES = [
+    dict(),
+    dict(embedding_size=12, tie_word_embeddings=False, num_key_value_heads=2, type_vocab_size=2),
+    dict(norm_type="rmsnorm", mlp_type="gated", mlp_bias=False, position_embedding_type="t5_relative",
+         max_decoder_position_embeddings=16),
+    dict(attention_type="sliding_window", attention_window=4, decoder_attention_type="performer",
+         position_embedding_type="none", num_hidden_layers=4, num_hidden_groups=2, num_decoder_layers=4),
+]
+
+
+@pytest.mark.parametrize("head", ["seq2seq_lm", "base"])
+@pytest.mark.parametrize("overrides", SEQ2SEQ_CASES, ids=str)
+def test_encoder_decoder_parameter_counts_match_the_model(overrides, head):
+    from hf_xarch import XArchForConditionalGeneration, XArchSeq2SeqModel
+
+    config = tiny_config(**{**SEQ2SEQ, **overrides})
+    result = summary(config, seq_len=16, target_len=5, head=head)
+    model = (XArchForConditionalGeneration if head == "seq2seq_lm" else XArchSeq2SeqModel)(config)
+    assert result.total_parameters == model.num_parameters() == sum(p.numel() for p in model.parameters())
+    by_part = dict.fromkeys(result.parameters, 0)
+    for name, param in model.named_parameters():
+        by_part[part_of(name)] += param.numel()
+    assert result.parameters == by_part
+    stacks = model.model if head == "seq2seq_lm" else model
+    assert result.num_distinct_blocks == len(stacks.encoder.layers) + len(stacks.decoder.layers)
+    assert result.tied_output == (head == "seq2seq_lm" and config.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(embedding_size=12, num_key_value_heads=2,
+                                                    tie_word_embeddings=False, mlp_type="gated")], ids=str)
+def test_encoder_decoder_flops_match_torch_flop_counter(overrides):
+    """One forward of an eager XArchForConditionalGeneration (source 13, target 6) as torch counts it, against the
+    summary's per-token figure times source + target tokens. The decoder's eager self-attention scores the whole
+    target square (as in the decoder test above); the cross-attention scores are all useful."""
+    from hf_xarch import XArchForConditionalGeneration
+
+    config = tiny_config(**{**SEQ2SEQ, **overrides})
+    config._attn_implementation = "eager"
+    model = XArchForConditionalGeneration(config).eval()
+    batch, source, target = 2, 13, 6
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=random_ids(batch, source), decoder_input_ids=random_ids(batch, target))
+    result = summary(config, seq_len=source, target_len=target)
+    masked_out = 3 * 4 * config.num_attention_heads * config.head_dim * target * (target - (target + 1) / 2)
+    expected = sum(result.forward_flops.values()) * (source + target) + masked_out
+    assert counter.get_total_flops() / batch == pytest.approx(expected, rel=1e-9)
+    assert result.training_flops_per_token == pytest.approx(3 * sum(result.forward_flops.values()))
+
+
+@pytest.mark.parametrize("decoder", ["full", "sliding_window"])
+def test_encoder_decoder_decode_step_flops_and_caches_match_the_model(decoder):
+    """A decoding step after a cached prefix of target_len - 1 tokens (cross keys and values cached) costs what
+    `inference_flops_per_token` says, and the filled EncoderDecoderCache holds the summary's bytes."""
+    from hf_xarch import XArchForConditionalGeneration
+
+    config = tiny_config(**SEQ2SEQ, decoder_attention_type=decoder, attention_window=4, num_key_value_heads=2)
+    config._attn_implementation = "eager"
+    model = XArchForConditionalGeneration(config).eval()
+    batch, source, target = 2, 13, 7
+    ids, decoder_ids = random_ids(batch, source), random_ids(batch, target)
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(input_ids=ids)
+        cache = model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids[:, :-1], use_cache=True).cache
+        with FlopCounterMode(display=False) as counter:
+            cache = model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids[:, -1:], cache=cache,
+                          use_cache=True).cache
+    result = summary(config, seq_len=source, target_len=target)
+    assert counter.get_total_flops() / batch == pytest.approx(result.inference_flops_per_token, rel=1e-9)
+
+    def held(cache_half):
+        return sum(t.numel() * t.element_size() for layer in cache_half.layers
+                   for t in (layer.keys, layer.values)) / batch
+
+    assert held(cache.self_attention_cache) / target == pytest.approx(result.kv_cache_bytes_per_token)
+    assert held(cache.cross_attention_cache) == pytest.approx(result.cross_attention_cache_bytes)
+
+
+def test_encoder_decoder_arguments_and_cli(tmp_path, capsys):
+    from hf_xarch import XArchForConditionalGeneration
+
+    config = tiny_config(**SEQ2SEQ)
+    for kwargs, message in [(dict(head="causal_lm"), "seq2seq_lm"), (dict(target_len=0), "target_len")]:
+        with pytest.raises(ValueError, match=message):
+            summary(config, **kwargs)
+    with pytest.raises(ValueError, match="target_len"):
+        summary(tiny_config(), target_len=8)  # a single stack has one length
+    with pytest.raises(ValueError, match="seq2seq_lm"):
+        summary(tiny_config(), head="seq2seq_lm")
+    assert summary(config, seq_len=16).target_len == 16  # the target defaults to the source length
+    XArchForConditionalGeneration(config).save_pretrained(tmp_path)
+    assert main([str(tmp_path), "--seq-len", "32", "--target-len", "8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = summary(config, seq_len=32, target_len=8)
+    assert data["total_parameters"] == expected.total_parameters and data["target_len"] == 8
+    assert data["cross_attention_cache_bytes"] == expected.cross_attention_cache_bytes
+    assert main([str(tmp_path)]) == 0
+    assert "cross-attention cache bytes per sequence" in capsys.readouterr().out
