@@ -65,11 +65,12 @@ def test_equals_dense_projected_attention(sharing, implementation, length):
         torch.testing.assert_close(layer(hidden)[0], dense_projected_attention(layer, hidden), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sharing", ["headwise", "none"])  # one projection for all heads, one per key/value head
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_is_masked_before_the_projection(side):
+def test_padding_is_masked_before_the_projection(side, sharing):
     """A padded row's real tokens take the projection's first columns, as they do alone: equal to the dense
     reference of the row without its padding (padding that leaked into E K would move it)."""
-    layer = linformer_layer()
+    layer = linformer_layer(linformer_sharing=sharing)
     generator = torch.Generator().manual_seed(3)
     real, padding = torch.randn(1, 7, 32, generator=generator), 100 * torch.randn(1, 5, 32, generator=generator)
     hidden = torch.cat([padding, real] if side == "left" else [real, padding], 1)
@@ -163,6 +164,9 @@ def test_decoders_are_refused_at_config_build():
     with pytest.raises(ValueError, match=r"layer_types=\['full_attention', 'linformer_attention'\] is not allowed: "
                        r"layer 1 \('linformer'\) has no causal form"):
         tiny_config(is_decoder=True, layer_types=["full_attention", "linformer_attention"])
+    # an encoder-decoder's decoder: the message names the decoder's fields
+    with pytest.raises(ValueError, match=r"decoder of this encoder-decoder .*decoder_attention_type.*no causal form"):
+        tiny_config(is_encoder_decoder=True, decoder_attention_type="linformer", decoder_start_token_id=1)
 
 
 @pytest.mark.parametrize(("field", "value"), [("linformer_k", 0), ("linformer_k", 2.5), ("linformer_sharing", "layer")])
