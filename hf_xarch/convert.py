@@ -92,11 +92,21 @@ def finish(new: PreTrainedModel, old: PreTrainedModel) -> PreTrainedModel:
     return new
 
 
+def carried_implementation(source: PreTrainedModel, target_class: type) -> str | None:
+    """The attention implementation a converted model is built with: the source's, which the user chose or the
+    source class defaulted to; ``None`` (the target class's default) when one side runs eager only (transformers' LED,
+    Longformer, BigBird, BLOOM), where eager says nothing about what the user wants."""
+    if not (type(source)._supports_sdpa and target_class._supports_sdpa):
+        return None
+    return source.config._attn_implementation
+
+
 def from_hf(model: PreTrainedModel) -> XArchPreTrainedModel:
     """The XArch model that computes what the transformers ``model`` computes (same weights, same outputs).
 
     Raises ``ValueError`` naming what is not supported: a model type without a converter, a head class without an
-    XArch counterpart, or an option of the family XArch cannot reproduce exactly.
+    XArch counterpart, or an option of the family XArch cannot reproduce exactly. The attention implementation is
+    ``model``'s, or XArch's default (sdpa) where transformers offers only eager (``carried_implementation``).
     """
     if isinstance(model, XArchPreTrainedModel):
         raise ValueError(f"{type(model).__name__} is already an XArch model")
@@ -114,7 +124,8 @@ def from_hf(model: PreTrainedModel) -> XArchPreTrainedModel:
     if is_base_model(model):
         state_dict = head_layout(state_dict, model.base_model_prefix + ".")
     converted = converter.state_dict_from_hf(state_dict, model.config, hf_class)
-    xarch = xarch_class._from_config(config, attn_implementation=model.config._attn_implementation, dtype=model.dtype)
+    xarch = xarch_class._from_config(config, attn_implementation=carried_implementation(model, xarch_class),
+                                     dtype=model.dtype)
     load_converted(xarch, converted, XARCH_PREFIX, converter.droppable_prefixes, hf_class)
     return finish(xarch, model)
 
@@ -161,7 +172,7 @@ def to_hf(model: XArchPreTrainedModel, target: str | type) -> PreTrainedModel:
     hf_class = getattr(transformers, hf_class_name)
     hf_model = hf_class._from_config(
         hf_config,
-        attn_implementation=model.config._attn_implementation,
+        attn_implementation=carried_implementation(model, hf_class),
         dtype=model.dtype,
         **converter.hf_init_kwargs.get(hf_class_name, {}),
     )

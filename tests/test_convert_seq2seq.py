@@ -194,8 +194,25 @@ def test_led_with_global_tokens_matches(implementation):
     settings = dict(max_new_tokens=6, min_new_tokens=6)
     for mode in ({"do_sample": False}, {"do_sample": False, "num_beams": 3}):
         assert torch.equal(xarch.generate(**kwargs, **settings, **mode), led.generate(**kwargs, **settings, **mode))
-    xarch.set_attn_implementation("eager")  # transformers' LED has no other implementation
-    back = to_hf(xarch, "led")
+    back = to_hf(xarch, "led")  # LED's eager (its only implementation), whatever the XArch model runs
     torch.testing.assert_close(back(**kwargs, decoder_input_ids=target).logits, expected, rtol=1e-4, atol=1e-4)
     for key, tensor in led.state_dict().items():
         torch.testing.assert_close(back.state_dict()[key], tensor, rtol=0, atol=0, msg=key)
+
+
+def test_conversions_take_the_fast_default_unless_the_user_chose():
+    """transformers' LED runs eager only, which says nothing about what the user wants: from_hf builds XArch's default
+    (sdpa: the banded kernel), not XArch's eager dense reference. A BART built with eager on purpose stays eager."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    led = tiny_led()
+    assert led.config._attn_implementation == "eager"
+    xarch = from_hf(led)
+    assert xarch.config._attn_implementation == "sdpa"
+    assert xarch.model.encoder.config._attn_implementation == "sdpa"
+    assert to_hf(xarch, "led").config._attn_implementation == "eager"
+    sizes = dict(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=32)
+    for implementation in ("eager", "sdpa"):
+        bart = BartForConditionalGeneration._from_config(BartConfig(**sizes), attn_implementation=implementation)
+        assert from_hf(bart).config._attn_implementation == implementation

@@ -11,8 +11,9 @@ BART's config with ``attention_type="sliding_window"``, ``attention_window``, ``
   ``generate()``); neither invents one. XArch needs none to work on any length (``tests/test_seq2seq.py``).
 - Lengths: LED pads every input to a multiple of the window inside the model; XArch takes any length, with the same
   outputs at real tokens.
-- ``from_hf`` carries LED's ``attn_implementation`` (eager): XArch's eager sliding path is the dense reference;
-  ``model.set_attn_implementation("sdpa")`` switches to the banded O(N·w) kernel.
+- Attention implementation: transformers' LED runs eager only, so ``from_hf`` builds XArch's default (``sdpa``: the
+  banded O(N·w) kernel, our CPU kernel where it applies) rather than XArch's eager, which is the dense reference; and
+  ``to_hf`` builds LED's eager whatever the XArch model runs.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ In XArch terms: RoBERTa's config plus ``attention_type="sliding_window"``, ``att
 - ``LongformerForSequenceClassification`` puts global attention on the first token when no ``global_attention_mask``
   is given; XArch never invents global tokens, so pass ``global_attention_mask`` (first token = 1) to match it.
 - ``LongformerForQuestionAnswering`` (global attention on the question, found from ``sep_token_id``) does not convert.
-- transformers runs Longformer with ``attn_implementation="eager"``, which ``from_hf`` carries over: XArch's eager is
-  the dense reference. ``model.set_attn_implementation("sdpa")`` switches to the banded O(N·w) kernel.
+- transformers runs Longformer eager only, so ``from_hf`` builds XArch's default (``sdpa``: the banded O(N·w) kernel),
+  not XArch's eager, which is the dense reference.
 """
 
 from __future__ import annotations
