@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaModel, Phi3Config, Phi3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import hf_xarch
-from hf_xarch import XArchConfig, XArchForCausalLM, XArchForMaskedLM, XArchModel
+from hf_xarch import POSITION_SCHEMES, XArchConfig, XArchForCausalLM, XArchForMaskedLM, XArchModel
 from hf_xarch.convert import from_hf
 from hf_xarch.model.positions import RotaryEmbedding
 
@@ -276,3 +276,23 @@ def test_extend_context_rejects_learned_positions_and_bad_arguments():
     assert model.config.max_position_embeddings == 32
     with pytest.raises(ValueError, match="XArch model"):
         hf_xarch.extend_context(llama(141, ROPE_TYPES["default"]), 2)
+
+
+@pytest.mark.parametrize("scheme", [s.name for s in POSITION_SCHEMES.values() if s.kind == "bias"])
+@pytest.mark.parametrize("is_decoder", [True, False])
+def test_every_bias_scheme_keeps_the_score_bias_contract(scheme, is_decoder):
+    """Every bias a scheme hands to attention is a ``ScoreBias``; one that sets ``alibi_slopes`` (read by the fused
+    linear-bias kernels) is a ``LinearDistanceBias`` too, carrying the positions and padding those kernels read."""
+    from hf_xarch.model.registry import POSITION_MODULES
+    from hf_xarch.model.score_bias import LinearDistanceBias, ScoreBias
+
+    config = tiny_config(position_embedding_type=scheme, is_decoder=is_decoder)
+    module = POSITION_MODULES[scheme](config)
+    hidden = torch.randn(2, 7, config.hidden_size)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    bias = module(hidden, torch.arange(7)[None], attention_mask=mask)
+    assert isinstance(bias, ScoreBias)
+    if bias.alibi_slopes is not None:
+        assert isinstance(bias, LinearDistanceBias)
+        assert bias.key_positions.shape[-1] == 7 and bias.key_padding.shape == (2, 7)

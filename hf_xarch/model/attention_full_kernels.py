@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .score_bias import ScoreBias
+from .score_bias import LinearDistanceBias, ScoreBias
 
 # queries per block: PyTorch's CPU flash kernel tiles queries by 256 from 768 queries up (smaller calls run slower),
 # and the key-only bias values grow to m·block/2 (their fp32 rounding is the flash path's error). The blocked path
@@ -203,7 +203,7 @@ class KeyBiasPlan:
     """The kernel calls of every query block, and their masks. Built from the positions (not from a 4D mask), so it
     is used only where the mask is exactly causal/bidirectional plus key padding."""
 
-    def __init__(self, bias: ScoreBias, key_padding, q_length, kv_length, causal, block_size=None):
+    def __init__(self, bias: LinearDistanceBias, key_padding, q_length, kv_length, causal, block_size=None):
         self.bias, self.causal = bias, causal
         self.q_length, self.kv_length = q_length, kv_length
         self.offset = kv_length - q_length  # queries are the last q_length keys (a dynamic cache's alignment)
@@ -351,8 +351,8 @@ class KeyBiasFlashAttention(torch.autograd.Function):
 
 
 def key_bias_flash_applicable(bias: ScoreBias, query, attention_mask, kv_length: int, dropout: float) -> bool:
-    """The key-bias flash path needs: a bias linear in the distance (``alibi_slopes``) measured between
-    ``query_positions`` and ``key_positions``, PyTorch's CPU flash entry points (private, so checked), no dropout
+    """The key-bias flash path needs: a bias linear in the distance (``alibi_slopes`` set, so a
+    ``LinearDistanceBias``: the attributes read below are its contract), PyTorch's CPU flash entry points (private, so checked), no dropout
     (the kernel has none), keys aligned with the positions (no static cache), a mask that is exactly
     causal/bidirectional plus the bias's key padding (not packed sequences or a custom 4D mask; the caller checks
     that the mask is its family's), and, for the symmetric form, positions that never decrease along the sequence

@@ -55,8 +55,9 @@ def alibi_distance(query_position: torch.Tensor, key_position: torch.Tensor, sym
 
 
 class AlibiBias:
-    """The ALiBi ``ScoreBias`` of one forward: slopes (heads,), query positions (batch or 1, q) and key positions
-    (batch or 1, kv), as floats. ``tile`` builds the bias of any (query block, key block) rectangle on demand."""
+    """The ALiBi ``ScoreBias`` (a ``LinearDistanceBias``) of one forward: slopes (heads,), query positions
+    (batch or 1, q) and key positions (batch or 1, kv), as floats. ``tile`` builds the bias of any (query block,
+    key block) rectangle on demand."""
 
     def __init__(
         self,

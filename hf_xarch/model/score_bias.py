@@ -11,7 +11,8 @@ the object for whatever shape its kernel needs:
   sliding-window band builds from it the bias of its (block rows x window columns) strip, one per head, never N×N.
   Only biases that depend on the distance alone can serve these kernels (ALiBi and T5's both do);
 - ``alibi_slopes``: per-head slopes when the bias is linear in the distance (ALiBi), else None; kernels that fuse a
-  linear bias (a key-only mask on each side of the queries) read them.
+  linear bias (a key-only mask on each side of the queries) read them, and the positions and padding a
+  ``LinearDistanceBias`` carries besides (a bias that sets ``alibi_slopes`` must be one).
 
 ``score_positions`` and ``positions_for_keys`` count the positions a bias is measured between, for every scheme.
 
@@ -50,6 +51,18 @@ class ScoreBias(Protocol):
         distances, then refuses it rather than adding a wrong one."""
         ...
 
+
+
+@runtime_checkable
+class LinearDistanceBias(ScoreBias, Protocol):
+    """A ``ScoreBias`` whose ``alibi_slopes`` are set: -slope·distance between the positions below (|distance| when
+    ``symmetric``). Kernels that fuse a linear bias read these directly instead of asking for tiles."""
+
+    query_positions: torch.Tensor  # (batch or 1, q) fp32
+    key_positions: torch.Tensor  # (batch or 1, kv) fp32
+    key_padding: torch.Tensor | None  # (batch, kv) bool, True for real tokens: the model's 2D mask, when it had one
+    symmetric: bool  # an encoder's |distance| rather than a decoder's causal distance
+    monotone: bool  # positions never decrease along the sequence ("left of the query" means "smaller position")
 
 def score_positions(
     hidden_states: torch.Tensor,
