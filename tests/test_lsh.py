@@ -11,7 +11,15 @@ import torch
 from transformers import ReformerConfig
 from transformers.models.reformer.modeling_reformer import LSHSelfAttention
 
-from hf_xarch.model.attention_lsh import ChunkPlan, LSHAttention, draw_rotations, hash_buckets, lsh_attention
+from hf_xarch.model.attention_lsh import (
+    ChunkPlan,
+    LSHAttention,
+    WindowAttention,
+    draw_rotations,
+    hash_buckets,
+    lsh_attention,
+    window_attention_reference,
+)
 
 from .helpers import tiny_config
 
@@ -55,6 +63,48 @@ def test_rotations_are_transformers_draw():
     torch.manual_seed(11)
     expected = torch.randn(4, 8, 2, 3)
     assert torch.equal(draw_rotations(4, 8, 2, 6, seed=11), expected)
+
+
+def test_hash_buckets_is_the_argmax_over_both_signs():
+    """hash_buckets never builds [xR, -xR]; it must still pick what argmax over it picks, ties included (small
+    integers make exact ties between max(xR) and -min(xR), and within xR, common)."""
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randint(-2, 3, (2, 3, 50, 4), generator=generator).float()
+    rotations = torch.randint(-2, 3, (3, 4, 2, 3), generator=generator).float()
+    rotated = torch.einsum("bhnd,hdrk->bhrnk", vectors, rotations)
+    assert bool((rotated.amax(-1) == -rotated.amin(-1)).any())  # the tie the rule must break as argmax does
+    assert torch.equal(hash_buckets(vectors, rotations), torch.cat([rotated, -rotated], -1).argmax(-1))
+
+
+@pytest.mark.parametrize(("batch", "length", "num_hashes", "chunk", "padding", "across"),
+                         [(2, 37, 2, 4, "right", True), (3, 50, 3, 5, "left", False), (1, 16, 1, 4, None, True),
+                          (2, 9, 2, 16, "right", False), (1, 3, 1, 4, None, False), (2, 23, 1, 3, "left", True)],
+                         ids=["odd-length-padded", "3-rounds-left-padded", "one-round", "one-chunk-padded",
+                              "shorter-than-a-chunk", "one-round-odd-chunk"])
+def test_window_attention_equals_its_plain_reference(batch, length, num_hashes, chunk, padding, across):
+    """The hand-written WindowAttention (windows read in place, own keys on the diagonal, softmax and log-sum-exp
+    backward in one) against window_attention_reference (autograd over gathered windows and full-size masks):
+    outputs, log-sum-exps and the gradients of both, on random sorted chunks."""
+    generator = torch.Generator().manual_seed(length)
+    heads, dim, num_buckets = 2, 8, 4
+    shared = torch.randn(batch, heads, length, dim, generator=generator)
+    key_mask = None if padding is None else torch.ones(batch, length, dtype=torch.bool)
+    if padding is not None:  # the last row padded on that side
+        key_mask[-1, : length // 3] = padding != "left"
+        key_mask[-1, length - length // 3:] = padding != "right"
+    plan = ChunkPlan(hash_buckets(shared, draw_rotations(heads, dim, num_hashes, num_buckets, seed=1)), key_mask,
+                     num_buckets, chunk)
+    shape = (batch, heads, num_hashes * plan.padded // chunk, chunk, dim)
+    queries = torch.randn(shape, generator=generator, requires_grad=True)
+    values = torch.randn(shape, generator=generator, requires_grad=True)
+    grad_output, grad_logits = torch.randn(shape, generator=generator), torch.randn(shape[:4], generator=generator)
+    results = []
+    for attention in (WindowAttention.apply, window_attention_reference):
+        output, logits = attention(queries, values, plan, across)
+        grads = torch.autograd.grad((output * grad_output).sum() + (logits * grad_logits).sum(), (queries, values))
+        results.append((output, logits, *grads))
+    for got, expected, name in zip(*results, ("output", "logits", "grad queries", "grad values")):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("num_hashes", [1, 2])

@@ -38,9 +38,15 @@ def draw_rotations(heads: int, head_dim: int, num_hashes: int, num_buckets: int,
 
 
 def hash_buckets(vectors: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, seq, dim) -> buckets (batch, heads, rounds, seq): argmax over [xR, -xR] (Andoni et al. 2015)."""
+    """(batch, heads, seq, dim) -> buckets (batch, heads, rounds, seq): argmax over [xR, -xR] (Andoni et al. 2015).
+
+    [xR, -xR] is never built (with N/32 buckets xR alone is larger than the attention scores): the bucket is the
+    larger of max(xR) and -min(xR), xR's side on a tie as argmax's first index. The einsum is transformers', so the
+    rotated values, and the buckets, are its own."""
     rotated = torch.einsum("bhnd,hdrk->bhrnk", vectors.detach(), rotations.to(vectors.dtype))
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    top, bottom = rotated.argmax(dim=-1, keepdim=True), rotated.argmin(dim=-1, keepdim=True)
+    positive = rotated.gather(-1, top) >= -rotated.gather(-1, bottom)
+    return torch.where(positive, top, bottom + rotated.shape[-1]).squeeze(-1)
 
 
 def length_normalized_keys(vectors: torch.Tensor) -> torch.Tensor:
@@ -48,12 +54,21 @@ def length_normalized_keys(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * torch.rsqrt(vectors.pow(2).mean(-1, keepdim=True) + 1e-6) / vectors.shape[-1] ** 0.5
 
 
+def length_normalized_keys_backward(vectors: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``length_normalized_keys`` at ``vectors``: with r = rsqrt(mean(v²) + ε) and k = v r / √d,
+    dv = r / √d · (dk - r² v mean(dk v))."""
+    rsqrt = torch.rsqrt(vectors.pow(2).mean(-1, keepdim=True) + 1e-6)
+    along = rsqrt.square() * (grad * vectors).mean(-1, keepdim=True)
+    return (grad - vectors * along) * (rsqrt / vectors.shape[-1] ** 0.5)
+
+
 class ChunkPlan:
     """Where every (round, position) lands: the sorted order, padded to whole chunks, and each chunk's look-back.
 
     order: (batch, heads, rounds, padded) positions in sorted order per round; bucket: the padded buckets, padding in
     bucket ``num_buckets`` (after every real one); previous: (batch, chunks of all rounds) the chunk each one looks
-    back at; real: (batch, padded) bool."""
+    back at, the one before it except at the rounds' first chunks (``starts``); real: (batch, padded) bool; padding:
+    whether any key is padding (always True when traced: torch.export takes no data-dependent branch)."""
 
     def __init__(self, buckets: torch.Tensor, key_mask: torch.Tensor | None, num_buckets: int, chunk: int):
         batch, _, rounds, length = buckets.shape
@@ -69,7 +84,97 @@ class ChunkPlan:
         last_real = (real.sum(-1) - 1).clamp(min=0) // chunk  # (batch,)
         wrapped = ((index // chunks - 1) % rounds * chunks)[None, :] + last_real[:, None]
         self.previous = torch.where(index % chunks == 0, wrapped, index - 1)
+        self.starts = index[::chunks]
         self.real, self.rounds, self.padded, self.chunk, self.num_buckets = real, rounds, padded, chunk, num_buckets
+        self.padding = is_tracing(real) or not bool(real.all())
+
+    def slots(self, values: torch.Tensor) -> torch.Tensor:
+        """(batch, heads or 1, rounds or 1, padded) values per position -> (batch, heads, chunks of all rounds, chunk)
+        in sorted order."""
+        return values.expand_as(self.order).gather(-1, self.order).view(*self.order.shape[:2], -1, self.chunk)
+
+    def window_index(self) -> torch.Tensor:
+        """(batch, 1, 2 x chunks of all rounds): each chunk's window, the chunk it looks back at, then itself."""
+        own = torch.arange(self.previous.shape[1], device=self.previous.device).expand_as(self.previous)
+        return torch.stack([self.previous, own], dim=-1).flatten(1)[:, None]
+
+    def window(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, chunks, chunk, ...) -> (..., previous chunk + own chunk, ...), what ``select_rows`` with
+        ``window_index`` gives, as one shifted copy plus a gather of the rounds' first chunks' look-backs alone: its
+        backward (``fold``) then adds two shifted halves instead of scatter-adding every chunk."""
+        chunk = self.chunk
+        window = tensor.new_empty(*tensor.shape[:3], 2 * chunk, *tensor.shape[4:])
+        window[:, :, :, chunk:] = tensor
+        window[:, :, 1:, :chunk] = tensor[:, :, :-1]
+        window[:, :, self.starts, :chunk] = select_rows(tensor, self.previous[:, None, self.starts])
+        return window
+
+    # The products of WindowAttention, on (batch x heads x chunks of all rounds, chunk, ...) tensors. A chunk looks
+    # back at the one before it except at a round's first chunk ("start"), so the windows of all other chunks are one
+    # strided view of overlapping chunk pairs, which bmm reads in place; the starts are then redone, a few chunks.
+    def flat_starts(self, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat indices of the rounds' first chunks, and of the chunks they look back at."""
+        chunks = self.previous.shape[1]
+        starts = flat_rows(self.starts[None, None], batch, heads, chunks)
+        return starts, flat_rows(self.previous[:, None, self.starts], batch, heads, chunks)
+
+    @staticmethod
+    def pairs(tensor: torch.Tensor) -> torch.Tensor:
+        """(m, chunk, d) -> (m - 1, 2 chunk, d), a view: pair j is chunks j and j + 1, the window of chunk j + 1."""
+        m, chunk, dim = tensor.shape
+        return tensor.as_strided((m - 1, 2 * chunk, dim), (chunk * dim, dim, 1))
+
+    def window_scores(self, left: torch.Tensor, right: torch.Tensor, heads: int) -> torch.Tensor:
+        """(m, chunk, d) x (m, chunk, d) -> (m, chunk, 2 chunk): each chunk of ``left`` times its window of ``right``,
+        transposed (scores: queries against keys)."""
+        right = right.contiguous()
+        out = left.new_empty(*left.shape[:2], 2 * self.chunk)
+        torch.bmm(left[1:], self.pairs(right).transpose(1, 2), out=out[1:])
+        starts, looked_at = self.flat_starts(left.shape[0] // (heads * self.previous.shape[1]), heads)
+        window = torch.cat([right[looked_at], right[starts]], dim=1)
+        return out.index_copy_(0, starts, torch.bmm(left[starts], window.transpose(1, 2)))
+
+    def window_weighted(self, weights: torch.Tensor, right: torch.Tensor, heads: int) -> torch.Tensor:
+        """(m, chunk, 2 chunk) x (m, chunk, d) -> (m, chunk, d): each chunk's weights times its window of ``right``."""
+        right = right.contiguous()
+        out = right.new_empty(right.shape)
+        torch.bmm(weights[1:], self.pairs(right), out=out[1:])
+        starts, looked_at = self.flat_starts(right.shape[0] // (heads * self.previous.shape[1]), heads)
+        window = torch.cat([right[looked_at], right[starts]], dim=1)
+        return out.index_copy_(0, starts, torch.bmm(weights[starts], window))
+
+    def fold_product(self, weights: torch.Tensor, right: torch.Tensor, heads: int) -> torch.Tensor:
+        """(m, chunk, 2 chunk) x (m, chunk, d) -> (m, chunk, d): the transpose of ``window_weighted``, summed back
+        onto the chunks the windows read (a key's gradient from its own chunk and from the chunk looking back at
+        it). The shifted sum also adds each start's look-back to the chunk before it: those chunks are redone."""
+        chunk = self.chunk
+        out = torch.bmm(weights[:, :, chunk:].transpose(1, 2), right)
+        out[:-1].baddbmm_(weights[1:, :, :chunk].transpose(1, 2), right[1:])
+        starts, looked_at = self.flat_starts(right.shape[0] // (heads * self.previous.shape[1]), heads)
+        before = starts[1:] - 1
+        out.index_copy_(0, before, torch.bmm(weights[before][:, :, chunk:].transpose(1, 2), right[before]))
+        return out.index_add_(0, looked_at, torch.bmm(weights[starts][:, :, :chunk].transpose(1, 2), right[starts]))
+
+    def mask_keys_(self, scores: torch.Tensor, attend_across_buckets: bool, window) -> None:
+        """Reformer's masked keys at -1e9 in (batch, heads, chunks, chunk, 2 chunk) window scores, in place: padding
+        and, with the paper's rule, keys of another bucket (or round). ``window``: how the keys' windows are built."""
+        if self.padding:
+            scores.masked_fill_(~window(self.slots(self.real[:, None, None]))[..., None, :], MASKED_SCORE)
+        if not attend_across_buckets:
+            offsets = torch.arange(self.rounds, device=scores.device)[:, None] * (self.num_buckets + 1)
+            bucket = self.slots(self.bucket + offsets)  # rounds never match
+            scores.masked_fill_(bucket[..., :, None] != window(bucket)[..., None, :], MASKED_SCORE)
+
+    def fill_self_(self, scores: torch.Tensor, value: float) -> None:
+        """Each query's own key in (batch, heads, chunks, chunk, 2 chunk) window scores set to ``value``, in place:
+        the diagonal of the own-chunk half, and, in the rounds' first chunks alone, the look-back half where it
+        reaches a chunk holding the same positions (the last chunk of the round before, or with one round itself)."""
+        chunk, (batch, heads) = self.chunk, scores.shape[:2]
+        scores[..., chunk:].diagonal(dim1=-2, dim2=-1).fill_(value)
+        position = self.order.view(batch, heads, -1, chunk)
+        looked_at = select_rows(position, self.previous[:, None, self.starts])
+        itself = position[:, :, self.starts][..., :, None] == looked_at[..., None, :]
+        scores.view(batch, heads, self.rounds, -1, chunk, 2 * chunk)[:, :, :, 0, :, :chunk].masked_fill_(itself, value)
 
 
 class SortedGather(torch.autograd.Function):
@@ -92,13 +197,76 @@ class SortedGather(torch.autograd.Function):
         return grad, None, None, None
 
 
+def flat_rows(index: torch.Tensor, batch: int, heads: int, n: int) -> torch.Tensor:
+    """(batch, heads or 1, m) row indices into (batch, heads, n, ...) -> the indices of those rows among its
+    batch x heads x n rows, flat."""
+    index = index.expand(batch, heads, index.shape[-1])
+    return (index + torch.arange(batch * heads, device=index.device).view(batch, heads, 1) * n).flatten()
+
+
 def select_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(batch, heads, n, ...) rows picked by (batch, heads or 1, m) indices -> (batch, heads, m, ...): one
     ``index_select`` of whole rows (``gather`` with an index expanded over the row is several times slower)."""
     batch, heads, n = tensor.shape[:3]
-    index = index.expand(batch, heads, index.shape[-1])
-    flat = (index + torch.arange(batch * heads, device=index.device).view(batch, heads, 1) * n).flatten()
+    flat = flat_rows(index, batch, heads, n)
     return tensor.reshape(batch * heads * n, -1).index_select(0, flat).view(batch, heads, -1, *tensor.shape[3:])
+
+
+def window_attention_reference(queries, values, plan: ChunkPlan, attend_across_buckets: bool, dropout: float = 0.0,
+                               training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sorted chunk's queries over its window (the chunk it looks back at, then itself), in plain autograd ops:
+    (batch, heads, chunks of all rounds, chunk, dim) queries and values -> the outputs and the log-sum-exp of each
+    query's scores (batch, heads, chunks, chunk). Keys are the queries' length-normalised copies; masked keys score
+    -1e9, the query's own key -1e5 (transformers' fp32 values). ``WindowAttention`` computes the same, faster."""
+    def with_previous(tensor):  # every chunk's window gathered by index: (batch, heads, chunks, 2 chunk, ...)
+        return select_rows(tensor, plan.window_index()).view(*tensor.shape[:2], -1, 2 * plan.chunk, *tensor.shape[4:])
+
+    scores = torch.matmul(queries, with_previous(length_normalized_keys(queries)).transpose(-1, -2))
+    plan.mask_keys_(scores, attend_across_buckets, with_previous)
+    position = plan.order.reshape(*queries.shape[:2], -1, plan.chunk)  # the position in each sorted slot
+    scores.masked_fill_(position[..., :, None] == with_previous(position)[..., None, :], SELF_SCORE)
+    # softmax normalises after taking out the row maximum: exact also where a query sees only itself (at -1e5,
+    # where fp32 steps by 0.008 and exp(score - logsumexp) would not sum to 1)
+    weights = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=training)
+    return torch.matmul(weights, with_previous(values)), torch.logsumexp(scores, dim=-1)
+
+
+class WindowAttention(torch.autograd.Function):
+    """``window_attention_reference`` without dropout, with a hand-written backward: it keeps the weights alone (no
+    scores, masks or key windows), takes the softmax's and the log-sum-exp's gradients in one pass, reads the
+    windows in place (``ChunkPlan.window_scores`` and its kin) and sets the queries' own keys on the diagonal
+    (``ChunkPlan.fill_self_``) instead of building full-size window, index and mask tensors."""
+
+    @staticmethod
+    def forward(ctx, queries, values, plan: ChunkPlan, attend_across_buckets: bool):
+        shape, heads = queries.shape, queries.shape[1]
+        queries, values = queries.flatten(0, 2), values.flatten(0, 2)  # (batch x heads x chunks, chunk, dim)
+        scores = plan.window_scores(queries, length_normalized_keys(queries), heads).view(*shape[:4], -1)
+        plan.mask_keys_(scores, attend_across_buckets, plan.window)
+        plan.fill_self_(scores, SELF_SCORE)
+        weights = torch.softmax(scores, dim=-1)
+        # the log-sum-exp from the softmax: the top score's weight is exp(0) / Σ exp(score - top)
+        logits = scores.amax(dim=-1) - weights.amax(dim=-1).log()
+        output = plan.window_weighted(weights.flatten(0, 2), values, heads).view(shape)
+        ctx.save_for_backward(queries, values, weights, output)
+        ctx.plan = plan
+        return output, logits
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_logits):
+        queries, values, weights, output = ctx.saved_tensors
+        plan, heads = ctx.plan, weights.shape[1]
+        flat_weights, flat_grad = weights.flatten(0, 2), grad_output.flatten(0, 2)
+        grad_values = plan.fold_product(flat_weights, flat_grad, heads)
+        # softmax and log-sum-exp together: dS = W (dW - Σ_j W_j dW_j + dL), where Σ_j W_j dW_j = dO · O
+        grad_scores = plan.window_scores(flat_grad, values, heads).view(weights.shape)
+        grad_scores.sub_((grad_output * output).sum(-1, keepdim=True) - grad_logits[..., None]).mul_(weights)
+        plan.fill_self_(grad_scores, 0.0)  # those scores are constants; masked keys weigh exactly 0 already
+        grad_scores = grad_scores.flatten(0, 2)
+        grad_queries = plan.window_weighted(grad_scores, length_normalized_keys(queries), heads)
+        grad_keys = plan.fold_product(grad_scores, queries, heads)
+        grad_queries += length_normalized_keys_backward(queries, grad_keys)
+        return grad_queries.view(output.shape), grad_values.view(output.shape), None, None
 
 
 def lsh_attention(query, value, plan: ChunkPlan, attend_across_buckets: bool, dropout: float = 0.0,
@@ -106,7 +274,6 @@ def lsh_attention(query, value, plan: ChunkPlan, attend_across_buckets: bool, dr
     """Chunked LSH attention over the plan: (batch, heads, seq, dim) shared query/key and values -> the output."""
     batch, heads, length, dim = query.shape
     rounds, padded, chunk = plan.rounds, plan.padded, plan.chunk
-    chunks = padded // chunk
     # every (round, position) slot, in sorted order, and back
     round_start = torch.arange(rounds, device=query.device)[:, None] * padded
     sort = (plan.order + round_start).flatten(2)
@@ -118,37 +285,17 @@ def lsh_attention(query, value, plan: ChunkPlan, attend_across_buckets: bool, dr
             tensor = nn.functional.pad(tensor, (0, 0, 0, padded - length))
         return SortedGather.apply(tensor, positions, undo, rounds).view(batch, heads, -1, chunk, tensor.shape[-1])
 
-    # each chunk's window: the chunk it looks back at, then itself
-    own = torch.arange(rounds * chunks, device=query.device).expand(batch, -1)
-    window = torch.stack([plan.previous, own], dim=-1).flatten(1)[:, None]  # (batch, 1, 2 * chunks)
-
-    def with_previous(tensor):  # (batch, heads, chunks, chunk, ...) -> (..., previous chunk + own chunk, ...)
-        selected = select_rows(tensor, window)
-        return selected.view(batch, tensor.shape[1], -1, 2 * chunk, *tensor.shape[4:])
-
-    queries = sorted_chunks(query)
-    keys = with_previous(length_normalized_keys(queries))
-    values = with_previous(sorted_chunks(value))
-    scores = torch.matmul(queries, keys.transpose(-1, -2))  # (batch, heads, chunks, chunk, 2 chunk)
-    position = plan.order.reshape(batch, heads, -1, chunk)
-    if is_tracing(plan.real) or not bool(plan.real.all()):  # traced: no data-dependent branch, mask always
-        real = select_rows(plan.real[:, None, :, None].expand(batch, heads, -1, 1), positions)
-        scores.masked_fill_(~with_previous(real.view(batch, heads, -1, chunk))[..., None, :], MASKED_SCORE)
-    if not attend_across_buckets:
-        offsets = torch.arange(rounds, device=query.device).repeat_interleave(chunks)[:, None] * (plan.num_buckets + 1)
-        bucket = plan.bucket.gather(-1, plan.order).reshape(batch, heads, -1, chunk) + offsets  # rounds never match
-        scores.masked_fill_(bucket[..., :, None] != with_previous(bucket)[..., None, :], MASKED_SCORE)
-    scores.masked_fill_(position[..., :, None] == with_previous(position)[..., None, :], SELF_SCORE)
-    # softmax normalises after taking out the row maximum: exact also where a query sees only itself (at -1e5,
-    # where fp32 steps by 0.008 and exp(score - logsumexp) would not sum to 1)
-    weights = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=training)
-    output = torch.matmul(weights, values).view(batch, heads, rounds * padded, dim)
-    output = SortedGather.apply(output, undo, sort, 1).view(batch, heads, rounds, padded, dim)
+    queries, values = sorted_chunks(query), sorted_chunks(value)
+    if dropout and training:  # WindowAttention's backward takes Σ_j W_j dW_j = dO · O, which dropout breaks
+        output, logits = window_attention_reference(queries, values, plan, attend_across_buckets, dropout, training)
+    else:
+        output, logits = WindowAttention.apply(queries, values, plan, attend_across_buckets)
+    output = SortedGather.apply(output.view(batch, heads, rounds * padded, dim), undo, sort, 1)
+    output = output.view(batch, heads, rounds, padded, dim)
     if rounds == 1:
         return output[:, :, 0, :length]
-    logits = torch.logsumexp(scores, dim=-1).view(batch, heads, rounds * padded, 1)
-    logits = SortedGather.apply(logits, undo, sort, 1).view(batch, heads, rounds, padded)
-    return combine_rounds(output, logits)[:, :, :length]
+    logits = SortedGather.apply(logits.reshape(batch, heads, rounds * padded, 1), undo, sort, 1)
+    return combine_rounds(output, logits.view(batch, heads, rounds, padded))[:, :, :length]
 
 
 def softmax_and_logits(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +318,7 @@ def lsh_attention_reference(query, value, plan: ChunkPlan, attend_across_buckets
     chunk or its previous chunk (a key can be in both when the look-back reaches another round), then the softmax
     over the keys with those counts as multiplicities. Masked keys in the window weigh exp(-1e9) = 0 there, so they
     count 0 here; the query itself is always in its window (at -1e5)."""
-    batch, heads, length, dim = query.shape
+    batch, heads, length = query.shape[:3]
     rounds, padded, chunk = plan.rounds, plan.padded, plan.chunk
     query = nn.functional.pad(query, (0, 0, 0, padded - length))
     value = nn.functional.pad(value, (0, 0, 0, padded - length))
@@ -269,4 +416,13 @@ class LSHAttention(XArchAttention):
         return output, None
 
 
-__all__ = ["LSHAttention", "ChunkPlan", "draw_rotations", "hash_buckets", "lsh_attention", "lsh_attention_reference"]
+__all__ = [
+    "ChunkPlan",
+    "LSHAttention",
+    "WindowAttention",
+    "draw_rotations",
+    "hash_buckets",
+    "lsh_attention",
+    "lsh_attention_reference",
+    "window_attention_reference",
+]
