@@ -104,16 +104,48 @@ def random_terms(query_len: int, total: int, heads: int, seed: int = 3):
     return lambda slots: (visible[..., slots], bias[..., slots])
 
 
-@pytest.mark.parametrize("block_tokens", [4, 8, 1024])
-def test_block_by_block_attention_equals_the_reference(block_tokens):
-    layer, _, _ = filled_layer(37, group=4, residual=5, heads=2)
-    query = torch.randn(2, 4, 3, 8)  # 4 query heads share 2 kv heads (GQA)
-    terms = random_terms(3, 37, 4)
-    blocked = cache_attention(query, layer.blocks(block_tokens=block_tokens), 0.35, terms)
+def sliding_layer(tokens: int, nbits: int, group: int, residual: int, window: int, sinks: int, dim: int = 16):
+    torch.manual_seed(1)
+    layer = QuantizedKVLayer(nbits=nbits, q_group_size=group, residual_length=residual, sliding_window=window)
+    keys, values = torch.randn(2, 2, tokens, dim), torch.randn(2, 2, tokens, dim)
+    for start in range(0, tokens, 5):
+        layer.update(keys[:, :, start : start + 5], values[:, :, start : start + 5], sink_slots=sinks)
+    return layer
+
+
+LAYERS = {  # odd lengths; value groups of 4 channels (4 per token) and of the whole head_dim (16)
+    "full-group4": lambda nbits, residual: filled_layer(101, nbits=nbits, group=4, residual=residual, dim=16)[0],
+    "full-group16": lambda nbits, residual: filled_layer(77, nbits=nbits, group=16, residual=residual, dim=16)[0],
+    "sliding-sinks": lambda nbits, residual: sliding_layer(131, nbits, 4, residual, window=64, sinks=3),
+}
+
+
+@pytest.mark.parametrize("nbits", BITS)
+@pytest.mark.parametrize("residual", [0, 32])
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("query_len", [1, 3])
+def test_the_fast_quantized_attention_equals_its_reference(nbits, residual, kind, query_len):
+    layer = LAYERS[kind](nbits, residual)
+    assert layer.quantized_slots.numel() > 16  # several blocks of 8 tokens, or 16 (whole groups)
+    query = torch.randn(2, 4, query_len, 16)  # 4 query heads share 2 kv heads (GQA)
+    terms = random_terms(query_len, layer.get_seq_length(), 4)
     reference = cache_attention_reference(query, layer, 0.35, terms)
-    torch.testing.assert_close(blocked, reference, atol=1e-5, rtol=1e-5)
-    sizes = [slots.numel() for slots, _, _ in layer.blocks(block_tokens=block_tokens)]
-    assert max(sizes[:-1]) <= max(block_tokens, 4)  # the residual (last) aside, no block is larger
+    for block_tokens in (8, None):  # several blocks (the last one shorter), and the default
+        fast = cache_attention(query, layer, 0.35, terms, block_tokens=block_tokens)
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_quantized_attention_never_holds_the_whole_cache_in_float():
+    layer, _, _ = filled_layer(1024, nbits=4, group=4, residual=0, dim=16)
+    query = torch.randn(2, 4, 1, 16)
+    whole_keys = 2 * 2 * 1024 * 16 * 4  # bytes of every stored key in fp32
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        cache_attention(query, layer, 0.35, lambda slots: (None, None), block_tokens=64)
+    largest = max(event.cpu_memory_usage for event in profile.events())
+    assert 0 < largest <= whole_keys / 8  # a 64-token block's buffer is 1/16 of it
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        cache_attention_reference(query, layer, 0.35, lambda slots: (None, None))
+    assert max(event.cpu_memory_usage for event in profile.events()) >= whole_keys  # the check can fail
 
 
 def decode(model, ids, cache, prefill: int):

@@ -155,7 +155,7 @@ def quantized_full_attention(module, query, key, value, layer: QuantizedKVLayer,
             additive = tile if additive is None else additive + tile
         return visible, additive
 
-    output = cache_attention(query, layer.blocks(), module.scaling, block_terms)
+    output = cache_attention(query, layer, module.scaling, block_terms)
     layer.compact()
     return output
 

@@ -233,7 +233,7 @@ class SlidingWindowAttention(XArchAttention):
             bias = relative_bias(slots[None, :] - q_slots[:, None]) if relative_bias is not None else None
             return visible, bias
 
-        output = cache_attention(query, layer.blocks(), self.scaling, block_terms)
+        output = cache_attention(query, layer, self.scaling, block_terms)
         layer.compact()
         return output
 

@@ -18,10 +18,11 @@ What the cache holds, per layer:
   ``q_group_size - 1`` out-of-window keys may stay stored: the window's visibility rule hides them), and **attention
   sinks** (``attention_sink_size``) stay in full precision and are never evicted, as in ``SinkSlidingWindowLayer``.
 
-Decoding never dequantizes the whole cache: ``cache_attention`` walks the stored keys in blocks of ``block_tokens``,
-dequantizes one block of keys and values, and merges its scores into an online softmax (Milakov & Gimelshein 2018, as
-FlashAttention does); ``cache_attention_reference`` is the plain softmax over every dequantized key that the tests
-compare it with. A prefill into an empty layer attends to its float keys as usual.
+Decoding never dequantizes the whole cache: ``cache_attention`` walks the stored keys in blocks (whole groups, sized
+by ``BLOCK_ELEMENTS``), unpacks one block's codes into a reused fp32 buffer, dequantizes its keys there and folds
+the values' scales into the attention weights (the values are never dequantized), and merges each block into an
+online softmax (Milakov & Gimelshein 2018, as FlashAttention does); ``cache_attention_reference`` is the plain
+softmax over every dequantized key that the tests compare it with. A prefill into an empty layer attends to its float keys as usual.
 
 Performer layers keep their fixed recurrent state unquantized: ``XArchQuantizedCache`` builds their usual layer.
 """
@@ -39,7 +40,9 @@ from .registry import attention_family_for_layer_type
 QUANTIZED_BITS = (2, 4, 8)
 DEFAULT_RESIDUAL_LENGTH = 128  # transformers' QuantizedCache default
 DEFAULT_GROUP_SIZE = 64  # transformers' q_group_size default (when it divides head_dim)
-BLOCK_TOKENS = 1024  # keys dequantized at once by `cache_attention` (rounded to whole groups)
+# fp32 elements of one block's temporaries in `cache_attention` (its unpacked codes, its scores): a speed/memory knob
+# (fewer, larger blocks run fewer torch operations per step); a decode step never holds the whole cache in float
+BLOCK_ELEMENTS = 2**18
 
 
 # ---- settings (plain Python: `summary` and config checks use them) ---------------------------------------------------
@@ -108,7 +111,10 @@ def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     if nbits == 8:
         return packed
     mask = 2**nbits - 1
-    return torch.cat([(packed >> shift) & mask for shift in range(0, 8, nbits)], dim=-1)
+    # the lowest plane needs no shift and the top one no mask (fewer passes: decoding unpacks every step)
+    planes = [packed & mask, *((packed >> shift) & mask for shift in range(nbits, 8 - nbits, nbits)), packed >> 8 - nbits]
+    return torch.cat(planes, dim=-1)
+
 
 
 @dataclass
@@ -255,7 +261,14 @@ class QuantizedKVLayer(DynamicLayer):
         blocks = list(self.blocks(block_tokens=None, dtype=dtype))
         return torch.cat([b[1] for b in blocks], dim=2), torch.cat([b[2] for b in blocks], dim=2)
 
-    def blocks(self, block_tokens: int | None = BLOCK_TOKENS, dtype: torch.dtype | None = None
+    def full_precision(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots, keys, values) of the tokens kept in full precision: the sinks and the residual, as one block."""
+        if not self.sink_slots.numel():
+            return self.residual_slots, self.keys, self.values
+        return (torch.cat([self.sink_slots, self.residual_slots]), torch.cat([self.sink_keys, self.keys], dim=2),
+                torch.cat([self.sink_values, self.values], dim=2))
+
+    def blocks(self, block_tokens: int | None = None, dtype: torch.dtype | None = None
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(slots, keys, values) of consecutive stored stretches: the sinks, the quantized store ``block_tokens`` at a
         time (whole groups; None: at once) dequantized to ``dtype`` (default: the residual's), and the residual."""
@@ -410,24 +423,102 @@ def _masked(scores: torch.Tensor, slots: torch.Tensor, block_terms: BlockTerms) 
     return scores
 
 
-def cache_attention(query: torch.Tensor, blocks, scaling: float, block_terms: BlockTerms) -> torch.Tensor:
-    """softmax(q kᵀ · scaling + bias, masked) v over the keys of ``blocks`` ((slots, keys, values) in turn), one
-    block in float at a time: an online softmax keeps each query's running maximum, normaliser and weighted sum.
-    query (B, H, q, D); returns (B, H, q, D) in the query's dtype."""
-    best = total = mixed = None
-    for slots, key, value in blocks:
-        scores = _masked(_grouped_scores(query, key, scaling), slots, block_terms)
+class _OnlineSoftmax:
+    """softmax(scores) · values accumulated block by block (Milakov & Gimelshein 2018, as FlashAttention does): each
+    query's running maximum, normaliser and weighted sum. ``add(scores, mix)``: a block's masked fp32 scores
+    (B, H, q, k), and ``mix(weights)`` -> (B, H, q, D) fp32, its weights times its values."""
+
+    def __init__(self):
+        self.best = self.total = self.mixed = None
+
+    def add(self, scores: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor]) -> None:
         block_best = scores.amax(-1, keepdim=True)
-        new_best = block_best if best is None else torch.maximum(best, block_best)
-        weights = torch.exp(scores - new_best)
-        block_mixed, block_total = _grouped_mix(weights, value), weights.sum(-1, keepdim=True)
-        if best is None:
-            total, mixed = block_total, block_mixed
-        else:
-            decay = torch.exp(best - new_best)
-            total, mixed = total * decay + block_total, mixed * decay + block_mixed
-        best = new_best
-    return (mixed / total).to(query.dtype)
+        best = block_best if self.best is None else torch.maximum(self.best, block_best)
+        weights = torch.exp(scores - best)
+        mixed, total = mix(weights), weights.sum(-1, keepdim=True)
+        if self.best is not None:
+            decay = torch.exp(self.best - best)
+            mixed, total = torch.addcmul(mixed, self.mixed, decay), torch.addcmul(total, self.total, decay)
+        self.best, self.total, self.mixed = best, total, mixed
+
+    def result(self) -> torch.Tensor:
+        return self.mixed / self.total
+
+
+def _scores_from_codes(query: torch.Tensor, keys: QuantizedStates, start: int, end: int, low: torch.Tensor,
+                       scale: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """Scores of the stored keys ``start:end`` (whole groups) for ``query`` (B·KV, R, D) fp32, already scaled: their
+    codes unpacked into ``buffer`` (B, KV, t, D) fp32 and dequantized there in one pass (low + code · scale of each
+    channel's group; ``low``/``scale`` (B·KV, groups, 1, D) fp32, the whole store's), then one matmul: (B·KV, R, t)."""
+    codes = buffer.copy_(unpack_codes(keys.codes[:, :, start:end], keys.nbits))
+    rows, dim = query.shape[0], query.shape[-1]
+    grouped = codes.view(rows, (end - start) // keys.group, keys.group, dim)
+    groups = slice(start // keys.group, end // keys.group)
+    torch.addcmul(low[:, groups], grouped, scale[:, groups], out=grouped)
+    return torch.bmm(query, codes.view(rows, end - start, dim).transpose(1, 2))
+
+
+def _mix_from_codes(weights: torch.Tensor, values: QuantizedStates, start: int, end: int, low: torch.Tensor,
+                    scale: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``weights`` (B·KV, R, t) fp32 times the stored values ``start:end``, never dequantized: a value is
+    low_t + s_t · code_t per token t and channel group, so Σ_t w_t v_t = Σ_t (w_t s_t) code_t + Σ_t w_t low_t: each
+    token's scale folds into the weights and the minima add once. ``low``/``scale`` (B·KV, tokens, groups) fp32, the
+    whole store's. Returns (B·KV, R, D)."""
+    codes = buffer.copy_(unpack_codes(values.codes[:, :, start:end], values.nbits))
+    codes = codes.view(weights.shape[0], end - start, -1)
+    low, scale = low[:, start:end], scale[:, start:end]
+    minima = torch.bmm(weights, low)  # (B·KV, R, groups)
+    width = values.group
+    mixed = [
+        torch.baddbmm(minima[..., group, None], weights * scale[:, None, :, group],
+                      codes[..., group * width : (group + 1) * width])
+        for group in range(low.shape[-1])
+    ]
+    return mixed[0] if len(mixed) == 1 else torch.cat(mixed, dim=-1)
+
+
+def _block_tokens(query: torch.Tensor, layer: QuantizedKVLayer) -> int:
+    """Stored tokens per block: whole groups, as many as keep a block's float temporaries (its unpacked codes
+    (B, KV, t, D) and its scores (B, H, q, t)) within ``BLOCK_ELEMENTS``."""
+    batch, heads, length, dim = query.shape
+    per_token = batch * max(layer.keys.shape[1] * dim, heads * length)
+    return max(1, BLOCK_ELEMENTS // per_token // layer.group) * layer.group
+
+
+def cache_attention(query: torch.Tensor, layer: QuantizedKVLayer, scaling: float, block_terms: BlockTerms,
+                    block_tokens: int | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scaling + bias, masked) v over every key ``layer`` stores, one block at a time (an online
+    softmax across blocks): first the full-precision tokens (sinks and residual, one block), then the quantized
+    store ``block_tokens`` at a time (whole groups; default ``_block_tokens``). A quantized block's codes are
+    unpacked into one reused fp32 buffer: keys dequantized there, values never (``_mix_from_codes``).
+    ``cache_attention_reference`` is the plain definition. query (B, H, q, D); returns (B, H, q, D) in its dtype."""
+    softmax = _OnlineSoftmax()
+    slots, keys, values = layer.full_precision()
+    if slots.numel():  # (always, when decoding: the new tokens are there)
+        softmax.add(_masked(_grouped_scores(query, keys, scaling), slots, block_terms),
+                    lambda weights: _grouped_mix(weights, values))
+    stored = layer.quantized_slots.numel()
+    if stored:
+        batch, heads, length, dim = query.shape
+        kv = layer.keys.shape[1]
+        rows = batch * kv  # GQA: the query heads sharing a kv head are rows of one matmul
+        grouped_query = (query.float() * scaling).reshape(rows, heads // kv * length, dim)
+        keys, values = layer.quantized_keys, layer.quantized_values
+        key_low, key_scale = (t.float().reshape(rows, -1, 1, dim) for t in (keys.low, keys.scale))
+        value_low, value_scale = (t.float().reshape(rows, stored, -1) for t in (values.low, values.scale))
+        step = min(stored, max(layer.group, (block_tokens or _block_tokens(query, layer)) // layer.group * layer.group))
+        scratch = torch.empty(rows * step * dim, dtype=torch.float32, device=query.device)
+        for start in range(0, stored, step):
+            end = min(start + step, stored)
+            buffer = scratch[: rows * (end - start) * dim].view(batch, kv, end - start, dim)
+            scores = _scores_from_codes(grouped_query, keys, start, end, key_low, key_scale, buffer)
+            # the keys are consumed: the values' codes reuse the buffer
+            softmax.add(
+                _masked(scores.view(batch, heads, length, -1), layer.quantized_slots[start:end], block_terms),
+                lambda weights: _mix_from_codes(weights.view(rows, -1, end - start), values, start, end, value_low,
+                                                value_scale, buffer).view(batch, heads, length, dim),
+            )
+    return softmax.result().to(query.dtype)
 
 
 def cache_attention_reference(query: torch.Tensor, layer: QuantizedKVLayer, scaling: float,
