@@ -41,25 +41,27 @@ def hash_buckets(vectors: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor
     """(batch, heads, seq, dim) -> buckets (batch, heads, rounds, seq): argmax over [xR, -xR] (Andoni et al. 2015).
 
     [xR, -xR] is never built (with N/32 buckets xR alone is larger than the attention scores): the bucket is the
-    larger of max(xR) and -min(xR), xR's side on a tie as argmax's first index. The einsum is transformers', so the
-    rotated values, and the buckets, are its own."""
+    larger of max(xR) and -min(xR), xR's side on a tie, as argmax takes the first. The einsum is transformers', so
+    the rotated values, and the buckets, are its own."""
     rotated = torch.einsum("bhnd,hdrk->bhrnk", vectors.detach(), rotations.to(vectors.dtype))
-    top, bottom = rotated.argmax(dim=-1, keepdim=True), rotated.argmin(dim=-1, keepdim=True)
-    positive = rotated.gather(-1, top) >= -rotated.gather(-1, bottom)
-    return torch.where(positive, top, bottom + rotated.shape[-1]).squeeze(-1)
+    (top, top_index), (bottom, bottom_index) = rotated.max(dim=-1), rotated.min(dim=-1)
+    return torch.where(top >= -bottom, top_index, bottom_index + rotated.shape[-1])
+
+
+def key_scale(vectors: torch.Tensor) -> torch.Tensor:
+    """(..., dim) -> (..., 1): what ``length_normalized_keys`` multiplies the vectors by."""
+    return torch.rsqrt(vectors.pow(2).mean(-1, keepdim=True) + 1e-6) / vectors.shape[-1] ** 0.5
 
 
 def length_normalized_keys(vectors: torch.Tensor) -> torch.Tensor:
     """Reformer's keys: the shared vectors at unit RMS, divided by √d (transformers' ``_len_and_dim_norm``)."""
-    return vectors * torch.rsqrt(vectors.pow(2).mean(-1, keepdim=True) + 1e-6) / vectors.shape[-1] ** 0.5
+    return vectors * key_scale(vectors)
 
 
-def length_normalized_keys_backward(vectors: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``length_normalized_keys`` at ``vectors``: with r = rsqrt(mean(v²) + ε) and k = v r / √d,
-    dv = r / √d · (dk - r² v mean(dk v))."""
-    rsqrt = torch.rsqrt(vectors.pow(2).mean(-1, keepdim=True) + 1e-6)
-    along = rsqrt.square() * (grad * vectors).mean(-1, keepdim=True)
-    return (grad - vectors * along) * (rsqrt / vectors.shape[-1] ** 0.5)
+def length_normalized_keys_backward(vectors: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``length_normalized_keys`` at ``vectors`` (whose ``key_scale`` is s): with k = v s and
+    s = (mean(v²) + ε)^(-1/2) / √d, dv = s (dk - v s² Σ(dk v))."""
+    return (grad - vectors * (scale.square() * (grad * vectors).sum(-1, keepdim=True))) * scale
 
 
 class ChunkPlan:
@@ -241,20 +243,21 @@ class WindowAttention(torch.autograd.Function):
     def forward(ctx, queries, values, plan: ChunkPlan, attend_across_buckets: bool):
         shape, heads = queries.shape, queries.shape[1]
         queries, values = queries.flatten(0, 2), values.flatten(0, 2)  # (batch x heads x chunks, chunk, dim)
-        scores = plan.window_scores(queries, length_normalized_keys(queries), heads).view(*shape[:4], -1)
+        scale = key_scale(queries)
+        scores = plan.window_scores(queries, queries * scale, heads).view(*shape[:4], -1)
         plan.mask_keys_(scores, attend_across_buckets, plan.window)
         plan.fill_self_(scores, SELF_SCORE)
         weights = torch.softmax(scores, dim=-1)
         # the log-sum-exp from the softmax: the top score's weight is exp(0) / Σ exp(score - top)
         logits = scores.amax(dim=-1) - weights.amax(dim=-1).log()
         output = plan.window_weighted(weights.flatten(0, 2), values, heads).view(shape)
-        ctx.save_for_backward(queries, values, weights, output)
+        ctx.save_for_backward(queries, scale, values, weights, output)
         ctx.plan = plan
         return output, logits
 
     @staticmethod
     def backward(ctx, grad_output, grad_logits):
-        queries, values, weights, output = ctx.saved_tensors
+        queries, scale, values, weights, output = ctx.saved_tensors
         plan, heads = ctx.plan, weights.shape[1]
         flat_weights, flat_grad = weights.flatten(0, 2), grad_output.flatten(0, 2)
         grad_values = plan.fold_product(flat_weights, flat_grad, heads)
@@ -263,9 +266,9 @@ class WindowAttention(torch.autograd.Function):
         grad_scores.sub_((grad_output * output).sum(-1, keepdim=True) - grad_logits[..., None]).mul_(weights)
         plan.fill_self_(grad_scores, 0.0)  # those scores are constants; masked keys weigh exactly 0 already
         grad_scores = grad_scores.flatten(0, 2)
-        grad_queries = plan.window_weighted(grad_scores, length_normalized_keys(queries), heads)
+        grad_queries = plan.window_weighted(grad_scores, queries * scale, heads)
         grad_keys = plan.fold_product(grad_scores, queries, heads)
-        grad_queries += length_normalized_keys_backward(queries, grad_keys)
+        grad_queries += length_normalized_keys_backward(queries, scale, grad_keys)
         return grad_queries.view(output.shape), grad_values.view(output.shape), None, None
 
 
