@@ -263,7 +263,7 @@ def measure(part: str, name: str, length: int, threads: int) -> dict:
     return {"ms": 1000 * (time.perf_counter() - start), "peak_mib": peak_rss_mib() - baseline}
 
 
-def speed_rows(args) -> tuple[list, dict, list]:
+def speed_rows(args, base: str) -> tuple[list, dict, list]:
     step_of = STEPS[args.part][0]
     rows, results, goals = [], {}, []
     for length in args.lengths:
@@ -276,7 +276,6 @@ def speed_rows(args) -> tuple[list, dict, list]:
             ms = {name: median_ms(times[name]) for name in running}
         else:
             ms = {name: memory[name]["ms"] for name in running}
-        base = "dense" if "dense" in running else running[0]
         for name in args.candidates:
             if skipped[name]:
                 rows.append([length, name, "-", "-", "-", "-", skipped[name]])
@@ -292,11 +291,14 @@ def speed_rows(args) -> tuple[list, dict, list]:
                 met = "met" if speedup >= 2 and memory_ratio <= 1 else "not met"
                 goals.append(f"- {length}: `{ours}` {speedup:.2f}x faster than `{peer}` at {memory_ratio:.2f}x its "
                              f"peak memory: goal (>= 2x faster at <= its memory) {met}")
-        print(markdown_table(HEADERS, [row for row in rows if row[0] == length]), flush=True)
+        print(markdown_table(headers(base), [row for row in rows if row[0] == length]), flush=True)
     return rows, results, goals
 
 
-HEADERS = ["N", "candidate", "step ms", "time / dense", "peak MiB", "memory / dense", "note"]
+def headers(base: str) -> list[str]:
+    return ["N", "candidate", "step ms", f"time / {base}", "peak MiB", f"memory / {base}", "note"]
+
+
 TITLES = {"layer": "One attention layer, forward + backward",
           "model": f"One training step of a {MODEL_LAYERS}-layer encoder (forward, backward, AdamW)"}
 
@@ -402,11 +404,14 @@ def main() -> None:
     unknown = sorted(set(args.candidates) - set(STEPS[args.part][1]))
     if unknown:
         parser.error(f"--candidates {unknown} are not candidates of --part {args.part}: {list(STEPS[args.part][1])}")
-    rows, results, goals = speed_rows(args)
+    base = "dense" if "dense" in args.candidates else args.candidates[0]  # the candidate the ratios divide by
+    if any(skip_reason(args.part, base, length) for length in args.lengths):
+        parser.error(f"{base}, the baseline of the ratios, cannot run at every length of {args.lengths}")
+    rows, results, goals = speed_rows(args, base)
     timing = (f"median of {args.repeats} interleaved steps" if args.repeats else
               "one step after a warm-up step, in the memory child")
     text = (f"# {TITLES[args.part]}\n\n`{command}`\n\nTime: {timing}. Memory: peak RSS growth of one step in a fresh "
-            f"process.\n\n{markdown_table(HEADERS, rows)}\n\n" + "\n".join(goals) + "\n")
+            f"process.\n\n{markdown_table(headers(base), rows)}\n\n" + "\n".join(goals) + "\n")
     write_results(args.output, text, {"args": vars(args), "results": results, "goals": goals})
 
 
