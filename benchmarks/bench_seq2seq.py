@@ -9,12 +9,14 @@ function (the step's losses are printed side by side), so only the implementatio
 - **train**: forward + backward + AdamW step at each ``--n``, the two models interleaved (``common.interleaved_timings``);
   peak memory of one step in a fresh process per model (``common.run_in_fresh_process``).
 - **decode**: greedy generation of ``--new-tokens`` tokens from a precomputed encoder output of the longest ``--n``
-  (both cache the cross-attention keys once), tokens per second.
+  (both cache the cross-attention keys once), tokens per second of the median call, the two models interleaved
+  after ``--warmup`` calls each.
 - **t5**: the same XArch sizes with ``position_embedding_type`` ``t5_relative`` against ``none`` (no global token),
   one training step each, interleaved.
 
     python benchmarks/bench_seq2seq.py                        # 4k and 16k
     python benchmarks/bench_seq2seq.py --n 4096 --repeats 1 --output seq2seq
+    python benchmarks/bench_seq2seq.py --n 16384 --skip train memory t5 --output seq2seq_decode   # decoding only
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ def led_model(max_length: int):
 def xarch_from(led):
     from hf_xarch.convert import from_hf
 
-    model = from_hf(led)
-    model.set_attn_implementation("sdpa")  # the banded kernel; from_hf keeps LED's eager, which is the dense reference
+    model = from_hf(led)  # sdpa (the banded kernel): LED's eager-only attention is not carried over
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
     return model
 
 
@@ -119,9 +121,9 @@ def peak_memory(name: str, length: int, max_length: int, threads: int) -> dict:
 
 
 @torch.no_grad()
-def decode_tokens_per_second(model, length: int, new_tokens: int, repeats: int) -> float:
-    import time
-
+def greedy_decoding(model, length: int, new_tokens: int):
+    """A zero-argument greedy ``generate`` of ``new_tokens`` tokens from a precomputed encoder output of ``length``
+    tokens (the encoder's pass is not timed; the first step's cross-attention keys and values are)."""
     model.eval()
     batch = inputs(length)
     batch.pop("labels")
@@ -129,12 +131,7 @@ def decode_tokens_per_second(model, length: int, new_tokens: int, repeats: int) 
     settings = {"encoder_outputs": encoder_outputs, "attention_mask": batch["attention_mask"], "do_sample": False,
                 "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "decoder_start_token_id": 2,
                 "pad_token_id": 0}
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(**settings)
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best
+    return functools.partial(model.generate, **settings)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,14 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "decode", "t5"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "memory", "decode", "t5"],
+                        help="parts to leave out; '--skip train memory t5' measures decoding only")
     parser.add_argument("--output", default="seq2seq", help="results name; 'scratch' prints only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     env_before = environment()
     max_length = max(args.n)
     train_rows, t5_rows, data = [], [], {"args": vars(args), "train": {}, "t5": {}}
-    for length in args.n:
+    for length in [] if "train" in args.skip else args.n:
         losses = {"led": [], "xarch": []}
         steps = {name: step_function(name, length, max_length, losses[name]) for name in ("led", "xarch")}
         times = interleaved_timings(steps, repeats=args.repeats, warmup=args.warmup)
@@ -184,10 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     decode_rows = []
     if "decode" not in args.skip:
         led = led_model(max_length)
-        models = {"led": led, "xarch": xarch_from(led)}
-        rates = {name: decode_tokens_per_second(model, max_length, args.new_tokens, args.repeats)
-                 for name, model in models.items()}
-        data["decode"] = {"n": max_length, **rates}
+        decoders = {name: greedy_decoding(model, max_length, args.new_tokens)
+                    for name, model in (("led", led), ("xarch", xarch_from(led)))}
+        times = interleaved_timings(decoders, repeats=args.repeats, warmup=args.warmup)
+        rates = {name: args.new_tokens / (median_ms(seconds) / 1000) for name, seconds in times.items()}
+        data["decode"] = {"n": max_length, **rates, "times_s": times}
         decode_rows.append([max_length, args.new_tokens, round(rates["led"], 1), round(rates["xarch"], 1),
                             round(rates["xarch"] / rates["led"], 2)])
         print(markdown_table(DECODE_HEADERS, decode_rows), flush=True)
@@ -211,15 +210,19 @@ def report(args, env_before: dict, train_rows, t5_rows, decode_rows, data) -> No
          f"{args.warmup} warm-up. Measured {env['date']} on {env.get('cpu')} ({env['cpu_count']} cores, 1-minute load "
          f"{env_before.get('load_average_1min')} at the start and {env.get('load_average_1min')} at the end: a shared, "
          f"busy machine), torch {env['torch']}. Command: `{command}`."),
-        "",
-        "## One training step (forward + backward + AdamW), XArch = `from_hf(LED)`, a global token on position 0",
-        "",
-        markdown_table(TRAIN_HEADERS, train_rows),
-        "",
-        ("Peak memory: RSS growth of one step after a warm-up step, each model in a fresh process. The first losses "
-         "are those of the same weights and inputs in both implementations. Issue 19's goals: at 16k, >= 3x LED's "
-         "speed at <= 0.5x its peak memory; T5's bias on the sliding window within 1.3x the time of no bias."),
     ]
+    if train_rows:
+        parts += [
+            "",
+            "## One training step (forward + backward + AdamW), XArch = `from_hf(LED)`, a global token on position 0",
+            "",
+            markdown_table(TRAIN_HEADERS, train_rows),
+            "",
+            ("Peak memory: RSS growth of one step after a warm-up step, each model in a fresh process. The first "
+             "losses are those of the same weights and inputs in both implementations. Issue 19's goals: at 16k, "
+             ">= 3x LED's speed at <= 0.5x its peak memory; T5's bias on the sliding window within 1.3x the time of "
+             "no bias."),
+        ]
     if t5_rows:
         parts += ["", "## T5 relative bias with the sliding-window encoder vs no position bias (same XArch sizes)", "",
                   markdown_table(T5_HEADERS, t5_rows)]

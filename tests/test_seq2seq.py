@@ -84,6 +84,26 @@ def test_cross_attention_keys_are_projected_once_per_generation(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("mode", [{"do_sample": False}, {"num_beams": 2, "do_sample": False}], ids=["greedy", "beam"])
+def test_generate_runs_the_encoder_and_the_cross_projections_once(monkeypatch, mode):
+    """Decoding after a long input stays cheap only if nothing of source length is redone per step: one encoder pass
+    per generate(), and one k/v projection of its output per decoder layer (then read from the cache)."""
+    model = model_for("sliding-rope-global")
+    ids, mask = padded_inputs()
+    calls = []
+
+    def counted(module, name):
+        monkeypatch.setattr(module, "forward", lambda *a, f=module.forward, **k: (calls.append(name), f(*a, **k))[1])
+
+    counted(model.get_encoder(), "encoder")
+    for index, layer in enumerate(model.get_decoder().layers):
+        counted(layer.cross_attention.k_proj, f"k{index}")
+        counted(layer.cross_attention.v_proj, f"v{index}")
+    model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, **mode)
+    layers = len(model.get_decoder().layers)
+    assert sorted(calls) == sorted(["encoder"] + [f"{kv}{i}" for i in range(layers) for kv in "kv"])
+
+
 def test_decoder_never_sees_the_future():
     model = model_for("post-norm-sinusoidal-sliding-decoder")
     ids, mask = padded_inputs()

@@ -159,8 +159,9 @@ class XArchForConditionalGeneration(XArchPreTrainedModel, GenerationMixin):
     """Encoder-decoder LM (T5, BART): ``XArchSeq2SeqModel`` and an LM head over the decoder's last hidden state,
     tied to the shared token embedding (``tie_word_embeddings``); with factorized embeddings the hidden state is
     projected to ``embedding_size`` first. ``labels`` give the loss and, shifted behind ``decoder_start_token_id``,
-    the decoder inputs. ``generate()`` (greedy, sampling, beam search) and the pipelines ``summarization``,
-    ``translation`` and ``text2text-generation`` work as with transformers' own encoder-decoders."""
+    the decoder inputs. ``generate()`` (greedy, sampling, beam search) works as with transformers' own
+    encoder-decoders (transformers 5 has no ``summarization``/``translation``/``text2text-generation`` pipelines:
+    tokenize, ``generate()``, ``batch_decode``)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.encoder.embeddings.word_embeddings.weight"}
     # the families build their masks from the 2-d padding mask in every forward (see XArchForCausalLM's)
