@@ -10,6 +10,7 @@ one process (``common.interleaved_timings``); the ratios are to the same family 
     python benchmarks/bench_t5_bias.py                       # 1k and 4k, 3 repeats
     python benchmarks/bench_t5_bias.py --n 1024 --repeats 2 --output scratch
     python benchmarks/bench_t5_bias.py --n 4096 16384 --families sliding_window   # the goal's length, band only
+    python benchmarks/bench_t5_bias.py --n 4096 16384 --families sliding_window --threads 1 --cpu-time  # loaded host
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         for family in args.families:
             candidates = {scheme: functools.partial(step, *build(family, scheme, args.hidden, args.heads, seq),
                                                     hidden_states) for scheme in SCHEMES}
-            times = interleaved_timings(candidates, repeats=args.repeats, warmup=args.warmup)
+            times = interleaved_timings(candidates, repeats=args.repeats, warmup=args.warmup,
+                                        clock=time.process_time if args.cpu_time else time.perf_counter)
             ms = {scheme: median_ms(times[scheme]) for scheme in SCHEMES}
             row = {"n": seq, "family": family, **{f"{s}_ms": ms[s] for s in SCHEMES},
                    "alibi_ratio": ms["alibi"] / ms["none"], "t5_ratio": ms["t5_relative"] / ms["none"],
@@ -88,7 +91,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         "# T5 relative bias vs ALiBi vs no bias: one attention layer, forward + backward",
         "",
         (f"{torch.get_num_threads()} torch thread(s), fp32, batch 1, hidden {args.hidden}, {args.heads} heads; medians "
-         f"of {args.repeats} interleaved repeats after {args.warmup} warm-up. Measured {env['date']} on "
+         f"of {args.repeats} interleaved repeats after {args.warmup} warm-up, "
+         f"{'CPU seconds of the process' if args.cpu_time else 'wall clock'}. Measured {env['date']} on "
          f"{env.get('cpu')} ({env['cpu_count']} cores, load {env.get('load_average_1min')}), torch {env['torch']}. "
          f"Command: `python benchmarks/bench_t5_bias.py {' '.join(sys.argv[1:])}`."),
         "",
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
                         help="full attention at 16k takes minutes per T5 step: --families sliding_window skips it")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time steps by this process's CPU seconds (use with --threads 1 on a loaded machine)")
     parser.add_argument("--output", default="bench_t5_bias", help="results name; 'scratch' prints only")
     args = parser.parse_args(argv)
     if args.threads:
