@@ -42,7 +42,7 @@ DEFAULT_RESIDUAL_LENGTH = 128  # transformers' QuantizedCache default
 DEFAULT_GROUP_SIZE = 64  # transformers' q_group_size default (when it divides head_dim)
 # fp32 elements of one block's temporaries in `cache_attention` (its unpacked codes, its scores): a speed/memory knob
 # (fewer, larger blocks run fewer torch operations per step); a decode step never holds the whole cache in float
-BLOCK_ELEMENTS = 2**18
+BLOCK_ELEMENTS = 2**19
 
 
 # ---- settings (plain Python: `summary` and config checks use them) ---------------------------------------------------
@@ -305,7 +305,7 @@ class QuantizedKVLayer(DynamicLayer):
                 self.sink_slots = torch.cat([self.sink_slots, self.residual_slots[sinks]])
                 self._keep_residual(~sinks)
 
-    def _keep_residual(self, keep: torch.Tensor) -> None:
+    def _keep_residual(self, keep: torch.Tensor | slice) -> None:
         self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
         self.residual_slots = self.residual_slots[keep]
 
@@ -316,10 +316,15 @@ class QuantizedKVLayer(DynamicLayer):
             return
         if self.is_sliding:
             limit = self.cumulative_length - (self.sliding_window - 1)
-            self._keep_residual(self.residual_slots >= limit)
+            # slots ascend in the residual and in the store: evictions are prefixes (slices, not boolean copies)
+            stale = int((self.residual_slots < limit).sum())
+            if stale:
+                self._keep_residual(slice(stale, None))
             slots = self.quantized_slots
-            out = ((slots < limit) & (slots >= self.sink_horizon)).view(-1, self.group).all(-1)
-            drop = int(out.long().cumprod(0).sum()) * self.group  # whole leading groups only
+            drop = 0
+            if slots.numel() and int(slots[self.group - 1]) < limit:  # the oldest group may be out of the window
+                out = ((slots < limit) & (slots >= self.sink_horizon)).view(-1, self.group).all(-1)
+                drop = int(out.long().cumprod(0).sum()) * self.group  # whole leading groups only
             if drop:
                 self.quantized_keys = self.quantized_keys.select(slice(drop, None))
                 self.quantized_values = self.quantized_values.select(slice(drop, None))
@@ -330,8 +335,7 @@ class QuantizedKVLayer(DynamicLayer):
             self.quantized_keys = _cat_states(self.quantized_keys, quantize(keys, self.nbits, self.group, True))
             self.quantized_values = _cat_states(self.quantized_values, quantize(values, self.nbits, self.group, False))
             self.quantized_slots = torch.cat([self.quantized_slots, self.residual_slots[:flush]])
-            keep = torch.arange(self.residual_slots.numel(), device=self.device) >= flush
-            self._keep_residual(keep)
+            self._keep_residual(slice(flush, None))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, sink_slots: int = 0, **kwargs):
         """transformers' protocol: store the new tokens and return every stored key and value in float (cached first;
