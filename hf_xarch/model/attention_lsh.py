@@ -58,10 +58,12 @@ def length_normalized_keys(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * key_scale(vectors)
 
 
-def length_normalized_keys_backward(vectors: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``length_normalized_keys`` at ``vectors`` (whose ``key_scale`` is s): with k = v s and
-    s = (mean(v²) + ε)^(-1/2) / √d, dv = s (dk - v s² Σ(dk v))."""
-    return (grad - vectors * (scale.square() * (grad * vectors).sum(-1, keepdim=True))) * scale
+def add_length_normalized_keys_backward_(into: torch.Tensor, vectors: torch.Tensor, scale: torch.Tensor,
+                                         grad: torch.Tensor) -> torch.Tensor:
+    """Adds the gradient of ``length_normalized_keys`` at ``vectors`` (whose ``key_scale`` is s) to ``into``: with
+    k = v s and s = (mean(v²) + ε)^(-1/2) / √d, dv = s dk - v s³ Σ(dk v)."""
+    along = scale.pow(3) * (grad * vectors).sum(-1, keepdim=True)
+    return into.addcmul_(grad, scale).addcmul_(vectors, along, value=-1)
 
 
 class ChunkPlan:
@@ -268,7 +270,7 @@ class WindowAttention(torch.autograd.Function):
         grad_scores = grad_scores.flatten(0, 2)
         grad_queries = plan.window_weighted(grad_scores, queries * scale, heads)
         grad_keys = plan.fold_product(grad_scores, queries, heads)
-        grad_queries += length_normalized_keys_backward(queries, scale, grad_keys)
+        add_length_normalized_keys_backward_(grad_queries, queries, scale, grad_keys)
         return grad_queries.view(output.shape), grad_values.view(output.shape), None, None
 
 
