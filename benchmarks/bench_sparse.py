@@ -374,6 +374,19 @@ def quality(args) -> tuple[str, dict]:
     return text, data
 
 
+def source_versions() -> dict:
+    """The git commit, and a hash of each measured family's file as it is on disk now (uncommitted edits included)."""
+    import hashlib
+    import subprocess
+
+    root = HERE.parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=False).stdout  # no git (an unpacked copy): an empty commit
+    files = {name: root / "hf_xarch" / "model" / f"attention_{name}.py" for name in ("bigbird", "linformer", "lsh")}
+    return {"git_head": head.strip(), **{f"attention_{name}.py sha1": hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+                                         for name, path in files.items()}}
+
+
 # ---- entry point --------------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -407,12 +420,13 @@ def main() -> None:
     base = "dense" if "dense" in args.candidates else args.candidates[0]  # the candidate the ratios divide by
     if any(skip_reason(args.part, base, length) for length in args.lengths):
         parser.error(f"{base}, the baseline of the ratios, cannot run at every length of {args.lengths}")
+    sources = source_versions()  # before the run: the families' files may change while it goes on (shared trees)
     rows, results, goals = speed_rows(args, base)
     timing = (f"median of {args.repeats} interleaved steps" if args.repeats else
               "one step after a warm-up step, in the memory child")
     text = (f"# {TITLES[args.part]}\n\n`{command}`\n\nTime: {timing}. Memory: peak RSS growth of one step in a fresh "
             f"process.\n\n{markdown_table(headers(base), rows)}\n\n" + "\n".join(goals) + "\n")
-    write_results(args.output, text, {"args": vars(args), "results": results, "goals": goals})
+    write_results(args.output, text, {"args": vars(args), "results": results, "goals": goals, "sources": sources})
 
 
 if __name__ == "__main__":
