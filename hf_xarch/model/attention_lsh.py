@@ -104,8 +104,7 @@ class ChunkPlan:
 
     def window(self, tensor: torch.Tensor) -> torch.Tensor:
         """(batch, heads, chunks, chunk, ...) -> (..., previous chunk + own chunk, ...), what ``select_rows`` with
-        ``window_index`` gives, as one shifted copy plus a gather of the rounds' first chunks' look-backs alone: its
-        backward (``fold``) then adds two shifted halves instead of scatter-adding every chunk."""
+        ``window_index`` gives, as one shifted copy plus a gather of the rounds' first chunks' look-backs alone."""
         chunk = self.chunk
         window = tensor.new_empty(*tensor.shape[:3], 2 * chunk, *tensor.shape[4:])
         window[:, :, :, chunk:] = tensor
@@ -116,45 +115,33 @@ class ChunkPlan:
     # The products of WindowAttention, on (batch x heads x chunks of all rounds, chunk, ...) tensors. A chunk looks
     # back at the one before it except at a round's first chunk ("start"), so the windows of all other chunks are one
     # strided view of overlapping chunk pairs, which bmm reads in place; the starts are then redone, a few chunks.
-    def flat_starts(self, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def flat_starts(self, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat indices of the rounds' first chunks, and of the chunks they look back at."""
-        chunks = self.previous.shape[1]
+        batch, chunks = self.previous.shape
         starts = flat_rows(self.starts[None, None], batch, heads, chunks)
         return starts, flat_rows(self.previous[:, None, self.starts], batch, heads, chunks)
 
-    @staticmethod
-    def pairs(tensor: torch.Tensor) -> torch.Tensor:
-        """(m, chunk, d) -> (m - 1, 2 chunk, d), a view: pair j is chunks j and j + 1, the window of chunk j + 1."""
-        m, chunk, dim = tensor.shape
-        return tensor.as_strided((m - 1, 2 * chunk, dim), (chunk * dim, dim, 1))
-
-    def window_scores(self, left: torch.Tensor, right: torch.Tensor, heads: int) -> torch.Tensor:
-        """(m, chunk, d) x (m, chunk, d) -> (m, chunk, 2 chunk): each chunk of ``left`` times its window of ``right``,
-        transposed (scores: queries against keys)."""
+    def window_matmul(self, left: torch.Tensor, right: torch.Tensor, heads: int, transpose: bool) -> torch.Tensor:
+        """Each chunk of ``left`` times its window of ``right``: (m, chunk, d) x (m, chunk, d) -> (m, chunk, 2 chunk)
+        with ``transpose`` (scores: queries against the window's keys), else (m, chunk, 2 chunk) x (m, chunk, d) ->
+        (m, chunk, d) (weights times the window's values)."""
+        m, chunk, dim = right.shape
         right = right.contiguous()
-        out = left.new_empty(*left.shape[:2], 2 * self.chunk)
-        torch.bmm(left[1:], self.pairs(right).transpose(1, 2), out=out[1:])
-        starts, looked_at = self.flat_starts(left.shape[0] // (heads * self.previous.shape[1]), heads)
+        pairs = right.as_strided((m - 1, 2 * chunk, dim), (chunk * dim, dim, 1))  # chunks j and j + 1: j + 1's window
+        out = left.new_empty(*left.shape[:2], 2 * chunk if transpose else dim)
+        torch.bmm(left[1:], pairs.transpose(1, 2) if transpose else pairs, out=out[1:])
+        starts, looked_at = self.flat_starts(heads)
         window = torch.cat([right[looked_at], right[starts]], dim=1)
-        return out.index_copy_(0, starts, torch.bmm(left[starts], window.transpose(1, 2)))
-
-    def window_weighted(self, weights: torch.Tensor, right: torch.Tensor, heads: int) -> torch.Tensor:
-        """(m, chunk, 2 chunk) x (m, chunk, d) -> (m, chunk, d): each chunk's weights times its window of ``right``."""
-        right = right.contiguous()
-        out = right.new_empty(right.shape)
-        torch.bmm(weights[1:], self.pairs(right), out=out[1:])
-        starts, looked_at = self.flat_starts(right.shape[0] // (heads * self.previous.shape[1]), heads)
-        window = torch.cat([right[looked_at], right[starts]], dim=1)
-        return out.index_copy_(0, starts, torch.bmm(weights[starts], window))
+        return out.index_copy_(0, starts, torch.bmm(left[starts], window.transpose(1, 2) if transpose else window))
 
     def fold_product(self, weights: torch.Tensor, right: torch.Tensor, heads: int) -> torch.Tensor:
-        """(m, chunk, 2 chunk) x (m, chunk, d) -> (m, chunk, d): the transpose of ``window_weighted``, summed back
+        """(m, chunk, 2 chunk) x (m, chunk, d) -> (m, chunk, d): the transpose of ``window_matmul``, summed back
         onto the chunks the windows read (a key's gradient from its own chunk and from the chunk looking back at
         it). The shifted sum also adds each start's look-back to the chunk before it: those chunks are redone."""
         chunk = self.chunk
         out = torch.bmm(weights[:, :, chunk:].transpose(1, 2), right)
         out[:-1].baddbmm_(weights[1:, :, :chunk].transpose(1, 2), right[1:])
-        starts, looked_at = self.flat_starts(right.shape[0] // (heads * self.previous.shape[1]), heads)
+        starts, looked_at = self.flat_starts(heads)
         before = starts[1:] - 1
         out.index_copy_(0, before, torch.bmm(weights[before][:, :, chunk:].transpose(1, 2), right[before]))
         return out.index_add_(0, looked_at, torch.bmm(weights[starts][:, :, :chunk].transpose(1, 2), right[starts]))
@@ -238,7 +225,7 @@ def window_attention_reference(queries, values, plan: ChunkPlan, attend_across_b
 class WindowAttention(torch.autograd.Function):
     """``window_attention_reference`` without dropout, with a hand-written backward: it keeps the weights alone (no
     scores, masks or key windows), takes the softmax's and the log-sum-exp's gradients in one pass, reads the
-    windows in place (``ChunkPlan.window_scores`` and its kin) and sets the queries' own keys on the diagonal
+    windows in place (``ChunkPlan.window_matmul``, ``fold_product``) and sets the queries' own keys on the diagonal
     (``ChunkPlan.fill_self_``) instead of building full-size window, index and mask tensors."""
 
     @staticmethod
@@ -246,13 +233,13 @@ class WindowAttention(torch.autograd.Function):
         shape, heads = queries.shape, queries.shape[1]
         queries, values = queries.flatten(0, 2), values.flatten(0, 2)  # (batch x heads x chunks, chunk, dim)
         scale = key_scale(queries)
-        scores = plan.window_scores(queries, queries * scale, heads).view(*shape[:4], -1)
+        scores = plan.window_matmul(queries, queries * scale, heads, transpose=True).view(*shape[:4], -1)
         plan.mask_keys_(scores, attend_across_buckets, plan.window)
         plan.fill_self_(scores, SELF_SCORE)
         weights = torch.softmax(scores, dim=-1)
         # the log-sum-exp from the softmax: the top score's weight is exp(0) / Σ exp(score - top)
         logits = scores.amax(dim=-1) - weights.amax(dim=-1).log()
-        output = plan.window_weighted(weights.flatten(0, 2), values, heads).view(shape)
+        output = plan.window_matmul(weights.flatten(0, 2), values, heads, transpose=False).view(shape)
         ctx.save_for_backward(queries, scale, values, weights, output)
         ctx.plan = plan
         return output, logits
@@ -264,11 +251,11 @@ class WindowAttention(torch.autograd.Function):
         flat_weights, flat_grad = weights.flatten(0, 2), grad_output.flatten(0, 2)
         grad_values = plan.fold_product(flat_weights, flat_grad, heads)
         # softmax and log-sum-exp together: dS = W (dW - Σ_j W_j dW_j + dL), where Σ_j W_j dW_j = dO · O
-        grad_scores = plan.window_scores(flat_grad, values, heads).view(weights.shape)
+        grad_scores = plan.window_matmul(flat_grad, values, heads, transpose=True).view(weights.shape)
         grad_scores.sub_((grad_output * output).sum(-1, keepdim=True) - grad_logits[..., None]).mul_(weights)
         plan.fill_self_(grad_scores, 0.0)  # those scores are constants; masked keys weigh exactly 0 already
         grad_scores = grad_scores.flatten(0, 2)
-        grad_queries = plan.window_weighted(grad_scores, queries * scale, heads)
+        grad_queries = plan.window_matmul(grad_scores, queries * scale, heads, transpose=False)
         grad_keys = plan.fold_product(grad_scores, queries, heads)
         add_length_normalized_keys_backward_(grad_queries, queries, scale, grad_keys)
         return grad_queries.view(output.shape), grad_values.view(output.shape), None, None
