@@ -519,8 +519,9 @@ def cache_attention(query: torch.Tensor, layer: QuantizedKVLayer, scaling: float
             # the keys are consumed: the values' codes reuse the buffer
             softmax.add(
                 _masked(scores.view(batch, heads, length, -1), layer.quantized_slots[start:end], block_terms),
-                lambda weights: _mix_from_codes(weights.view(rows, -1, end - start), values, start, end, value_low,
-                                                value_scale, buffer).view(batch, heads, length, dim),
+                lambda weights, start=start, end=end, buffer=buffer: _mix_from_codes(
+                    weights.view(rows, -1, end - start), values, start, end, value_low, value_scale, buffer
+                ).view(batch, heads, length, dim),
             )
     return softmax.result().to(query.dtype)
 
