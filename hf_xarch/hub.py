@@ -75,6 +75,13 @@ def _family_details(config: XArchConfig, family: str) -> str:
     return details(config) if details is not None else ""
 
 
+def model_kind(config: XArchConfig) -> str:
+    """"encoder-decoder", "decoder" or "encoder": what the card calls the model."""
+    if config.is_encoder_decoder:
+        return "encoder-decoder"
+    return "decoder" if config.is_decoder else "encoder"
+
+
 def describe_architecture(config: XArchConfig) -> list[str]:
     """The architecture in words, one line per aspect."""
     lines = []
@@ -182,7 +189,7 @@ def _card_data(model, *, base_model, datasets, license, language, tags, eval_res
     config = model.config
     families = sorted({attention_family_for_layer_type(t).name for t in config.layer_types})
     all_tags = ["hf_xarch", "xarch", *(f"attention-{f.replace('_', '-')}" for f in families),
-                f"positions-{config.position_embedding_type}", "decoder" if config.is_decoder else "encoder"]
+                f"positions-{config.position_embedding_type}", model_kind(config)]
     all_tags += [t for t in (tags or []) if t not in all_tags]
     results = [r if isinstance(r, EvalResult) else EvalResult(**r) for r in (eval_results or [])]
     return ModelCardData(
@@ -240,7 +247,7 @@ def make_card(
         default_limitations.append(
             f"Learned positions: inputs longer than {config.max_position_embeddings} tokens raise an error."
         )
-    if config.is_decoder:
+    if model_kind(config) != "encoder":
         default_limitations.append("May generate false or offensive text, like any language model.")
     if isinstance(training_config, dict):
         training_config = yaml.safe_dump(training_config, sort_keys=False).strip()
@@ -251,7 +258,7 @@ def make_card(
         template_path=str(template),
         model_name=name,
         summary=(
-            f"An hf_xarch {'decoder' if config.is_decoder else 'encoder'} "
+            f"An hf_xarch {model_kind(config)} "
             f"(`{architecture}`, {total:,} parameters)" + (f", fine-tuned from `{base_model}`" if base_model else "") + "."
         ),
         architecture=describe_architecture(config),

@@ -241,9 +241,7 @@ def test_xarch_alibi_decoder_exports_to_bloom():
         is_decoder=True, position_embedding_type="alibi", embedding_norm=True, hidden_act="gelu_pytorch_tanh",
         pad_token_id=0,
     )
-    xarch = XArchForCausalLM(config).eval()
-    # convert.py carries the attention implementation across, and BloomForCausalLM has eager attention only
-    xarch.set_attn_implementation("eager")
+    xarch = XArchForCausalLM(config).eval()  # sdpa: to_hf builds BLOOM's eager (its only implementation) by itself
     hf = to_hf(xarch, "bloom")
     ids = random_ids(2, 15, seed=800)
     with torch.no_grad():

@@ -15,6 +15,7 @@ import hf_xarch
 from hf_xarch import (
     ATTENTION_FAMILIES,
     XArchForCausalLM,
+    XArchForConditionalGeneration,
     XArchForMaskedLM,
     XArchForQuestionAnswering,
     XArchForSequenceClassification,
@@ -34,6 +35,8 @@ KINDS = [
     (XArchForSequenceClassification, dict(num_labels=3), "text-classification"),
     (XArchForTokenClassification, dict(num_labels=5), "token-classification"),
     (XArchForQuestionAnswering, dict(norm_type="rmsnorm", mlp_type="gated"), "question-answering"),
+    (XArchForConditionalGeneration, dict(is_encoder_decoder=True, num_decoder_layers=1, decoder_start_token_id=1),
+     "text2text-generation"),
 ]
 
 
@@ -48,10 +51,14 @@ def test_card_renders_and_metadata_parses_back(model_class, overrides, pipeline_
     loaded = ModelCard.load(tmp_path / "README.md")
     data = loaded.data
     assert data.library_name == "transformers" and data.pipeline_tag == pipeline_tag
-    assert {"hf_xarch", "attention-full", f"positions-{model.config.position_embedding_type}"} <= set(data.tags)
+    kind = "encoder-decoder" if overrides.get("is_encoder_decoder") else \
+        "decoder" if overrides.get("is_decoder") else "encoder"
+    assert {"hf_xarch", "attention-full", f"positions-{model.config.position_embedding_type}", kind} <= set(data.tags)
     assert data.base_model == "me/base" and data.datasets == ["stdlib"] and data.license == "apache-2.0"
     assert data.eval_results[0].metric_value == 12.5 and data.eval_results[0].dataset_name == "Python stdlib"
     text = loaded.text
+    assert f"An hf_xarch {kind} (`{type(model).__name__}`" in text
+    assert ("May generate false or offensive text" in text) == (kind != "encoder")
     assert "trust_remote_code=True" in text and "import hf_xarch" in text
     assert f"{sum(parameters_by_part(model).values()):,}" in text
     assert "Attention Is All You Need" in text and "learning_rate: 0.0003" in text
