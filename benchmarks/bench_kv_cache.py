@@ -12,6 +12,7 @@ setting (8/4/2 bits x residual 0/32/128):
 
     python benchmarks/bench_kv_cache.py                                  # the recorded run
     python benchmarks/bench_kv_cache.py --steps 50 --long 2048 --eval-tokens 256 --output scratch   # quick look
+    python benchmarks/bench_kv_cache.py --trained runs/bench_kv_cache/full --decode-only --output scratch  # speed only
 
 Results: ``benchmarks/results/<output>.{md,json}``. The models are tiny (hidden 128, 4 layers, head_dim 32, fp32), so
 the scales are fp32 and a group is the whole head_dim (32): the byte ratios are those of this setting, not of an
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -119,11 +121,13 @@ def main(argv=None) -> int:
     parser.add_argument("--trained", default=None, help="measure the model saved in this folder instead of training")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--output", default="kv_cache")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only the cache MiB and decode tokens/s at --long (no bits per byte: a quick speed check)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = {"float": None}
     settings.update({f"{b}-bit r{r}": {"nbits": b, "residual_length": r} for b in BITS for r in RESIDUALS})
-    data = {"args": vars(args), "models": {}}
+    data = {"args": vars(args), "models": {}, "load_average_at_start": os.getloadavg()}
     markdown = [f"# Quantized KV cache vs float (`bench_kv_cache.py`)\n\n`python benchmarks/bench_kv_cache.py "
                 f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n"]
     cfg = pretrain_config(args)
@@ -140,15 +144,17 @@ def main(argv=None) -> int:
     for name in args.models:
         fields = MODELS[name]
         model = XArchForCausalLM.from_pretrained(folder, **fields).eval()
-        results = {}
+        # memory and decode speed at the long context: float and residual 32 (128 would keep a whole 128-token
+        # window in full precision: nothing to quantize on the sliding model)
+        long_settings = ["float", *(f"{b}-bit r32" for b in BITS)]
+        results = {label: {} for label in (long_settings if args.decode_only else settings)}
         for label, setting in settings.items():
+            if args.decode_only:
+                continue
             began = time.perf_counter()
             results[label] = {"bits_per_byte": bits_per_byte(model, tokenizer, rows, setting)}
             print(f"{name} {label}: {results[label]['bits_per_byte']:.4f} bits/byte "
                   f"({time.perf_counter() - began:.0f} s)", flush=True)
-        # memory and decode speed at the long context: float and residual 32 (128 would keep a whole 128-token
-        # window in full precision: nothing to quantize on the sliding model)
-        long_settings = ["float", *(f"{b}-bit r32" for b in BITS)]
         caches = {}
         for label in long_settings:
             caches[label], results[label]["cache_bytes"] = long_context(model, context, settings[label])
@@ -162,17 +168,20 @@ def main(argv=None) -> int:
         base = results["float"]
         rows_md = []
         for label, figures in results.items():
-            row = [label, figures["bits_per_byte"], figures["bits_per_byte"] / base["bits_per_byte"] - 1]
+            bpb = figures.get("bits_per_byte")
+            row = [label, *((bpb, bpb / base["bits_per_byte"] - 1) if bpb is not None else ("", ""))]
             if "cache_bytes" in figures:
                 row += [figures["cache_bytes"] / 2**20, figures["cache_bytes"] / base["cache_bytes"],
                         1000 / figures["decode_ms"], base["decode_ms"] / figures["decode_ms"]]
             else:
                 row += ["", "", "", ""]
             rows_md.append(row)
-        data["models"][name] = {"fields": fields, "results": results}
+        data["models"][name] = {"fields": fields, "results": results, "load_average_after": os.getloadavg()}
         trained_as = f"trained in {args.trained}" if args.trained else (
             f"{args.steps} steps of {args.batch} x {args.block_size} tokens ({trained_s:.0f} s)")
-        markdown.append(f"## {name} ({fields or 'as trained'}): {trained_as}\n")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        markdown.append(f"## {name} ({fields or 'as trained'}): {trained_as}\n\nload average after it: {load} "
+                        f"({os.cpu_count()} CPUs)\n")
         markdown.append(markdown_table(
             ["cache", "bits/byte", "vs float", f"cache MiB @ {args.long}", "x float", "decode tok/s", "x float"],
             rows_md) + "\n")
