@@ -224,7 +224,7 @@ def test_summary_follows_the_numbers():
     assert "b 2 < a 2.2" in line(swapped, "Held-out bits per byte at 16")
     assert "b 300 tok/s > a 100 tok/s" in line(lines, "Training speed")
     assert "a 300 tok/s > b 100 tok/s" in line(swapped, "Training speed")
-    assert "within 1% of their value at 16 tokens for a; they rise by more for b" in line(lines, "At 4 x")
+    assert "at most 1% over their value at 16 tokens, or fall, for a; they rise by more for b" in line(lines, "At 4 x")
     assert "for b; they rise by more for a" in line(swapped, "At 4 x")
     assert "Parameters (lower is better): a 1,000 = b 1,000" in line(lines, "Parameters")
     assert "0.2000 bits per byte" in line(lines, "One training run")
