@@ -15,8 +15,8 @@ cached keys, which the cache bounds by the window.
 
 Positions: rotary cos/sin (``position_embeddings``) rotate q and k before any path; an additive score bias
 (``score_bias``, a ``ScoreBias``: ALiBi, T5's buckets) enters every path through its ``relative`` (the bias of a
-distance): the band kernels build one (block x window) strip of it per head, the dense paths one (queries x kept
-keys) tile, flex one score at a time. Distances are counted in slots, which equal the positions' distances
+distance): the band kernels take it once per offset of the band (block + window - 1 values per head), the dense
+paths one (queries x kept keys) tile, flex one score at a time. Distances are counted in slots, which equal the positions' distances
 whenever the padding is on one side (left or right), which is how batches are padded.
 
 Importing this file also registers ``xarch_sliding_window`` in transformers' attention and mask interfaces, so any

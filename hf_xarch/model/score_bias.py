@@ -8,7 +8,8 @@ the object for whatever shape its kernel needs:
 - ``tile``: the bias of a (query block, key block) rectangle, for blocked dense attention and the reference;
 - ``at``: the bias of single (batch, head, query, key) entries, for flex attention's ``score_mod``;
 - ``relative``: the bias of a key ``distance`` slots from its query, for kernels that only see offsets: the
-  sliding-window band builds from it the bias of its (block rows x window columns) strip, one per head, never N×N.
+  sliding-window band asks it once per offset of its band (block + window - 1 distances per head: inside a block's
+  window the bias depends on the offset alone), never N×N.
   Only biases that depend on the distance alone can serve these kernels (ALiBi and T5's both do);
 - ``alibi_slopes``: per-head slopes when the bias is linear in the distance (ALiBi), else None; kernels that fuse a
   linear bias (a key-only mask on each side of the queries) read them, and the positions and padding a
