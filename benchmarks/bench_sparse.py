@@ -151,20 +151,9 @@ MODEL_HIDDEN, MODEL_HEADS, MODEL_FFN, MODEL_LAYERS, VOCAB, WINDOW = 256, 4, 1024
 def with_attention(model, **options):
     """A new XArch model of the same class whose every layer is ``options["attention_type"]`` with ``options``,
     holding every weight of ``model`` that the new family has; returns (model, weights dropped, weights added)."""
-    from hf_xarch import XArchConfig
+    from hf_xarch import swap_attention
 
-    values = model.config.to_dict()
-    for key in ("layer_types", "auto_map", "architectures", "transformers_version", "model_type"):
-        values.pop(key, None)
-    for family in model.config.layer_families():  # the old family's options would be refused as unused
-        for option in family.options:
-            values.pop(option, None)
-    new_model = type(model)._from_config(XArchConfig(**{**values, **options}))
-    state, targets = model.state_dict(), new_model.state_dict()
-    kept = {key: value for key, value in state.items() if key in targets}
-    new_model.load_state_dict({**targets, **kept})
-    new_model.train(model.training)
-    return new_model, sorted(set(state) - set(targets)), sorted(set(targets) - set(state))
+    return swap_attention(model, **options)
 
 
 def bigbird_model(length: int):

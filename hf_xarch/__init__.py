@@ -77,6 +77,9 @@ from .longformerize import longformerize  # noqa: E402
 # `hf_xarch.extend_context(model, 4)`: a RoPE/ALiBi model ready to fine-tune on 4x longer sequences
 from .context import extend_context  # noqa: E402
 
+# `hf_xarch.swap_attention(model, attention_type="lsh")`: the same model with other attention, its weights kept
+from .swap_attention import reconfigured, swap_attention  # noqa: E402
+
 # `hf_xarch.linearize(model)`: softmax -> linear attention keeping the weights; then `attention_transfer` (LoLCATs)
 from .linearize import attention_errors, attention_transfer, linearize  # noqa: E402
 
@@ -102,6 +105,8 @@ __all__ = [
     "summary",
     "ModelSummary",
     "longformerize",
+    "swap_attention",
+    "reconfigured",
     "extend_context",
     "linearize",
     "attention_transfer",

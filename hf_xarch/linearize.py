@@ -19,8 +19,8 @@ from torch import nn
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from hf_xarch.model.configuration_xarch import XArchConfig
 from hf_xarch.model.modeling_xarch import XArchPreTrainedModel
+from hf_xarch.swap_attention import swap_attention
 
 LINEAR_FAMILIES = ("linear", "linear_sliding")
 # what linearize adds (everything else is the original's): the feature maps and the hybrid's window mixes
@@ -51,24 +51,15 @@ def linearize(
             f"linearize: the model's layers are {sorted(softmax)}; attention transfer needs softmax ('full') layers "
             "to learn from"
         )
-    values = config.to_dict()
-    for key in ("layer_types", "auto_map", "architectures", "transformers_version", "model_type"):
-        values.pop(key, None)
-    values.update(attention_type=attention_type, linear_feature_map=feature_map, linear_feature_dim=feature_dim)
+    changes = dict(attention_type=attention_type, linear_feature_map=feature_map, linear_feature_dim=feature_dim)
     if attention_type == "linear_sliding":
-        values["linear_window"] = window
-    new_config = XArchConfig(**values)  # a scheme or option the family cannot take fails here, naming the field
-    new_config.linearized_from = getattr(config, "_name_or_path", "") or config.model_type
-    new_model = type(model)._from_config(new_config, dtype=model.dtype)
-
-    state, targets = model.state_dict(), new_model.state_dict()
-    lost = sorted(set(state) - set(targets))
-    added = sorted(set(targets) - set(state))
+        changes["linear_window"] = window
+    # a scheme or option the family cannot take fails in the config, naming the field
+    new_model, lost, added = swap_attention(
+        model, linearized_from=getattr(config, "_name_or_path", "") or config.model_type, **changes
+    )
     if lost or any(not is_transfer_parameter(name) for name in added):
         raise ValueError(f"linearize: weights would be lost {lost} or added outside the feature maps {added}")
-    new_model.load_state_dict({**targets, **state}, strict=True)
-    new_model.to(next(model.parameters()).device)
-    new_model.train(model.training)
     return new_model
 
 

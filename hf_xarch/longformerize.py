@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from transformers.modeling_utils import PreTrainedModel
 
-from hf_xarch.model.configuration_xarch import XArchConfig
 from hf_xarch.model.modeling_xarch import XArchPreTrainedModel
+from hf_xarch.swap_attention import swap_attention
 
 GLOBAL_FROM_LOCAL = {"query_global": "q_proj", "key_global": "k_proj", "value_global": "v_proj"}
 
@@ -46,36 +46,25 @@ def longformerize(
             f"longformerize: max_position_embeddings={max_position_embeddings!r} must be an int >= the model's "
             f"{config.max_position_embeddings}"
         )
-    values = config.to_dict()
-    for key in ("layer_types", "sliding_window", "auto_map", "architectures", "transformers_version", "model_type"):
-        values.pop(key, None)
-    values.update(
+    new_model, _, added = swap_attention(
+        model,
+        attn_implementation=config._attn_implementation,
         attention_type="sliding_window",
         attention_window=attention_window,
         attention_dilation=None,
         global_projections=True,
         max_position_embeddings=max_position_embeddings,
     )
-    new_config = XArchConfig(**values)
-    new_model = type(model)._from_config(new_config, attn_implementation=config._attn_implementation, dtype=model.dtype)
-
-    state = model.state_dict()
-    targets = new_model.state_dict()
-    for key, tensor in targets.items():
-        if key in state and state[key].shape == tensor.shape:
-            targets[key] = state[key]
-        elif key.endswith("position_embeddings.weight") and key in state:
-            targets[key] = tile_positions(state[key], max_position_embeddings)
+    state, filled = model.state_dict(), {}
+    for key in added:  # what has no weight of the same name and shape: the longer positions and the global projections
+        if key.endswith("position_embeddings.weight") and key in state:
+            filled[key] = tile_positions(state[key], max_position_embeddings)
         else:
-            name = key.split(".")
-            local = [GLOBAL_FROM_LOCAL.get(part, part) for part in name]
-            source = ".".join(local)
+            source = ".".join(GLOBAL_FROM_LOCAL.get(part, part) for part in key.split("."))
             if source == key or source not in state:
                 raise ValueError(f"longformerize: no weight of the original model gives {key!r}")
-            targets[key] = state[source].clone()
-    new_model.load_state_dict(targets, strict=True)
-    new_model.to(model.device)
-    new_model.train(model.training)
+            filled[key] = state[source]
+    new_model.load_state_dict(filled, strict=False)  # copies in place, onto the new model's device
     return new_model
 
 

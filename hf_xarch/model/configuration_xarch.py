@@ -794,19 +794,28 @@ class XArchConfig(PreTrainedConfig):
                 global_projections=False,  # they serve global tokens, which only encoders have
             )
             layer_types = self.decoder_layer_types or [self.decoder_attention_type] * values["num_hidden_layers"]
-            used = {attention_family_for_layer_type(entry).name for entry in layer_types}
-            for family in ATTENTION_FAMILIES.values():
-                if family.name not in used:
-                    declared = declared_options(family)
-                    values.update({option: declared.get(option, getattr(type(self), option, None))
-                                   for option in family.options})
-            if "sliding_window" not in used:  # its options are config fields, not declared in its record
-                values.update({field: getattr(type(self), field) for field in SLIDING_OPTION_FIELDS})
+            values.update(self.unused_option_defaults({attention_family_for_layer_type(entry).name
+                                                       for entry in layer_types}))
         elif stack != "encoder":
             raise ValueError(f"stack_config: stack={stack!r}; use 'encoder' or 'decoder'")
         config = type(self)(**values)
         config._attn_implementation_internal = self._attn_implementation_internal
         return config
+
+    def unused_option_defaults(self, used: set[str]) -> dict[str, Any]:
+        """The default of every option that only families outside ``used`` (family names) read, the sliding-window
+        fields included (config fields, not declared in its record): what a config whose layers are ``used`` takes
+        so that no option of this one is refused as unread (``check_families``)."""
+        read = {option for name in used for option in ATTENTION_FAMILIES[name].options}
+        defaults = {}
+        for family in ATTENTION_FAMILIES.values():
+            if family.name not in used:
+                declared = declared_options(family)
+                defaults.update({option: declared.get(option, getattr(type(self), option, None))
+                                 for option in family.options if option not in read})
+        if "sliding_window" not in used:
+            defaults.update({field: getattr(type(self), field) for field in SLIDING_OPTION_FIELDS})
+        return defaults
 
     def get_text_config(self, decoder=None, encoder=None):
         """transformers asks this for the decoder's config (``generate()`` builds its caches from it): an
