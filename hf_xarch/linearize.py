@@ -51,7 +51,7 @@ def linearize(
             f"linearize: the model's layers are {sorted(softmax)}; attention transfer needs softmax ('full') layers "
             "to learn from"
         )
-    changes = dict(attention_type=attention_type, linear_feature_map=feature_map, linear_feature_dim=feature_dim)
+    changes = {"attention_type": attention_type, "linear_feature_map": feature_map, "linear_feature_dim": feature_dim}
     if attention_type == "linear_sliding":
         changes["linear_window"] = window
     # a scheme or option the family cannot take fails in the config, naming the field
