@@ -128,3 +128,22 @@ def test_torch_export_traces_a_sliding_window_model_and_gives_its_outputs():
     assert len(calls) == model.config.num_hidden_layers
     with torch.no_grad():
         assert torch.equal(program.module()(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_the_kernel_is_built_from_the_source_as_it_was_at_import(monkeypatch, tmp_path):
+    """The kernel compiles lazily, at first use; a C source rewritten on disk in between (a reinstall or a checkout
+    under a long-running job) must not pair a new kernel with the Python side already imported."""
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler")
+    copy = tmp_path / native.KERNEL_FILE
+    shutil.copyfile(native._BESIDE, copy)
+    monkeypatch.setattr(native, "_KERNEL", [])
+    monkeypatch.setattr(native, "_SOURCE", [native._BESIDE])
+    monkeypatch.setattr(native, "_SOURCE_TEXT", {})
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    native.use_kernel_source(copy)  # read now, as the module reads its own source when imported
+    copy.write_text("#error rewritten after import\n")
+    assert native.native_kernel() is not None, native.native_kernel_error()
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    expected = kernels.banded_attention(q, k, v, 5, 0, [1, 1], 0.3, native=False)
+    torch.testing.assert_close(kernels.banded_attention(q, k, v, 5, 0, [1, 1], 0.3), expected)

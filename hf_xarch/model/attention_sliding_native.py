@@ -55,6 +55,9 @@ CACHE_ENV = "HF_XARCH_KERNEL_CACHE"
 KERNEL_FILE = "attention_sliding_native.c"
 _BESIDE = Path(__file__).with_name(KERNEL_FILE)
 _SOURCE = [_BESIDE]
+# the C source's text as it was when this module was imported (or handed over): the kernel is compiled lazily, and a
+# file updated on disk meanwhile (a reinstall, a checkout) must not pair a new kernel with this module's Python side
+_SOURCE_TEXT: dict[Path, str] = {_BESIDE: _BESIDE.read_text()} if _BESIDE.is_file() else {}
 
 
 class Head(ctypes.Structure):
@@ -117,6 +120,8 @@ def use_kernel_source(path: str | os.PathLike) -> None:
     tried again."""
     with _LOCK:
         _SOURCE[0] = Path(path)
+        if _SOURCE[0].is_file():
+            _SOURCE_TEXT[_SOURCE[0]] = _SOURCE[0].read_text()
         if _KERNEL and _KERNEL[0][0] is None:
             _KERNEL.clear()
 
@@ -152,15 +157,15 @@ def fetch_kernel_source(pretrained_model_name_or_path, from_pretrained_kwargs: d
     use_kernel_source(path)
 
 
-def _build(compiler: str, source: Path) -> Path:
-    """The compiled library for this source, compiler and machine: built once, then found in the cache. The key
+def _build(compiler: str, source: str) -> Path:
+    """The compiled library for this source text, compiler and machine: built once, then found in the cache. The key
     includes the CPU (``-march=native`` code must not run on another machine sharing the cache)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     cpu = platform.machine() + platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as info:
             cpu += next((line for line in info if line.startswith(("flags", "Features"))), "")
-    key = hashlib.sha256("\0".join([source.read_text(), version, cpu, *COMPILE_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, version, cpu, *COMPILE_FLAGS]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"banded_kernel_{key}.so"
     if target.exists():
@@ -180,8 +185,9 @@ def _build(compiler: str, source: Path) -> Path:
             return target
     logger.info(f"hf_xarch: compiling the native banded kernel into {target} (once per machine)")
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        built = Path(scratch) / target.name
-        subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", str(built)], capture_output=True, text=True,
+        built, code = Path(scratch) / target.name, Path(scratch) / KERNEL_FILE
+        code.write_text(source)
+        subprocess.run([compiler, *COMPILE_FLAGS, str(code), "-o", str(built)], capture_output=True, text=True,
                        check=True)
         os.replace(built, target)  # atomic: another process building the same key meanwhile is harmless
     return target
@@ -220,7 +226,8 @@ def _load():
     except (OSError, AttributeError) as error:
         return None, f"torch's library has no sgemm_ ({error})"
     try:
-        library = ctypes.CDLL(str(_build(compiler, source)))
+        text = _SOURCE_TEXT.get(source) or _SOURCE_TEXT.setdefault(source, source.read_text())
+        library = ctypes.CDLL(str(_build(compiler, text)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         return None, f"compiling the kernel failed: {detail.strip()[-500:]}"
